@@ -1,0 +1,118 @@
+"""The `torch` backend: reference implementations of the moecc ops with stock PyTorch.
+
+Portable to CPU and GPU. Grouped GEMMs go through `torch._grouped_mm` where it supports the device, dtype
+and strides, and through a per-expert loop of dense matmuls elsewhere; which path ran is counted in
+`COUNTERS` so that tests and dumps can tell.
+
+Shape suffixes: T tokens, K top-k slots, S = T*K routed rows, H hidden, E experts, N/F output features.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+NAME = "torch"
+
+# "grouped_mm.native" / "grouped_mm.loop" / "grouped_mm_wgrad.native" / "grouped_mm_wgrad.loop"
+COUNTERS: collections.Counter[str] = collections.Counter()
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """`torch._grouped_mm` needs 16-byte aligned strides (except unit strides) and base pointer."""
+    elem = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    return all(s == 1 or (s * elem) % 16 == 0 for s in t.stride())
+
+
+def can_use_native_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs these operands on their device and dtype."""
+    if a.device != b.device or a.dtype != b.dtype:
+        return False
+    if a.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(a.device)
+        if major < 9 or a.dtype != torch.bfloat16:
+            return False
+    elif a.device.type == "cpu":
+        if a.dtype not in (torch.float32, torch.bfloat16):
+            return False
+    else:
+        return False
+    return _aligned(a) and _aligned(b)
+
+
+def _segments(offs_E: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offs_E.tolist()  # host sync: only on the loop fallback
+    starts = [0, *ends[:-1]]
+    return list(zip(starts, ends, strict=True))
+
+
+def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e]; rows past offs[-1] are zero."""
+    S, N = x_SK.shape[0], w_EKN.shape[2]
+    if S > 0 and can_use_native_grouped_mm(x_SK, w_EKN):
+        COUNTERS["grouped_mm.native"] += 1
+        y_SN = torch._grouped_mm(x_SK, w_EKN, offs=offs_E)
+        # the native kernel leaves rows past offs[-1] unwritten
+        live_S = torch.arange(S, device=x_SK.device) < offs_E[-1]
+        return torch.where(live_S[:, None], y_SN, y_SN.new_zeros(()))
+    COUNTERS["grouped_mm.loop"] += 1
+    y_SN = x_SK.new_zeros(S, N)
+    for e, (lo, hi) in enumerate(_segments(offs_E)):
+        if hi > lo:
+            y_SN[lo:hi] = x_SK[lo:hi] @ w_EKN[e]
+    return y_SN
+
+
+def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e]; an expert with no rows gets a zero gradient."""
+    E, K, N = offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1]
+    xt_KS = x_SK.t()
+    if x_SK.shape[0] > 0 and can_use_native_grouped_mm(xt_KS, dy_SN):
+        COUNTERS["grouped_mm_wgrad.native"] += 1
+        dw_EKN = torch._grouped_mm(xt_KS, dy_SN, offs=offs_E)
+        # experts with no rows are left unwritten by the native kernel
+        counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+        return torch.where((counts_E > 0)[:, None, None], dw_EKN, dw_EKN.new_zeros(()))
+    COUNTERS["grouped_mm_wgrad.loop"] += 1
+    dw_EKN = x_SK.new_zeros(E, K, N)
+    for e, (lo, hi) in enumerate(_segments(offs_E)):
+        if hi > lo:
+            dw_EKN[e] = x_SK[lo:hi].t() @ dy_SN[lo:hi]
+    return dw_EKN
+
+
+def route_permute(
+    x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the T*K (token, slot) pairs by expert (stable) and gather their rows.
+
+    Returns x_SH (rows grouped by expert), src_S (flat t*K+k of each row), eid_S (expert of each row) and
+    offs_E (int32 end offset of each expert's rows). Indices outside [0, E) sort last and fall past
+    offs[-1]: they are dropped (their eid is clamped to E-1 so that per-expert gathers stay in bounds).
+    """
+    K = idx_TK.shape[1]
+    flat_S = idx_TK.reshape(-1).to(torch.int64)
+    valid_S = (flat_S >= 0) & (flat_S < num_experts)
+    key_S = torch.where(valid_S, flat_S, num_experts)
+    key_sorted_S, src_S = torch.sort(key_S, stable=True)
+    eid_S = key_sorted_S.clamp(max=num_experts - 1)  # dropped rows sit past offs[-1]; keep ids in range
+    x_SH = x_TH.index_select(0, src_S // K)
+    counts_E = torch.bincount(key_S, minlength=num_experts + 1)[:num_experts]
+    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    return x_SH, src_S, eid_S, offs_E
+
+
+def unpermute_combine(
+    y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor
+) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * y[row of (t, k)], accumulated in float32, returned in y's dtype."""
+    T, K = w_TK.shape
+    S, H = y_SH.shape
+    live_S = torch.arange(S, device=y_SH.device) < offs_E[-1]
+    gate_S = torch.where(live_S, w_TK.reshape(-1).float()[src_S], 0.0)
+    out_TH = y_SH.new_zeros(T, H, dtype=torch.float32)
+    out_TH.index_add_(0, src_S // K, y_SH.float() * gate_S[:, None])
+    return out_TH.to(y_SH.dtype)

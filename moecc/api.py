@@ -1,0 +1,198 @@
+"""Public API: `moecc.compile` (function and class decorator) and the `torch.compile(backend="moecc")` backend."""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from moecc import capture
+from moecc.options import CompileOptions, MoeccError
+
+# Dynamo settings moecc traces under: data-dependent routing (torch.where on expert masks) must not break
+# the graph inside an MoE region, and a recompile storm must fail loudly rather than drop to eager.
+_DYNAMO_CONFIG: dict[str, Any] = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+for _flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+    if hasattr(torch._dynamo.config, _flag):
+        _DYNAMO_CONFIG[_flag] = True
+        break
+
+_EXPERTS_NAME = re.compile(r"(^|\.)(experts?|moe_experts|local_experts)$")
+
+
+def moe_looking_modules(model: nn.Module) -> list[str]:
+    """Paths of modules that look like MoE experts: an experts interface module, or a ModuleList named
+    like experts whose children are of one class."""
+    out = []
+    for path, m in model.named_modules():
+        if capture.interface_experts(m):
+            out.append(path)
+        elif (
+            isinstance(m, nn.ModuleList)
+            and len(m) >= 2
+            and _EXPERTS_NAME.search(path)
+            and len({type(c) for c in m}) == 1
+        ):
+            out.append(path)
+    return out
+
+
+class CompiledModule(nn.Module):
+    """What `moecc.compile` returns: shares the model's parameters and buffers, runs the compiled program.
+
+    `parameters()`, `named_parameters()` and `state_dict()` read as the original model's (same names, same
+    tensors), so an optimizer or a checkpoint works unchanged.
+    """
+
+    def __init__(self, model: nn.Module, options: CompileOptions):
+        super().__init__()
+        self.options = options
+        self.module = capture.clone_tree(model)
+        object.__setattr__(self, "_original", model)  # not a submodule: no second copy of the parameters
+        self._original: nn.Module
+        regions: dict[str, Any] = {}
+        if options.enabled("lift_moe"):
+            for path, m in self.module.named_modules():
+                if capture.interface_experts(m):
+                    regions[path] = capture.interface_region(path, m)
+                    m.forward = functools.partial(capture.interface_forward, m)
+                    if options.verify:
+                        original = dict(model.named_modules())[path]
+                        capture.verify_interface_region(regions[path], original, m)
+        self.session = capture.Session(options, type(model).__name__, regions)
+        self._compiled = torch.compile(self.module, backend=self.session.backend, dynamic=options.dynamic)
+        self._checked = False
+
+    # the parameters and state are the original model's, under its own names
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.module.named_parameters(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return self._original.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        return self._original.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+                out = self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            if isinstance(e.inner_exception, MoeccError):
+                raise e.inner_exception from None
+            raise
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise MoeccError(
+                f"moecc.compile({type(self._original).__name__}): inputs changed shape or dtype more times than "
+                "the recompile limit allows; pad inputs to a few fixed shapes"
+            ) from e
+        if not self._checked:
+            self._checked = True
+            self._after_first_call()
+        return out
+
+    def _after_first_call(self) -> None:
+        regions = self.session.regions
+        covered = {r.path for r in regions}
+        missed = [
+            p
+            for p in moe_looking_modules(self.module)
+            if p not in covered and not any(c.startswith(p + ".") or p.startswith(c + ".") for c in covered)
+        ]
+        if missed and self.options.enabled("lift_moe"):
+            msg = (
+                f"{', '.join(missed)}: looks like MoE experts but no lifted region covers it (a graph break "
+                "inside the MoE block, or a dispatch loop moecc does not recognise); see the dumps' summary"
+            )
+            if not self.options.allow_fallback:
+                raise MoeccError(msg + "; pass allow_fallback=True to run the model's own code for it")
+            warnings.warn("moecc: fallback: " + msg, stacklevel=3)
+        if not regions and not missed:
+            warnings.warn(
+                f"moecc: no MoE region found in {type(self._original).__name__}; "
+                "it is compiled and runs as a dense model",
+                stacklevel=3,
+            )
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        if self.session.dump_root is not None:
+            from moecc import dump
+
+            breaks = dict(torch._dynamo.utils.counters["graph_break"])
+            dump.write_summary(self.session.dump_root, self.session.graphs, self.session.regions, breaks)
+
+    @property
+    def regions(self) -> list[Any]:
+        """The MoE regions found so far (after the first call)."""
+        return self.session.regions
+
+    @property
+    def dump_root(self) -> Any:
+        return self.session.dump_root
+
+
+def compile(model: Any = None, **kwargs: Any) -> Any:
+    """Compile an MoE model.
+
+    `moecc.compile(model, ep=None, backend="auto", dump_dir=None, verify=False, disable_passes=(),
+    allow_fallback=False, debug=None)` returns a `CompiledModule` sharing `model`'s parameters.
+    Used as `@moecc.compile(...)` on an `nn.Module` subclass, instances compile lazily at their first call.
+    See `CompileOptions` for what each option does.
+    """
+    options = CompileOptions.make(**kwargs)
+    if model is None:
+        return functools.partial(_compile_with, options)
+    return _compile_with(options, model)
+
+
+def _compile_with(options: CompileOptions, model: Any) -> Any:
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        return _decorate_class(model, options)
+    if not isinstance(model, nn.Module):
+        raise MoeccError(f"moecc.compile expects an nn.Module instance or subclass, got {type(model).__name__}")
+    return CompiledModule(model, options)
+
+
+def _decorate_class(cls: type[nn.Module], options: CompileOptions) -> type[nn.Module]:
+    original_forward = cls.forward
+
+    @functools.wraps(original_forward)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        compiled = self.__dict__.get("_moecc_compiled")
+        if compiled is None:
+            # trace the class's own forward: the clone's instance forward bypasses this wrapper
+            self.__dict__["_moecc_building"] = True
+            try:
+                compiled = CompiledModule(self, options)
+            finally:
+                del self.__dict__["_moecc_building"]
+            compiled.module.forward = functools.partial(original_forward, compiled.module)
+            self.__dict__["_moecc_compiled"] = compiled
+        return compiled(*args, **kwargs)
+
+    cls.forward = forward
+    cls.__moecc_options__ = options  # type: ignore[attr-defined]
+    return cls
+
+
+def _dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """`torch.compile(model, backend="moecc")`: the graph-level passes with default options. Experts
+    modules with the transformers experts interface need `moecc.compile` (which lifts them before tracing);
+    ModuleList experts need `torch._dynamo.config.capture_dynamic_output_shape_ops = True`."""
+    session = capture.Session(CompileOptions.make(), "torch_compile", {})
+    return session.backend(gm, example_inputs)
+
+
+def register_dynamo_backend() -> None:
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if "moecc" not in _BACKENDS:
+        register_backend(name="moecc")(_dynamo_backend)

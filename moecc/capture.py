@@ -1,0 +1,225 @@
+"""Capture: Dynamo gives the FX graph, AOTAutograd the forward and backward graphs; the pass pipeline
+runs on them.
+
+Experts modules with the transformers experts interface are recognised by interface before tracing
+(Dynamo would otherwise decompose them, and their eager loop over `expert_hit` breaks the graph): in the
+module tree moecc traces, which is a clone of the user's tree sharing its parameters and buffers, their
+forward is replaced by the moecc ops. The user's model object is left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
+
+from moecc import cost, dump, ir, ops
+from moecc.options import CompileOptions, MoeccError
+from moecc.pass_manager import CompileContext, Mesh, run_stage
+
+# ---------------------------------------------------------------------------------------------------------
+# module tree
+
+
+def clone_tree(module: nn.Module) -> nn.Module:
+    """New module objects with the same parameters, buffers and hooks (so instance attributes such as
+    `forward` can be replaced without touching the user's model)."""
+    new = copy.copy(module)
+    new.__dict__["_modules"] = {k: clone_tree(v) if v is not None else None for k, v in module._modules.items()}
+    return new
+
+
+_ACT_NAMES = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELU": "gelu",
+    "GELUActivation": "gelu",
+    "PytorchGELUTanh": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "ReLU": "relu",
+}
+
+
+def interface_experts(module: nn.Module) -> bool:
+    """A transformers experts module: 3-D expert weights behind `forward(hidden_states, top_k_index,
+    top_k_weights)`, with the layout flags its `use_experts_implementation` decorator sets."""
+    if not all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed")):
+        return False
+    down = getattr(module, "down_proj", None)
+    up = getattr(module, "gate_up_proj" if module.has_gate else "up_proj", None)
+    return isinstance(down, torch.Tensor) and isinstance(up, torch.Tensor) and down.ndim == 3 and up.ndim == 3
+
+
+def interface_region(path: str, module: Any) -> ir.MoERegion:
+    up = module.gate_up_proj if module.has_gate else module.up_proj
+    E = int(up.shape[0])
+    F_ = int(module.down_proj.shape[1] if module.is_transposed else module.down_proj.shape[2])
+    H = int(up.shape[1] if module.is_transposed else up.shape[2])
+    act = _ACT_NAMES.get(type(getattr(module, "act_fn", None)).__name__)
+    gate_is_default = False
+    if module.has_gate:
+        try:
+            from transformers.integrations.moe import _default_apply_gate
+
+            gate_is_default = type(module)._apply_gate is _default_apply_gate
+        except ImportError:
+            gate_is_default = False
+    if getattr(module, "has_post_expert_norm", False) or act is None:
+        fn = "module"
+    elif module.has_gate:
+        fn = (
+            {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(act, f"glu_{act}")
+            if gate_is_default and getattr(module, "is_concatenated", True)
+            else "module"
+        )
+    else:
+        fn = f"mlp_{act}"
+    top_k = int(getattr(getattr(module, "config", None), "num_experts_per_tok", 0) or 0)
+    reason = "" if fn != "module" else "custom gate/activation: the module's own code runs between the grouped GEMMs"
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    return ir.MoERegion(
+        path,
+        "hf_experts",
+        E,
+        top_k,
+        H,
+        F_,
+        fn,
+        "lifted",
+        reason,
+        [f"{path}.{n}" for n in names],
+        bool(module.has_bias),
+    )
+
+
+def interface_forward(
+    self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts interface computed with moecc ops; the gate/activation is the module's own code."""
+    w1 = self.gate_up_proj if self.has_gate else self.up_proj
+    E = w1.shape[0]
+    x_SH, src_S, eid_S, offs_E = ops.route_permute(hidden_states, top_k_index, E)
+    h = ops.grouped_mm(x_SH, w1 if self.is_transposed else w1.transpose(1, 2), offs_E)
+    if self.has_bias:
+        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[eid_S]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = ops.grouped_mm(h, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2), offs_E)
+    if self.has_bias:
+        y = y + self.down_proj_bias[eid_S]
+    if getattr(self, "has_post_expert_norm", False):
+        y = self.post_expert_norm(y)
+    return ops.unpermute_combine(y, src_S, offs_E, top_k_weights).to(hidden_states.dtype)
+
+
+def verify_interface_region(region: ir.MoERegion, original: nn.Module, lifted: nn.Module) -> None:
+    """Compare the lifted experts with the module's own forward on random routing of the real weights."""
+    p = next(original.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    T, K = 37, max(region.top_k, 1)
+    x = torch.randn(T, region.hidden, generator=gen).to(p.device, p.dtype)
+    idx = torch.stack([torch.randperm(region.num_experts, generator=gen)[:K] for _ in range(T)]).to(p.device)
+    w = torch.rand(T, K, generator=gen).to(p.device, p.dtype)
+    with torch.no_grad():
+        expect = original(x, idx, w).float()
+        got = lifted(x, idx, w).float()
+    tol = 1e-4 if p.dtype == torch.float32 else 3e-2
+    err = (got - expect).abs().max().item()
+    scale = expect.abs().max().item() + 1e-6
+    if not err <= tol * scale + tol:
+        raise MoeccError(
+            f"verify: {region.path}: the lifted experts ({region.expert_fn}) differ from the module's "
+            f"own forward by {err:.3g} (max |ref| {scale:.3g}, tolerance {tol}); not using them"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a compile session: one per compiled module, many graphs (graph breaks, recompiles)
+
+
+@dataclasses.dataclass
+class Session:
+    options: CompileOptions
+    model_name: str
+    module_regions: dict[str, ir.MoERegion]
+    mesh: Mesh = dataclasses.field(default_factory=Mesh)
+    contexts: list[CompileContext] = dataclasses.field(default_factory=list)
+    graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    dump_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.options.dump_dir:
+            self.dump_root = dump.session_root(self.options.dump_dir, self.model_name)
+
+    @property
+    def regions(self) -> list[ir.MoERegion]:
+        seen: dict[str, ir.MoERegion] = {}
+        for c in self.contexts:
+            for r in c.regions:
+                seen.setdefault(r.path, r)
+        return list(seen.values())
+
+    def counters(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for c in self.contexts:
+            for k, v in c.counters.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        """The Dynamo backend: dynamo-stage passes, then AOTAutograd with the aot-stage passes."""
+        gid = len(self.contexts)
+        device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
+        ctx = CompileContext(self.options, self.mesh, cost.default_profile(device), gid, self.module_regions)
+        self.contexts.append(ctx)
+        if self.dump_root is not None:
+            ctx.dumper = dump.Dumper(self.dump_root, gid)
+            ctx.dumper.write_graph(gm, "capture", "dynamo", 0.0)
+        sig = [ir.node_comment(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        gm = run_stage(gm, ctx, "dynamo", "dynamo")
+        for r in ctx.regions:
+            if r.kind == "hf_experts" and not r.top_k:
+                r.top_k = _top_k_from_graph(gm, r.path)
+
+        def compile_aot(kind: str) -> Callable:
+            def compiler(g: fx.GraphModule, _inputs: list[Any]) -> Callable:
+                out = run_stage(g, ctx, "aot", kind)
+                if ctx.dumper is not None:
+                    ctx.dumper.write_index(ctx)
+                return make_boxed_func(out)
+
+            return compiler
+
+        t0 = time.perf_counter()
+        compiled = aot_module_simplified(
+            gm, example_inputs, fw_compiler=compile_aot("forward"), bw_compiler=compile_aot("backward")
+        )
+        ctx.note(f"AOTAutograd took {(time.perf_counter() - t0) * 1e3:.0f} ms")
+        self.graphs.append(
+            {
+                "graph_id": gid,
+                "inputs": "; ".join(sig[:4]) + (" ..." if len(sig) > 4 else ""),
+                "regions": ", ".join(r.path for r in ctx.regions) or "-",
+            }
+        )
+        if ctx.dumper is not None:
+            ctx.dumper.write_index(ctx)
+        return compiled
+
+
+def _top_k_from_graph(gm: fx.GraphModule, path: str) -> int:
+    for n in gm.graph.nodes:
+        if n.target is torch.ops.moecc.route_permute.default and ir.facts(n).get("region") == path:
+            idx = n.args[1].meta.get("example_value")
+            if isinstance(idx, torch.Tensor):
+                return int(idx.shape[1])
+    return 0

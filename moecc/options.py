@@ -1,0 +1,92 @@
+"""Compile options and the environment knobs that feed them.
+
+| variable               | meaning                                                                     |
+|------------------------|-----------------------------------------------------------------------------|
+| `MOECC_DUMP_DIR`       | write pass-level dumps under this folder (same as `dump_dir=`)              |
+| `MOECC_DEBUG`          | 1: pass timings, 2: decisions (lifted/fused/refused), 3: IR after each pass |
+|                        | any level >= 1 also runs the checker (graph lint + pass invariants)         |
+| `MOECC_DISABLE_PASSES` | comma-separated pass names to switch off (same as `disable_passes=`)        |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+BACKENDS = ("auto", "torch")
+
+
+class MoeccError(RuntimeError):
+    """An error in the user's model or options that moecc detected; the message says where and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """Options of `moecc.compile`.
+
+    Attributes:
+        ep: expert-parallel degree; None picks it from the world size (1 in one process).
+        backend: "auto" (the fastest available for the device) or "torch" (stock PyTorch ops).
+        dump_dir: folder for pass-level dumps (IR after each pass, plan, index); None for none.
+        verify: check every lifted MoE region numerically against the model's own code at compile time
+            and raise on a mismatch.
+        disable_passes: pass names to skip (see `moecc.passes.PIPELINE`).
+        allow_fallback: when an MoE-looking module cannot be lifted, run the model's own code for it and
+            report that in the dumps instead of raising.
+        debug: 0-3, as `MOECC_DEBUG`; >= 1 runs the checker after every pass.
+        dynamic: passed to torch.compile (None lets Dynamo decide; False specialises on every shape).
+    """
+
+    ep: int | None = None
+    backend: str = "auto"
+    dump_dir: str | None = None
+    verify: bool = False
+    disable_passes: tuple[str, ...] = ()
+    allow_fallback: bool = False
+    debug: int = 0
+    dynamic: bool | None = False
+
+    @staticmethod
+    def make(
+        *,
+        ep: int | None = None,
+        backend: str = "auto",
+        dump_dir: str | os.PathLike | None = None,
+        verify: bool = False,
+        disable_passes: Sequence[str] = (),
+        allow_fallback: bool = False,
+        debug: int | None = None,
+        dynamic: bool | None = False,
+    ) -> CompileOptions:
+        """Build options from keyword arguments and the MOECC_* environment variables."""
+        from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
+
+        if backend not in BACKENDS:
+            raise MoeccError(f"moecc.compile: backend={backend!r} is not one of {BACKENDS}")
+        if ep is not None and (not isinstance(ep, int) or ep < 1):
+            raise MoeccError(f"moecc.compile: ep={ep!r} must be a positive integer or None")
+        env_disabled = [p for p in os.environ.get("MOECC_DISABLE_PASSES", "").split(",") if p.strip()]
+        disabled = tuple(dict.fromkeys([*disable_passes, *(p.strip() for p in env_disabled)]))
+        unknown = [p for p in disabled if p not in PASS_NAMES]
+        if unknown:
+            raise MoeccError(
+                f"moecc.compile: unknown pass name(s) {unknown} in disable_passes; passes are {PASS_NAMES}"
+            )
+        if dump_dir is None and os.environ.get("MOECC_DUMP_DIR"):
+            dump_dir = os.environ["MOECC_DUMP_DIR"]
+        if debug is None:
+            debug = int(os.environ.get("MOECC_DEBUG", "0") or 0)
+        return CompileOptions(
+            ep=ep,
+            backend=backend,
+            dump_dir=os.fspath(dump_dir) if dump_dir is not None else None,
+            verify=verify,
+            disable_passes=disabled,
+            allow_fallback=allow_fallback,
+            debug=debug,
+            dynamic=dynamic,
+        )
+
+    def enabled(self, pass_name: str) -> bool:
+        return pass_name not in self.disable_passes

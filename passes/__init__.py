@@ -1,0 +1,39 @@
+"""The pass pipeline: the one place that says which passes run, in which order, and why.
+
+| pass     | expects                                       | guarantees                                         |
+|----------|-----------------------------------------------|----------------------------------------------------|
+| lift_moe | a Dynamo graph                                | recognised experts computations are moecc ops      |
+| plan     | lifted regions                                | a mesh and an expert placement in ctx.plan         |
+| shard    | forward/backward graphs, the plan             | SPMD program: collectives explicit, placements set |
+| fuse     | sharded graphs                                | each region fused or refused with a reason         |
+| schedule | graphs whose collectives are explicit         | costs on nodes; collective order fixed             |
+| lower    | a scheduled graph                             | a callable for the chosen backend                  |
+"""
+
+from __future__ import annotations
+
+from moecc.passes.fuse_experts import fuse_experts
+from moecc.passes.lift_moe import check_lifted, lift_moe
+from moecc.passes.lower_backend import lower_backend
+from moecc.passes.plan_mesh import plan_mesh
+from moecc.passes.schedule_overlap import schedule_overlap
+from moecc.passes.shard_experts import shard_experts
+
+from moecc.pass_manager import Pass
+
+PIPELINE = [
+    # before the autograd split, so that the lifted ops bring their own backward formulas
+    Pass("lift_moe", "dynamo", lift_moe, "a Dynamo graph", "experts computations are moecc ops", check_lifted),
+    # sizes the mesh from the regions lift_moe found; shard needs it on both graphs
+    Pass("plan", "dynamo", plan_mesh, "lifted regions", "mesh and expert placement in ctx.plan"),
+    # on forward and backward graphs: collectives and gradient sync are per-graph
+    Pass("shard", "aot", shard_experts, "the plan", "SPMD program, placements on every input"),
+    # after shard, so that dispatch/combine collectives exist to fuse with the expert GEMMs
+    Pass("fuse", "aot", fuse_experts, "sharded graphs", "each region fused or refused with a reason"),
+    # after fuse: it schedules the kernels that will actually run
+    Pass("schedule", "aot", schedule_overlap, "explicit collectives", "costs on nodes, deterministic order"),
+    # last: turns the graph into what runs
+    Pass("lower", "aot", lower_backend, "a scheduled graph", "a callable for the backend"),
+]
+
+PASS_NAMES = [p.name for p in PIPELINE]
