@@ -1,25 +1,20 @@
-"""Train the tiny Mixtral-style example for a few steps (a usage example).
+"""Train the tiny Mixtral-style example with moecc for a few steps: the smallest end-to-end use.
 
-Run from the repository root with ``python examples/train_tiny.py``. When ``moecc`` is importable and provides
-``compile``, the model is compiled with ``moecc.compile(model)``; otherwise it trains in eager mode.
+python examples/train_tiny.py
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from mixtral_style import build
 
-try:
-    import moecc
-except ImportError:
-    moecc = None  # type: ignore[assignment]
+import moecc
+from moecc.examples.mixtral_style import build
 
 
 def main(steps: int = 3) -> None:
     model, (input_ids,) = build(seed=0, dtype=torch.float32, tokens=32)
-    if moecc is not None and hasattr(moecc, "compile"):
-        model = moecc.compile(model)
+    model = moecc.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(steps):
         logits = model(input_ids)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from moecc import capture
 from moecc.options import CompileOptions, MoeccError
+from moecc.pass_manager import PassCheckError
 
 # Dynamo settings moecc traces under: data-dependent routing (torch.where on expert masks) must not break
 # the graph inside an MoE region, and a recompile storm must fail loudly rather than drop to eager.
@@ -85,7 +86,7 @@ class CompiledModule(nn.Module):
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
-            if isinstance(e.inner_exception, MoeccError):
+            if isinstance(e.inner_exception, (MoeccError, PassCheckError)):
                 raise e.inner_exception from None
             raise
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:

@@ -56,6 +56,21 @@ class MoERegion:
     HEADERS = ["region", "recognised as", "experts", "top-k", "hidden", "ffn", "expert fn", "status", "note"]
 
 
+def tag_region(node: fx.Node, path: str, created_by: str) -> None:
+    """Mark a node as part of an MoE region. The mark also goes into `meta["custom"]`, which AOTAutograd
+    copies onto the forward and backward nodes it derives from this one."""
+    set_facts(node, region=path, created_by=created_by)
+    node.meta.setdefault("custom", {})["moecc_region"] = path
+
+
+def restore_regions(gm: fx.GraphModule) -> None:
+    """On a graph AOTAutograd produced: region facts back from the marks `tag_region` left."""
+    for n in gm.graph.nodes:
+        path = (n.meta.get("custom") or {}).get("moecc_region")
+        if path is not None:
+            set_facts(n, region=path)
+
+
 def facts(node: fx.Node) -> dict[str, Any]:
     return node.meta.setdefault("moecc", {})
 

@@ -95,6 +95,8 @@ def run_stage(gm: fx.GraphModule, ctx: CompileContext, stage: str, graph_kind: s
     from moecc.passes import PIPELINE
 
     ctx.graph_kind = graph_kind
+    if stage == "aot":
+        ir.restore_regions(gm)
     ran: list[str] = []
     for p in PIPELINE:
         if p.stage != stage:

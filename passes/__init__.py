@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
+from moecc.pass_manager import Pass
 from moecc.passes.fuse_experts import fuse_experts
 from moecc.passes.lift_moe import check_lifted, lift_moe
 from moecc.passes.lower_backend import lower_backend
 from moecc.passes.plan_mesh import plan_mesh
 from moecc.passes.schedule_overlap import schedule_overlap
 from moecc.passes.shard_experts import shard_experts
-
-from moecc.pass_manager import Pass
 
 PIPELINE = [
     # before the autograd split, so that the lifted ops bring their own backward formulas

@@ -418,7 +418,7 @@ def _try_lift_module_list(gm: fx.GraphModule, ctx: CompileContext, parent: str, 
         pp = {name: [tracer.proxy(by_name[e][name]) for e in range(E)] for name in by_name[0]}
         new = lifted_experts(proxies[X], proxies[IDX], proxies[W], proxies[base], pp, spec, E, zero_acc).node
     for n in tracer.created:
-        ir.set_facts(n, region=parent, created_by="lift_moe")
+        ir.tag_region(n, parent, "lift_moe")
     if inplace:
         after = {u for u in base.users if order.get(u, math.inf) > order[final] and u not in region}
         for u in after:
@@ -521,11 +521,11 @@ def lift_moe(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     # regions lifted by interface at capture: tag their ops
     found: dict[str, ir.MoERegion] = {}
     for n in gm.graph.nodes:
-        if not ir.is_moe_op(n):
+        if n.op == "placeholder":
             continue
         for p in module_paths(n):
             if p in ctx.module_regions:
-                ir.set_facts(n, region=p, created_by="lift_moe (capture: experts interface)")
+                ir.tag_region(n, p, "lift_moe (capture: experts interface)")
                 found[p] = ctx.module_regions[p]
     for p, r in found.items():
         ctx.regions.append(r)
@@ -552,8 +552,14 @@ def lift_moe(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 def check_lifted(gm: fx.GraphModule, ctx: CompileContext) -> None:
-    """Invariant: every lifted region's ops are in the graph, and no index_add_ loop of a lifted region is left."""
-    present = {ir.facts(n).get("region") for n in gm.graph.nodes if ir.is_moe_op(n)}
+    """Invariant: every lifted region of this graph still dispatches (route_permute) and combines
+    (unpermute_combine) through moecc ops."""
+    have: dict[str, set[str]] = {}
+    for n in gm.graph.nodes:
+        if ir.is_moe_op(n) and n.meta.get("moecc"):
+            have.setdefault(ir.facts(n).get("region", ""), set()).add(ir.op_name(n))
     for r in ctx.regions:
-        if r.status == "lifted" and r.path not in present:
-            raise AssertionError(f"region {r.path} was lifted but none of its moecc ops is in the graph")
+        if r.status == "lifted":
+            missing = {"moecc.route_permute", "moecc.unpermute_combine"} - have.get(r.path, set())
+            if missing:
+                raise AssertionError(f"region {r.path} was lifted but its {sorted(missing)} op(s) are gone")

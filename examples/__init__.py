@@ -1,0 +1,1 @@
+"""Example MoE models written in plain PyTorch (importable as `moecc.examples`)."""

@@ -1,0 +1,105 @@
+"""The pass manager: one ordered list, switchable by name, checked after every pass in debug mode."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+
+import moecc
+from moecc import passes
+from moecc.examples import switch_style
+from moecc.pass_manager import CompileContext, PassCheckError
+
+
+def test_pipeline_order() -> None:
+    assert passes.PASS_NAMES == ["lift_moe", "plan", "shard", "fuse", "schedule", "lower"]
+    assert [p.stage for p in passes.PIPELINE] == ["dynamo", "dynamo", "aot", "aot", "aot", "aot"]
+
+
+def _drop_moe_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """A broken pass: replaces every combine by zeros (the graph stays well-formed, the answer is wrong)."""
+    for n in list(gm.graph.nodes):
+        if n.target is torch.ops.moecc.unpermute_combine.default:
+            x_TH = next(p for p in gm.graph.nodes if p.target is torch.ops.moecc.route_permute.default).args[0]
+            with gm.graph.inserting_before(n):
+                z = gm.graph.call_function(torch.zeros_like, (x_TH,))
+            n.replace_all_uses_with(z)
+            gm.graph.erase_node(n)
+    gm.recompile()
+    return gm
+
+
+def test_checker_names_the_failing_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = dataclasses.replace(passes.PIPELINE[1], fn=_drop_moe_ops, invariant=passes.PIPELINE[0].invariant)
+    monkeypatch.setattr(passes, "PIPELINE", [passes.PIPELINE[0], broken, *passes.PIPELINE[2:]])
+    model, (ids,) = switch_style.build()
+    cm = moecc.compile(model, debug=1)
+    with pytest.raises(PassCheckError, match=r"after pass 'plan'.*passes run before it: \['lift_moe'\]"):
+        cm(ids)
+
+
+def test_dumps_show_every_pass(tmp_path: Path) -> None:
+    model, (ids,) = switch_style.build()
+    cm = moecc.compile(model, dump_dir=tmp_path)
+    cm(ids).float().sum().backward()
+    g = cm.dump_root / "graph_0"
+    names = sorted(p.name for p in g.iterdir())
+    assert names == sorted(
+        [
+            "00_capture.py",
+            "01_lift_moe.py",
+            "02_plan.py",
+            "03_shard.fwd.py",
+            "03_shard.bwd.py",
+            "04_fuse.fwd.py",
+            "04_fuse.bwd.py",
+            "05_schedule.fwd.py",
+            "05_schedule.bwd.py",
+            "06_lower.fwd.py",
+            "06_lower.bwd.py",
+            "index.json",
+            "index.md",
+            "plan.md",
+            "timeline.forward.json",
+            "timeline.backward.json",
+        ]
+    )
+    lifted = (g / "01_lift_moe.py").read_text()
+    assert lifted.startswith("# Constructed by lift_moe (took ")
+    assert "torch.ops.moecc.route_permute" in lifted and "# moecc: region=layers.0.moe.experts" in lifted
+    assert "index_add_" not in lifted and "index_add_" in (g / "00_capture.py").read_text()
+    bwd = (g / "06_lower.bwd.py").read_text()
+    assert "moecc.grouped_mm_wgrad" in bwd, "the backward graph carries the moecc weight-gradient op"
+    index = (g / "index.md").read_text()
+    assert "+2 moecc.route_permute" in index and "-8 method.index_add_" in index
+    assert "not fused layers.0.moe.experts: the torch backend has no fused" in index
+    summary = (cm.dump_root / "summary.md").read_text()
+    assert "layers.1.moe.experts" in summary and "mlp_gelu" in summary
+
+
+def test_disabled_pass_is_skipped_and_reported(tmp_path: Path) -> None:
+    model, (ids,) = switch_style.build()
+    cm = moecc.compile(model, dump_dir=tmp_path, disable_passes=["schedule"])
+    out = cm(ids)
+    torch.testing.assert_close(out, model(ids))
+    out.sum().backward()
+    g = cm.dump_root / "graph_0"
+    assert not (g / "05_schedule.fwd.py").exists() and not (g / "timeline.forward.json").exists()
+    rows = [r.split("|")[1:4] for r in (g / "index.md").read_text().splitlines() if r.startswith("| schedule")]
+    assert [[c.strip() for c in r] for r in rows] == [
+        ["schedule", "forward", "disabled"],
+        ["schedule", "backward", "disabled"],
+    ]
+
+
+def test_lift_disabled_leaves_model_code(tmp_path: Path) -> None:
+    model, (ids,) = switch_style.build()
+    cm = moecc.compile(model, dump_dir=tmp_path, disable_passes=["lift_moe"])
+    torch.testing.assert_close(cm(ids), model(ids))
+    lowered = (cm.dump_root / "graph_0" / "06_lower.fwd.py").read_text()
+    assert "torch.ops.moecc" not in lowered
+    assert cm.regions == []
