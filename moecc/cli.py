@@ -185,7 +185,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     opt_e = torch.optim.AdamW(eager.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(1)
     vocab = int(ids.max()) + 1 if args.vocab is None else args.vocab
-    rows, t_c, t_e = [], [], []
+    rows: list[list[Any]] = []
+    t_c: list[float] = []
+    t_e: list[float] = []
+    diffs: list[float] = []
     print(
         f"moecc demo: {args.model}-style model, {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{args.steps} AdamW steps, batch {tuple(ids.shape)}"
@@ -201,6 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             opt.step()
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
+        diffs.append(abs(losses[0] - losses[1]))
         rows.append(
             [
                 step,
@@ -230,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if compiled.dump_root is not None:
         print(f"dumps: {compiled.dump_root} (moecc explain {args.dump_dir})")
-    worst = max(abs(float(r[1]) - float(r[2])) for r in rows)
+    worst = max(diffs)
     if worst > 1e-3:
         print(f"MISMATCH: compiled and eager losses differ by {worst:.2e}", file=sys.stderr)
         return 1
