@@ -68,6 +68,7 @@ class CompiledModule(nn.Module):
         self.session = capture.Session(options, type(model).__name__, regions)
         self._compiled = torch.compile(self.module, backend=self.session.backend, dynamic=options.dynamic)
         self._checked = False
+        self._pairs: list[tuple[nn.Module, nn.Module]] = []  # (user's module, traced clone), decorator only
 
     # the parameters and state are the original model's, under its own names
     def named_parameters(
@@ -127,8 +128,9 @@ class CompiledModule(nn.Module):
         if self.session.dump_root is not None:
             from moecc import dump
 
-            breaks = dict(torch._dynamo.utils.counters["graph_break"])
-            dump.write_summary(self.session.dump_root, self.session.graphs, self.session.regions, breaks)
+            dump.write_summary(
+                self.session.dump_root, self.session.graphs, self.session.regions, self.session.graph_breaks()
+            )
 
     @property
     def regions(self) -> list[Any]:
@@ -176,7 +178,10 @@ def _decorate_class(cls: type[nn.Module], options: CompileOptions) -> type[nn.Mo
             finally:
                 del self.__dict__["_moecc_building"]
             compiled.module.forward = functools.partial(original_forward, compiled.module)
+            compiled._pairs = list(zip(self.modules(), compiled.module.modules(), strict=True))
             self.__dict__["_moecc_compiled"] = compiled
+        for mine, traced in compiled._pairs:  # train()/eval() on the instance reach the traced clone
+            traced.training = mine.training
         return compiled(*args, **kwargs)
 
     cls.forward = forward

@@ -156,7 +156,10 @@ class Session:
     graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     dump_root: Path | None = None
 
+    graph_breaks_before: dict[str, int] = dataclasses.field(default_factory=dict)
+
     def __post_init__(self) -> None:
+        self.graph_breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
         if self.options.dump_dir:
             self.dump_root = dump.session_root(self.options.dump_dir, self.model_name)
 
@@ -167,6 +170,13 @@ class Session:
             for r in c.regions:
                 seen.setdefault(r.path, r)
         return list(seen.values())
+
+    def graph_breaks(self) -> dict[str, int]:
+        """Graph breaks Dynamo reported since this session started (reason -> count)."""
+        now = dict(torch._dynamo.utils.counters["graph_break"])
+        return {
+            k: v - self.graph_breaks_before.get(k, 0) for k, v in now.items() if v > self.graph_breaks_before.get(k, 0)
+        }
 
     def counters(self) -> dict[str, int]:
         total: dict[str, int] = {}

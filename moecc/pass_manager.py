@@ -72,6 +72,7 @@ class CompileContext:
     counters: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     plan: dict[str, Any] = dataclasses.field(default_factory=dict)
     graph_kind: str = "dynamo"
+    final_graphs: dict[str, fx.GraphModule] = dataclasses.field(default_factory=dict)  # after the last pass
     dumper: Any = None  # moecc.dump.Dumper | None
 
     def note(self, msg: str) -> None:
@@ -138,4 +139,5 @@ def run_stage(gm: fx.GraphModule, ctx: CompileContext, stage: str, graph_kind: s
             print(ir.readable(gm, f"# after {p.name}"))
         if ctx.dumper is not None:
             ctx.dumper.write_graph(gm, p.name, graph_kind, took)
+    ctx.final_graphs[graph_kind] = gm
     return gm

@@ -1,0 +1,297 @@
+"""The moecc custom ops against the eager definition of an MoE layer (`ops.moe_reference`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecc import ops
+from moecc.backends import torch_backend
+
+E, H, FF = 4, 32, 16
+
+
+def _routing(T: int, K: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+
+
+def _params(T: int, K: int, dtype: torch.dtype, seed: int = 0, hidden: int = H):
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, hidden, generator=gen).to(dtype).requires_grad_()
+    w = torch.rand(T, K, generator=gen).to(dtype).requires_grad_()
+    w1 = (torch.randn(E, hidden, 2 * FF, generator=gen) / hidden**0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(E, FF, hidden, generator=gen) / FF**0.5).to(dtype).requires_grad_()
+    return x, w, w1, w2
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    g, u = h.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+def moe_ops(x, idx, w, w1, w2):
+    """A SwiGLU MoE layer made of the moecc ops."""
+    x_SH, src_S, _eid_S, offs_E = ops.route_permute(x, idx, E)
+    h = _swiglu(ops.grouped_mm(x_SH, w1, offs_E))
+    y = ops.grouped_mm(h, w2, offs_E)
+    return ops.unpermute_combine(y, src_S, offs_E, w)
+
+
+def moe_eager(x, idx, w, w1, w2):
+    fns = [lambda r, e=e: _swiglu(r @ w1[e]) @ w2[e] for e in range(E)]
+    return ops.moe_reference(x, idx, w, fns)
+
+
+def _fwd_bwd(fn, idx, tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    x, w, w1, w2 = leaves
+    out = fn(x, idx, w, w1, w2)
+    gen = torch.Generator().manual_seed(7)
+    out.backward(torch.randn(out.shape, generator=gen).to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+NAMES = ["x", "w_TK", "w1", "w2"]
+
+
+def _compare(idx, tensors, atol, rtol=0.0, scaled=False):
+    out, grads = _fwd_bwd(moe_ops, idx, tensors)
+    ref, ref_grads = _fwd_bwd(moe_eager, idx, tensors)
+    assert out.dtype == ref.dtype == tensors[0].dtype
+    pairs = [("out", out, ref)] + [(f"d{n}", g, r) for n, g, r in zip(NAMES, grads, ref_grads, strict=True)]
+    for name, got, expect in pairs:
+        assert got is not None, name
+        if scaled:
+            got, expect = got.float(), expect.float()
+            tol = atol * (expect.abs().max().item() + 1e-3)
+            assert (got - expect).abs().max().item() <= tol, name
+        else:
+            torch.testing.assert_close(got, expect, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+    return out, grads
+
+
+@pytest.mark.parametrize("T,K", [(37, 2), (16, 1), (9, 4)])
+def test_float32_forward_and_grads_match_reference(T, K):
+    idx = _routing(T, K, seed=T)
+    _compare(idx, _params(T, K, torch.float32, seed=T), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,K", [(37, 2), (16, 1)])
+def test_bfloat16_forward_and_grads_match_reference(T, K):
+    idx = _routing(T, K, seed=T)
+    _compare(idx, _params(T, K, torch.bfloat16, seed=T), atol=3e-2, scaled=True)
+
+
+def test_expert_with_no_tokens_gets_exactly_zero_weight_grad():
+    T, K = 20, 2
+    idx = _routing(T, K)
+    idx[idx == 2] = 3  # expert 2 receives nothing (an expert appears at most once per token: use 0/1/3)
+    idx[:, 1] = torch.where(idx[:, 0] == idx[:, 1], (idx[:, 0] + 1) % 2, idx[:, 1])
+    assert not (idx == 2).any()
+    _, grads = _compare(idx, _params(T, K, torch.float32), atol=1e-5, rtol=1e-5)
+    dw1, dw2 = grads[2], grads[3]
+    assert torch.equal(dw1[2], torch.zeros_like(dw1[2]))
+    assert torch.equal(dw2[2], torch.zeros_like(dw2[2]))
+    assert dw1[0].abs().sum() > 0 and dw2[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_tokens_to_one_expert(dtype):
+    T = 24
+    idx = torch.full((T, 1), 1)
+    out, grads = _compare(idx, _params(T, 1, dtype), atol=1e-5 if dtype == torch.float32 else 3e-2, scaled=True)
+    for e in (0, 2, 3):
+        assert torch.equal(grads[2][e], torch.zeros_like(grads[2][e]))
+        assert torch.equal(grads[3][e], torch.zeros_like(grads[3][e]))
+    assert out.abs().sum() > 0
+
+
+def test_top1_routing():
+    T = 33
+    idx = _routing(T, 1, seed=3)
+    _compare(idx, _params(T, 1, torch.float32, seed=3), atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_indices_are_dropped():
+    T, K = 12, 2
+    idx = _routing(T, K, seed=5)
+    idx[0, 0] = -1
+    idx[3, 1] = E
+    idx[7] = torch.tensor([-1, E])  # token 7 goes nowhere
+    tensors = _params(T, K, torch.float32, seed=5)
+    out, grads = _compare(idx, tensors, atol=1e-5, rtol=1e-5)
+    # dropped slots contribute nothing: the same as routing the slot to nowhere with weight 0
+    assert torch.equal(out[7], torch.zeros_like(out[7]))
+    assert torch.equal(grads[0][7], torch.zeros_like(grads[0][7]))
+    dw = grads[1]
+    assert dw[0, 0] == 0 and dw[3, 1] == 0 and dw[7].abs().sum() == 0
+    # and the rows that were routed are unaffected by the dropped ones
+    keep = torch.tensor([t not in (0, 3, 7) for t in range(T)])
+    idx_clean = idx.clone()
+    idx_clean[0, 0], idx_clean[3, 1] = idx[0, 1] ^ 1, idx[3, 0] ^ 1  # some valid, different expert
+    out_clean, _ = _fwd_bwd(moe_ops, idx_clean, tensors)
+    torch.testing.assert_close(out[keep], out_clean[keep], atol=1e-6, rtol=1e-6)
+
+
+def test_route_permute_layout():
+    T, K = 10, 2
+    idx = _routing(T, K, seed=11)
+    idx[4, 1] = -1
+    x = torch.randn(T, H)
+    x_SH, src_S, eid_S, offs_E = ops.route_permute(x, idx, E)
+    assert x_SH.shape == (T * K, H) and src_S.shape == eid_S.shape == (T * K,) and offs_E.shape == (E,)
+    assert offs_E.dtype == torch.int32
+    counts = torch.bincount(idx[idx >= 0].flatten(), minlength=E)
+    torch.testing.assert_close(offs_E.long(), torch.cumsum(counts, 0))
+    live = int(offs_E[-1])
+    assert live == T * K - 1
+    flat = idx.flatten()
+    assert torch.equal(eid_S[:live], flat[src_S[:live]])
+    assert torch.equal(eid_S[:live], torch.sort(eid_S[:live]).values)  # grouped by expert
+    assert torch.equal(x_SH, x[src_S // K])
+    assert 0 <= int(eid_S.min()) and int(eid_S.max()) < E  # the dropped row's id stays in range
+
+
+def test_empty_batch():
+    idx = torch.zeros(0, 2, dtype=torch.int64)
+    x, w, w1, w2 = _params(0, 2, torch.float32)
+    out = moe_ops(x, idx, w, w1, w2)
+    assert out.shape == (0, H)
+    out.sum().backward()
+    assert torch.equal(w1.grad, torch.zeros_like(w1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# opcheck
+
+
+def _opcheck_cases():
+    T, K = 11, 2
+    x, w, w1, _ = _params(T, K, torch.float32, seed=2)
+    idx = _routing(T, K, seed=2)
+    idx[1, 0] = -1
+    x_SH, src_S, _eid, offs_E = ops.route_permute(x.detach(), idx, E)
+    dy = torch.randn(T * K, 2 * FF)
+    y = torch.randn(T * K, H, requires_grad=True)
+    return {
+        "route_permute": (torch.ops.moecc.route_permute.default, (x, idx, E)),
+        "grouped_mm": (torch.ops.moecc.grouped_mm.default, (x_SH.requires_grad_(), w1, offs_E)),
+        "grouped_mm_wgrad": (torch.ops.moecc.grouped_mm_wgrad.default, (x_SH.detach(), dy, offs_E)),
+        "unpermute_combine": (torch.ops.moecc.unpermute_combine.default, (y, src_S, offs_E, w)),
+    }
+
+
+@pytest.mark.parametrize("name", ["route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine"])
+def test_opcheck(name):
+    op, args = _opcheck_cases()[name]
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_every_moe_op_is_opchecked():
+    assert {op.name() for op in ops.MOE_OPS} == {
+        f"moecc::{n}" for n in ("route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine")
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the two grouped GEMM paths of the torch backend
+
+
+def _grouped_inputs(hidden: int, dtype=torch.float32, n_out: int = 8, T: int = 13, K: int = 2):
+    gen = torch.Generator().manual_seed(hidden)
+    x = torch.randn(T, hidden, generator=gen).to(dtype)
+    idx = _routing(T, K, seed=hidden)
+    if K == 1:
+        idx[idx == 1] = 0  # expert 1 gets no rows
+    x_SH, _src, _eid, offs_E = ops.route_permute(x, idx, E)
+    w = torch.randn(E, hidden, n_out, generator=gen).to(dtype)
+    dy = torch.randn(T * K, n_out, generator=gen).to(dtype)
+    return x_SH, w, dy, offs_E
+
+
+def _per_expert(x_SH, w, dy, offs_E):
+    y = torch.zeros(x_SH.shape[0], w.shape[2], dtype=torch.float32)
+    dw = torch.zeros(w.shape, dtype=torch.float32)
+    lo = 0
+    for e, hi in enumerate(offs_E.tolist()):
+        y[lo:hi] = x_SH[lo:hi].float() @ w[e].float()
+        dw[e] = x_SH[lo:hi].float().t() @ dy[lo:hi].float()
+        lo = hi
+    return y, dw
+
+
+def _run_backend(x_SH, w, dy, offs_E):
+    before = torch_backend.COUNTERS.copy()
+    y = torch_backend.grouped_mm(x_SH, w, offs_E)
+    dw = torch_backend.grouped_mm_wgrad(x_SH, dy, offs_E)
+    ran = torch_backend.COUNTERS - before
+    return y, dw, dict(ran)
+
+
+def test_grouped_mm_native_path_on_aligned_operands():
+    x_SH, w, dy, offs_E = _grouped_inputs(hidden=32)
+    assert torch_backend.can_use_native_grouped_mm(x_SH, w)
+    y, dw, ran = _run_backend(x_SH, w, dy, offs_E)
+    assert ran == {"grouped_mm.native": 1, "grouped_mm_wgrad.native": 1}
+    ry, rdw = _per_expert(x_SH, w, dy, offs_E)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, rdw, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_loop_path_on_unaligned_strides():
+    x_SH, w, dy, offs_E = _grouped_inputs(hidden=6)  # a row is 24 bytes: not 16-byte aligned
+    assert not torch_backend.can_use_native_grouped_mm(x_SH, w)
+    y, dw, ran = _run_backend(x_SH, w, dy, offs_E)
+    assert ran == {"grouped_mm.loop": 1, "grouped_mm_wgrad.loop": 1}
+    ry, rdw = _per_expert(x_SH, w, dy, offs_E)
+    torch.testing.assert_close(y, ry, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, rdw, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 2])
+def test_grouped_mm_native_and_loop_paths_agree(monkeypatch, dtype, K):
+    x_SH, w, dy, offs_E = _grouped_inputs(hidden=32, dtype=dtype, K=K)
+    counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    assert K == 2 or counts[1] == 0
+    y_n, dw_n, ran_n = _run_backend(x_SH, w, dy, offs_E)
+    assert ran_n == {"grouped_mm.native": 1, "grouped_mm_wgrad.native": 1}
+    monkeypatch.setattr(torch_backend, "can_use_native_grouped_mm", lambda a, b: False)
+    y_l, dw_l, ran_l = _run_backend(x_SH, w, dy, offs_E)
+    assert ran_l == {"grouped_mm.loop": 1, "grouped_mm_wgrad.loop": 1}
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(y_n, y_l, **tol)
+    torch.testing.assert_close(dw_n, dw_l, **tol)
+    for e in torch.nonzero(counts == 0).flatten().tolist():  # experts without rows: exactly zero on both
+        assert torch.equal(dw_n[e], torch.zeros_like(dw_n[e])) and torch.equal(dw_l[e], torch.zeros_like(dw_l[e]))
+
+
+def test_grouped_mm_rows_past_the_last_offset_are_zero():
+    x_SH, w, dy, offs_E = _grouped_inputs(hidden=32)
+    offs_E = offs_E.clone()
+    offs_E[-1] -= 3  # the last 3 rows belong to no expert (dropped)
+    y_n, dw_n, _ = _run_backend(x_SH, w, dy, offs_E)
+    assert torch.equal(y_n[-3:], torch.zeros_like(y_n[-3:]))
+    y6, w6, dy6, offs6 = _grouped_inputs(hidden=6)
+    offs6 = offs6.clone()
+    offs6[-1] -= 3
+    y_l, _, ran = _run_backend(y6, w6, dy6, offs6)
+    assert ran["grouped_mm.loop"] == 1
+    assert torch.equal(y_l[-3:], torch.zeros_like(y_l[-3:]))
+
+
+def test_moe_layer_with_unaligned_hidden_uses_loop_path_and_matches_reference():
+    T, K, hidden = 15, 2, 6
+    idx = _routing(T, K, seed=4)
+    tensors = _params(T, K, torch.float32, seed=4, hidden=hidden)
+    before = torch_backend.COUNTERS.copy()
+    out, grads = _fwd_bwd(moe_ops, idx, tensors)
+    ran = torch_backend.COUNTERS - before
+    assert ran["grouped_mm.loop"] >= 1 and ran["grouped_mm_wgrad.loop"] >= 1
+    ref, ref_grads = _fwd_bwd(moe_eager, idx, tensors)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
