@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -23,6 +24,7 @@ for _flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
         _DYNAMO_CONFIG[_flag] = True
         break
 
+_ENTRY_IDS = itertools.count()
 _EXPERTS_NAME = re.compile(r"(^|\.)(experts?|moe_experts|local_experts)$")
 
 
@@ -41,6 +43,18 @@ def moe_looking_modules(model: nn.Module) -> list[str]:
         ):
             out.append(path)
     return out
+
+
+def _entry_point(module: nn.Module) -> Callable[..., Any]:
+    """A function calling `module`, with a code object of its own: Dynamo caches compiled code per code
+    object, so each compiled model keeps its own cache (and its own backend) instead of piling entries, and
+    recompile-limit counts, onto the model class's shared `forward`."""
+
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    entry.__code__ = entry.__code__.replace(co_name=f"moecc_{type(module).__name__}_{next(_ENTRY_IDS)}")
+    return entry
 
 
 class CompiledModule(nn.Module):
@@ -66,7 +80,7 @@ class CompiledModule(nn.Module):
                         original = dict(model.named_modules())[path]
                         capture.verify_interface_region(regions[path], original, m)
         self.session = capture.Session(options, type(model).__name__, regions)
-        self._compiled = torch.compile(self.module, backend=self.session.backend, dynamic=options.dynamic)
+        self._compiled = torch.compile(_entry_point(self.module), backend=self.session.backend, dynamic=options.dynamic)
         self._checked = False
         self._pairs: list[tuple[nn.Module, nn.Module]] = []  # (user's module, traced clone), decorator only
 

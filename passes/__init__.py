@@ -13,26 +13,34 @@
 from __future__ import annotations
 
 from moecc.pass_manager import Pass
-from moecc.passes.fuse_experts import fuse_experts
-from moecc.passes.lift_moe import check_lifted, lift_moe
-from moecc.passes.lower_backend import lower_backend
-from moecc.passes.plan_mesh import plan_mesh
-from moecc.passes.schedule_overlap import schedule_overlap
-from moecc.passes.shard_experts import shard_experts
+from moecc.passes import fuse_experts, lift_moe, lower_backend, plan_mesh, schedule_overlap, shard_experts
 
 PIPELINE = [
     # before the autograd split, so that the lifted ops bring their own backward formulas
-    Pass("lift_moe", "dynamo", lift_moe, "a Dynamo graph", "experts computations are moecc ops", check_lifted),
+    Pass(
+        "lift_moe",
+        "dynamo",
+        lift_moe.lift_moe,
+        "a Dynamo graph",
+        "experts computations are moecc ops",
+        lift_moe.check_lifted,
+    ),
     # sizes the mesh from the regions lift_moe found; shard needs it on both graphs
-    Pass("plan", "dynamo", plan_mesh, "lifted regions", "mesh and expert placement in ctx.plan"),
+    Pass("plan", "dynamo", plan_mesh.plan_mesh, "lifted regions", "mesh and expert placement in ctx.plan"),
     # on forward and backward graphs: collectives and gradient sync are per-graph
-    Pass("shard", "aot", shard_experts, "the plan", "SPMD program, placements on every input"),
+    Pass("shard", "aot", shard_experts.shard_experts, "the plan", "SPMD program, placements on every input"),
     # after shard, so that dispatch/combine collectives exist to fuse with the expert GEMMs
-    Pass("fuse", "aot", fuse_experts, "sharded graphs", "each region fused or refused with a reason"),
+    Pass("fuse", "aot", fuse_experts.fuse_experts, "sharded graphs", "each region fused or refused with a reason"),
     # after fuse: it schedules the kernels that will actually run
-    Pass("schedule", "aot", schedule_overlap, "explicit collectives", "costs on nodes, deterministic order"),
+    Pass(
+        "schedule",
+        "aot",
+        schedule_overlap.schedule_overlap,
+        "explicit collectives",
+        "costs on nodes, deterministic order",
+    ),
     # last: turns the graph into what runs
-    Pass("lower", "aot", lower_backend, "a scheduled graph", "a callable for the backend"),
+    Pass("lower", "aot", lower_backend.lower_backend, "a scheduled graph", "a callable for the backend"),
 ]
 
 PASS_NAMES = [p.name for p in PIPELINE]

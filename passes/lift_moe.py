@@ -529,6 +529,7 @@ def lift_moe(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 found[p] = ctx.module_regions[p]
     for p, r in found.items():
         ctx.regions.append(r)
+        ctx.counters["lift_moe.lifted"] += 1
         ctx.note(f"lifted {p}: {r.kind}, {r.num_experts} experts, top-{r.top_k}, {r.expert_fn}")
     # ModuleList experts, recognised in the graph
     done: set[str] = set()

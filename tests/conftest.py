@@ -18,9 +18,17 @@ for _p in (ROOT / "examples", ROOT / "tests"):
         sys.path.insert(0, str(_p))
 
 
+def example_module(name: str) -> Any:
+    """The module of `examples/<name>.py` (as `moecc.examples.<name>` where that package is installed)."""
+    try:
+        return importlib.import_module(f"moecc.examples.{name}")
+    except ImportError:
+        return importlib.import_module(name)
+
+
 def load_example(name: str, **kw: Any) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """`examples/<name>.py`'s `build(**kw)`: a tiny model and its example inputs."""
-    return importlib.import_module(name).build(**kw)
+    return example_module(name).build(**kw)
 
 
 def logits_of(out: Any) -> torch.Tensor:

@@ -123,6 +123,11 @@ def test_expected_regions_lifted(case: Compiled):
     assert len(case.cm.session.graphs) == 1  # one graph: nothing broke it
 
 
+def test_lifted_counter_counts_every_lifted_region(case: Compiled):
+    lifted = [r for r in case.cm.regions if r.status == "lifted"]
+    assert case.cm.session.counters().get("lift_moe.lifted", 0) == len(lifted) == len(case.expect.paths)
+
+
 def test_no_graph_break(case: Compiled):
     assert case.graph_breaks == {}
 
@@ -191,9 +196,16 @@ def test_dump_contents(case: Compiled):
     if case.expect.kind == "module_list":  # the dispatch loop is gone
         assert "index_add" in (g0 / "00_capture.py").read_text()
         assert "index_add" not in lifted
-    assert "moecc.grouped_mm" in (g0 / "06_lower.fwd.py").read_text()
+    fwd = (g0 / "06_lower.fwd.py").read_text()
+    assert "moecc.grouped_mm" in fwd
     bwd = (g0 / "06_lower.bwd.py").read_text()
     assert "moecc.grouped_mm" in bwd and "moecc.grouped_mm_wgrad" in bwd
+    # the lowered forward and backward graphs know which region each moecc op belongs to
+    for text in (fwd, bwd):
+        for path in case.expect.paths:
+            assert f"region={path}" in text, path
+    # and the fuse pass recorded why it did not fuse each region, in the forward and in the backward graph
+    assert case.cm.session.counters()["fuse.refused"] == 2 * len(case.expect.paths)
     for name in ("index.md", "plan.md"):
         assert (g0 / name).is_file(), name
     summary = (case.cm.dump_root / "summary.md").read_text()
@@ -211,7 +223,7 @@ def test_adamw_matches_eager(case: Compiled):
         ref_opt = torch.optim.AdamW(case.ref.parameters(), lr=1e-2)
         for step in range(3):
             losses = []
-            for module, call, o in ((case.model, case.cm, opt), (case.ref, case.ref, ref_opt)):
+            for call, o in ((case.cm, opt), (case.ref, ref_opt)):
                 o.zero_grad(set_to_none=True)
                 loss = next_token_loss(call(case.ids), case.ids)
                 loss.backward()
