@@ -4,9 +4,18 @@ model = moecc.compile(model)             # or @moecc.compile() on the model clas
 out = model(batch); out.sum().backward()
 """
 
-from moecc import ops  # noqa: F401  (registers the moecc custom ops)
-from moecc.api import CompiledModule, compile, register_dynamo_backend
-from moecc.options import CompileOptions, MoeccError
+import os as _os
+
+# passes/, backends/ and examples/ sit at the top level of the repository and install as moecc.passes,
+# moecc.backends and moecc.examples (pyproject maps them). When moecc is imported straight from a checkout
+# (the checkout on sys.path ahead of the installed copy, as under `python -m pytest`), find them there too.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "passes", "__init__.py")) and _checkout not in __path__:
+    __path__.append(_checkout)
+
+from moecc import ops  # noqa: E402, F401  (registers the moecc custom ops)
+from moecc.api import CompiledModule, compile, register_dynamo_backend  # noqa: E402
+from moecc.options import CompileOptions, MoeccError  # noqa: E402
 
 register_dynamo_backend()
 
