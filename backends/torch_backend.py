@@ -116,3 +116,92 @@ def unpermute_combine(
     out_TH = y_SH.new_zeros(T, H, dtype=torch.float32)
     out_TH.index_add_(0, src_S // K, y_SH.float() * gate_S[:, None])
     return out_TH.to(y_SH.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# expert parallelism: routing plan and row all-to-all over torch.distributed (gloo on CPU, NCCL on GPU)
+#
+# Buffers have static shapes (R = ep * T rows, the most a rank can receive when each token goes at most
+# once to each rank); the valid rows come first and the rest is zero, so that the graph around them keeps
+# static shapes. Only the row counts cross to the host, inside these functions.
+
+
+def _group(group_name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)  # type: ignore[arg-type]  # a GroupName is a str
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise RuntimeError(
+            f"moecc: rank {rank}: {what} failed ({e}); a peer rank may have died or stalled "
+            "(the process group's timeout bounds the wait)"
+        ) from e
+
+
+def ep_plan(
+    idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which token rows go to which rank, each token at most once per destination rank.
+
+    Returns send_tok_R (token of each send row, grouped by destination rank; padding rows point at token 0),
+    send_idx_RK (the row's top-k slots as expert ids local to the destination, -1 where the slot's expert
+    lives elsewhere), send_sel_RK (those slots as a mask), send_counts_P and recv_counts_P (rows per peer).
+    """
+    import torch.distributed as dist
+
+    T, K = idx_TK.shape
+    R = ep * T
+    E_local = num_experts // ep
+    valid_TK = (idx_TK >= 0) & (idx_TK < num_experts)
+    dest_TK = torch.where(valid_TK, idx_TK // E_local, -1)
+    ranks_P = torch.arange(ep, device=idx_TK.device)
+    hit_PTK = dest_TK.unsqueeze(0) == ranks_P[:, None, None]  # [ep, T, K]
+    hit_PT = hit_PTK.any(-1)
+    send_counts_P = hit_PT.sum(-1)
+    peer_S, tok_S = hit_PT.nonzero(as_tuple=True)  # sorted by peer, then token
+    n = tok_S.shape[0]
+    send_tok_R = torch.zeros(R, dtype=torch.int64, device=idx_TK.device)
+    send_tok_R[:n] = tok_S
+    send_sel_RK = torch.zeros(R, K, dtype=torch.bool, device=idx_TK.device)
+    send_sel_RK[:n] = hit_PTK[peer_S, tok_S]
+    local_SK = idx_TK[tok_S] - (peer_S * E_local)[:, None]
+    send_idx_RK = torch.full((R, K), -1, dtype=torch.int64, device=idx_TK.device)
+    send_idx_RK[:n] = torch.where(send_sel_RK[:n], local_SK, -1)
+    recv_counts_P = torch.empty_like(send_counts_P)
+    _collective("the routing-count exchange", dist.all_to_all_single, recv_counts_P, send_counts_P,
+                group=_group(group_name))
+    COUNTERS["ep.plans"] += 1
+    return send_tok_R, send_idx_RK, send_sel_RK, send_counts_P, recv_counts_P
+
+
+def all_to_all_rows(
+    x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str
+) -> torch.Tensor:
+    """Send rows [0, sum(in_counts)) of x, in_counts[p] of them to peer p; receive out_counts[p] rows from
+    each peer into the front of a zero buffer shaped like x. Counts rows and bytes sent to other ranks."""
+    import torch.distributed as dist
+
+    group = _group(group_name)
+    ins, outs = in_counts_P.tolist(), out_counts_P.tolist()
+    out = torch.zeros_like(x_R)
+    n_in, n_out = sum(ins), sum(outs)
+    if n_in > x_R.shape[0] or n_out > x_R.shape[0]:
+        raise RuntimeError(f"moecc: all_to_all_rows: {n_in} rows to send / {n_out} to receive exceed the buffer "
+                           f"of {x_R.shape[0]} rows")
+    _collective("an all-to-all of token rows", dist.all_to_all_single, out[:n_out], x_R[:n_in].contiguous(),
+                outs, ins, group=group)
+    me = dist.get_rank(group)
+    row_bytes = x_R[0].numel() * x_R.element_size() if x_R.shape[0] else 0
+    remote = n_in - ins[me]
+    COUNTERS["a2a.calls"] += 1
+    COUNTERS["a2a.rows_remote"] += remote
+    COUNTERS["a2a.rows_local"] += ins[me]
+    COUNTERS["a2a.bytes_remote"] += remote * row_bytes
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import re
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from moecc import capture
+from moecc import capture, dist
 from moecc.options import CompileOptions, MoeccError
 from moecc.pass_manager import PassCheckError
 
@@ -60,8 +61,11 @@ def _entry_point(module: nn.Module) -> Callable[..., Any]:
 class CompiledModule(nn.Module):
     """What `moecc.compile` returns: shares the model's parameters and buffers, runs the compiled program.
 
-    `parameters()`, `named_parameters()` and `state_dict()` read as the original model's (same names, same
-    tensors), so an optimizer or a checkpoint works unchanged.
+    `parameters()`, `named_parameters()` and `state_dict()` use the original model's names. In one process
+    (or with ep = 1) they are the model's own tensors, so an optimizer or a checkpoint works unchanged. With
+    expert parallelism (ep > 1) they are this rank's shard: the replicated parameters plus this rank's
+    experts. The model is sharded in place: its other experts' weights are released (each becomes a
+    one-element stand-in), so after compiling with ep > 1 run the compiled module, not the model.
     """
 
     def __init__(self, model: nn.Module, options: CompileOptions):
@@ -79,22 +83,72 @@ class CompiledModule(nn.Module):
                     if options.verify:
                         original = dict(model.named_modules())[path]
                         capture.verify_interface_region(regions[path], original, m)
-        self.session = capture.Session(options, type(model).__name__, regions)
+        name = type(model).__name__
+        rank, world_size = dist.world()
+        expert_lists = {
+            p: len(m)
+            for p, m in self.module.named_modules()
+            if isinstance(m, nn.ModuleList) and p in moe_looking_modules(self.module)
+        }
+        counts = {**{p: r.num_experts for p, r in regions.items()}, **expert_lists}
+        # before any other collective: ranks that disagree would otherwise wait on different ones
+        dist.check_same_on_all_ranks(
+            f"moecc.compile({name}) options and model",
+            (dataclasses.replace(options, dump_dir=None), dist.model_fingerprint(model)),
+        )
+        mesh = dist.make_mesh(dist.choose_ep(world_size, list(counts.values()), options.ep, f"moecc.compile({name})"))
+        for path, e in counts.items():
+            if e % mesh.ep:
+                ok = [d for d in dist.divisors(e) if world_size % d == 0]
+                raise MoeccError(f"{path}: {e} experts do not divide ep={mesh.ep}; pick ep in {ok} or pad experts")
+        released = self._shard_in_place(mesh, regions, expert_lists) if mesh.ep > 1 else frozenset()
+        self.session = capture.Session(options, name, regions, mesh=mesh, released=released)
         self._compiled = torch.compile(_entry_point(self.module), backend=self.session.backend, dynamic=options.dynamic)
         self._checked = False
         self._pairs: list[tuple[nn.Module, nn.Module]] = []  # (user's module, traced clone), decorator only
 
-    # the parameters and state are the original model's, under its own names
+    def _shard_in_place(self, mesh: Any, regions: dict[str, Any], expert_lists: dict[str, int]) -> frozenset[str]:
+        """Keep this rank's experts; release the others' weights. Returns the released parameter names."""
+        released: set[str] = set()
+        modules = dict(self.module.named_modules())
+        for path, region in regions.items():  # 3-D expert weights: this rank's slice as a new parameter
+            m, E = modules[path], region.num_experts
+            lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
+            for pname, p in list(m.named_parameters(recurse=False)):
+                if p.ndim >= 2 and p.shape[0] == E:
+                    m._parameters[pname] = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
+                    p.data = dist.standin(p)
+            m._moecc_num_experts = E
+        for path, E in expert_lists.items():  # ModuleList experts: the other ranks' experts become stand-ins
+            lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
+            for e, child in enumerate(modules[path]):
+                if not lo <= e < hi:
+                    for pname, p in child.named_parameters():
+                        p.data = dist.standin(p)
+                        released.add(f"{path}.{e}.{pname}")
+        return frozenset(released)
+
+    # the parameters and state use the original model's names; with ep > 1 they are this rank's shard
     def named_parameters(
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Parameter]]:
-        return self.module.named_parameters(prefix, recurse, remove_duplicate)
+        released = self.session.released
+        for name, p in self.module.named_parameters(prefix, recurse, remove_duplicate):
+            if name[len(prefix) + 1 if prefix else 0 :] not in released:
+                yield name, p
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        return self._original.state_dict(*args, **kwargs)
+        sd = self.module.state_dict(*args, **kwargs)
+        for name in self.session.released:
+            sd.pop(name, None)
+        return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        return self._original.load_state_dict(state_dict, strict=strict, assign=assign)
+        result = self.module.load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k not in self.session.released]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {result.unexpected_keys}")
+        return result
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -130,6 +184,8 @@ class CompiledModule(nn.Module):
             if not self.options.allow_fallback:
                 raise MoeccError(msg + "; pass allow_fallback=True to run the model's own code for it")
             warnings.warn("moecc: fallback: " + msg, stacklevel=3)
+        if self.session.mesh.world > 1:
+            self._sync_grads_outside_graphs()
         if not regions and not missed:
             warnings.warn(
                 f"moecc: no MoE region found in {type(self._original).__name__}; "
@@ -137,6 +193,30 @@ class CompiledModule(nn.Module):
                 stacklevel=3,
             )
         self.write_summary()
+
+    def _sync_grads_outside_graphs(self) -> None:
+        """Parameters that no compiled graph takes as input (used only in code Dynamo ran eagerly, after a
+        graph break) get their gradient averaged over all ranks by a hook; the others are synchronised in
+        the compiled backward graphs (sync_grads)."""
+        in_graphs = {n for c in self.session.contexts for n in c.plan.get("input_params", []) if n}
+        mesh = self.session.mesh
+        for name, p in self.named_parameters():
+            if name in in_graphs or not p.requires_grad:
+                continue
+            self.session.hooked.append(name)
+
+            def average(param: torch.Tensor, group: str = mesh.world_group, world_size: int = mesh.world) -> None:
+                assert param.grad is not None
+                torch.distributed.all_reduce(param.grad, group=_resolve_group(group))
+                param.grad.div_(world_size)
+
+            p.register_post_accumulate_grad_hook(average)
+        if self.session.hooked:
+            warnings.warn(
+                f"moecc: {len(self.session.hooked)} parameter(s) are used outside the compiled graphs "
+                f"(graph breaks); their gradients are averaged by hooks: {self.session.hooked[:4]}",
+                stacklevel=4,
+            )
 
     def write_summary(self) -> None:
         if self.session.dump_root is not None:
@@ -154,6 +234,12 @@ class CompiledModule(nn.Module):
     @property
     def dump_root(self) -> Any:
         return self.session.dump_root
+
+
+def _resolve_group(name: str) -> Any:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)  # type: ignore[arg-type]
 
 
 def compile(model: Any = None, **kwargs: Any) -> Any:

@@ -107,7 +107,7 @@ def interface_forward(
 ) -> torch.Tensor:
     """The experts interface computed with moecc ops; the gate/activation is the module's own code."""
     w1 = self.gate_up_proj if self.has_gate else self.up_proj
-    E = w1.shape[0]
+    E = getattr(self, "_moecc_num_experts", w1.shape[0])  # all experts; w1 holds this rank's slice under ep
     x_SH, src_S, eid_S, offs_E = ops.route_permute(hidden_states, top_k_index, E)
     h = ops.grouped_mm(x_SH, w1 if self.is_transposed else w1.transpose(1, 2), offs_E)
     if self.has_bias:
@@ -152,6 +152,8 @@ class Session:
     model_name: str
     module_regions: dict[str, ir.MoERegion]
     mesh: Mesh = dataclasses.field(default_factory=Mesh)
+    released: frozenset[str] = frozenset()
+    hooked: list[str] = dataclasses.field(default_factory=list)  # parameters synchronised by hooks
     contexts: list[CompileContext] = dataclasses.field(default_factory=list)
     graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     dump_root: Path | None = None
@@ -161,7 +163,10 @@ class Session:
     def __post_init__(self) -> None:
         self.graph_breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
         if self.options.dump_dir:
-            self.dump_root = dump.session_root(self.options.dump_dir, self.model_name)
+            root = Path(self.options.dump_dir)
+            if self.mesh.world > 1:
+                root = root / f"rank{self.mesh.rank}"
+            self.dump_root = dump.session_root(str(root), self.model_name)
 
     @property
     def regions(self) -> list[ir.MoERegion]:
@@ -189,7 +194,9 @@ class Session:
         """The Dynamo backend: dynamo-stage passes, then AOTAutograd with the aot-stage passes."""
         gid = len(self.contexts)
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
-        ctx = CompileContext(self.options, self.mesh, cost.default_profile(device), gid, self.module_regions)
+        ctx = CompileContext(
+            self.options, self.mesh, cost.default_profile(device), gid, self.module_regions, self.released
+        )
         self.contexts.append(ctx)
         if self.dump_root is not None:
             ctx.dumper = dump.Dumper(self.dump_root, gid)

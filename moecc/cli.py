@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import moecc
+from moecc import dist
 from moecc.options import MoeccError
 
 MANIFEST = "manifest.json"
@@ -77,13 +78,6 @@ def build_from(spec: str, **kwargs: Any) -> tuple[torch.nn.Module, tuple[Any, ..
 def lm_loss(logits: Any, ids: torch.Tensor) -> torch.Tensor:
     logits = getattr(logits, "logits", logits)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-    return h.hexdigest()[:16]
 
 
 def input_signature(inputs: tuple[Any, ...]) -> list[str]:
@@ -136,7 +130,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "factory": args.factory,
         "model": type(model).__qualname__,
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": dist.model_fingerprint(model),
         "input_signature": input_signature(inputs),
         "mesh": {"world": 1, "dp": 1, "ep": 1},
         "options": cm.options.__dict__,

@@ -142,12 +142,69 @@ def _combine_backward(ctx: Any, gout_TH: torch.Tensor):
 
 unpermute_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
+# ---------------------------------------------------------------------------------------------------------
+# expert parallelism: the routing plan and the row all-to-all (dispatch and combine are built from these)
+
+
+@torch.library.custom_op("moecc::ep_plan", mutates_args=())
+def ep_plan(
+    idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch_backend.ep_plan(idx_TK, num_experts, ep, group_name)
+
+
+@ep_plan.register_fake
+def _(idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str):
+    T, K = idx_TK.shape
+    R = ep * T
+    return (
+        idx_TK.new_empty(R, dtype=torch.int64),
+        idx_TK.new_empty(R, K, dtype=torch.int64),
+        idx_TK.new_empty(R, K, dtype=torch.bool),
+        idx_TK.new_empty(ep, dtype=torch.int64),
+        idx_TK.new_empty(ep, dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("moecc::all_to_all_rows", mutates_args=())
+def all_to_all_rows(
+    x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str
+) -> torch.Tensor:
+    return torch_backend.all_to_all_rows(x_R, in_counts_P, out_counts_P, group_name)
+
+
+@all_to_all_rows.register_fake
+def _(x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str):
+    return torch.empty_like(x_R)
+
+
+def _a2a_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    _, in_counts_P, out_counts_P, group_name = inputs
+    ctx.save_for_backward(in_counts_P, out_counts_P)
+    ctx.group_name = group_name
+
+
+def _a2a_backward(ctx: Any, g_R: torch.Tensor):
+    in_counts_P, out_counts_P = ctx.saved_tensors
+    # the rows travel back the way they came
+    return (
+        torch.ops.moecc.all_to_all_rows(g_R.contiguous(), out_counts_P, in_counts_P, ctx.group_name),
+        None,
+        None,
+        None,
+    )
+
+
+all_to_all_rows.register_autograd(_a2a_backward, setup_context=_a2a_setup)
+
 # The ops a lifted MoE region is made of, for passes that look for them.
 MOE_OPS = {
     torch.ops.moecc.route_permute.default,
     torch.ops.moecc.grouped_mm.default,
     torch.ops.moecc.grouped_mm_wgrad.default,
     torch.ops.moecc.unpermute_combine.default,
+    torch.ops.moecc.ep_plan.default,
+    torch.ops.moecc.all_to_all_rows.default,
 }
 
 

@@ -23,15 +23,23 @@ from moecc.options import CompileOptions
 
 @dataclasses.dataclass(frozen=True)
 class Mesh:
-    """dp x ep = world; in one process 1 x 1."""
+    """dp x ep = world; in one process 1 x 1. Group names are torch.distributed process-group names."""
 
     dp: int = 1
     ep: int = 1
     rank: int = 0
+    ep_group: str = ""  # the ranks that split one copy of the experts between them
+    dp_group: str = ""  # the ranks holding the same experts as this one
+    world_group: str = ""
 
     @property
     def world(self) -> int:
         return self.dp * self.ep
+
+    @property
+    def ep_index(self) -> int:
+        """Which slice of the experts this rank holds."""
+        return self.rank % self.ep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +74,7 @@ class CompileContext:
     profile: HardwareProfile
     graph_id: int
     module_regions: dict[str, ir.MoERegion]  # experts modules recognised by interface at capture
+    released: frozenset[str] = frozenset()  # parameter names of other ranks' experts (stand-ins here)
     regions: list[ir.MoERegion] = dataclasses.field(default_factory=list)
     records: list[PassRecord] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)

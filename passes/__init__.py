@@ -4,7 +4,8 @@
 |----------|-----------------------------------------------|----------------------------------------------------|
 | lift_moe | a Dynamo graph                                | recognised experts computations are moecc ops      |
 | plan     | lifted regions                                | a mesh and an expert placement in ctx.plan         |
-| shard    | forward/backward graphs, the plan             | SPMD program: collectives explicit, placements set |
+| shard    | lifted regions, the plan                      | SPMD program: local experts, dispatch/combine      |
+| sync_grads | the backward graph                          | gradients synchronised over the mesh               |
 | fuse     | sharded graphs                                | each region fused or refused with a reason         |
 | schedule | graphs whose collectives are explicit         | costs on nodes; collective order fixed             |
 | lower    | a scheduled graph                             | a callable for the chosen backend                  |
@@ -13,7 +14,15 @@
 from __future__ import annotations
 
 from moecc.pass_manager import Pass
-from moecc.passes import fuse_experts, lift_moe, lower_backend, plan_mesh, schedule_overlap, shard_experts
+from moecc.passes import (
+    fuse_experts,
+    lift_moe,
+    lower_backend,
+    plan_mesh,
+    schedule_overlap,
+    shard_experts,
+    sync_grads,
+)
 
 PIPELINE = [
     # before the autograd split, so that the lifted ops bring their own backward formulas
@@ -27,8 +36,17 @@ PIPELINE = [
     ),
     # sizes the mesh from the regions lift_moe found; shard needs it on both graphs
     Pass("plan", "dynamo", plan_mesh.plan_mesh, "lifted regions", "mesh and expert placement in ctx.plan"),
-    # on forward and backward graphs: collectives and gradient sync are per-graph
-    Pass("shard", "aot", shard_experts.shard_experts, "the plan", "SPMD program, placements on every input"),
+    # before the autograd split too: dispatch/combine all-to-alls bring their backward (the reverse all-to-all)
+    Pass(
+        "shard",
+        "dynamo",
+        shard_experts.shard_experts,
+        "the plan",
+        "SPMD program: local experts, all-to-alls",
+        shard_experts.check_sharded,
+    ),
+    # on the backward graph: gradient all-reduces as graph collectives the scheduler can move
+    Pass("sync_grads", "aot", sync_grads.sync_grads, "the backward graph", "gradients synchronised over the mesh"),
     # after shard, so that dispatch/combine collectives exist to fuse with the expert GEMMs
     Pass("fuse", "aot", fuse_experts.fuse_experts, "sharded graphs", "each region fused or refused with a reason"),
     # after fuse: it schedules the kernels that will actually run

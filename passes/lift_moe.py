@@ -449,7 +449,7 @@ class _GraphEmitter(fx.Tracer):
         self.graph = graph
         self.created: list[fx.Node] = []
 
-    def proxy(self, node: fx.Node) -> fx.Proxy:
+    def proxy(self, node: fx.Node) -> Any:  # a Proxy, used where the ops expect tensors
         return fx.Proxy(node, self)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):

@@ -1,37 +1,32 @@
-"""plan: choose the mesh (dp x ep) and the expert placement for each lifted region.
+"""plan: the expert placement of each lifted region on the mesh (dp x ep), checked to be the same on every
+rank.
 
-In one process the mesh is 1 x 1 and every rank (the only one) holds all experts. The plan is recorded
-in `ctx.plan` and on the region's nodes, and dumped as tables; shard reads it.
+The mesh itself is chosen when the model is compiled (moecc.dist.choose_ep: the user's ep, or the largest
+divisor of the world size dividing every region's expert count), because the expert weights are sharded
+before tracing. The plan is recorded in `ctx.plan` and on the region's nodes, and dumped as tables; shard
+reads it. In one process the mesh is 1 x 1.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from moecc import ir
+from moecc import dist, ir
 from moecc.options import MoeccError
 from moecc.pass_manager import CompileContext
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def plan_mesh(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    ep = ctx.options.ep if ctx.options.ep is not None else ctx.mesh.ep
-    if ctx.mesh.world % ep:
-        raise MoeccError(
-            f"ep={ep} does not divide the world size {ctx.mesh.world}; pick ep in {divisors(ctx.mesh.world)}"
-        )
+    ep = ctx.mesh.ep
     rows = []
     for r in ctx.regions:
         if r.status != "lifted":
             continue
         if r.num_experts % ep:
-            ok = [d for d in divisors(r.num_experts) if ctx.mesh.world % d == 0]
+            ok = [d for d in dist.divisors(r.num_experts) if ctx.mesh.world % d == 0]
             raise MoeccError(f"{r.path}: {r.num_experts} experts do not divide ep={ep}; pick ep in {ok} or pad experts")
         per_rank = r.num_experts // ep
-        placement = {rank: list(range(rank * per_rank, (rank + 1) * per_rank)) for rank in range(ep)}
+        placement = {i: list(range(i * per_rank, (i + 1) * per_rank)) for i in range(ep)}  # by ep index
         ctx.plan.setdefault("regions", {})[r.path] = {
             "ep": ep,
             "experts_per_rank": per_rank,
@@ -43,6 +38,7 @@ def plan_mesh(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         region = ir.facts(n).get("region") if n.meta.get("moecc") else None
         if region in ctx.plan.get("regions", {}):
             ir.set_facts(n, placement="token-partitioned" if ir.is_moe_op(n) else "replicated")
+    dist.check_same_on_all_ranks(f"the plan of graph {ctx.graph_id}", ctx.plan)
     ctx.note(f"mesh dp={ctx.plan['mesh']['dp']} x ep={ep}; {len(rows)} lifted region(s)")
     if ctx.dumper is not None:
         from tabulate import tabulate

@@ -196,9 +196,9 @@ def test_dump_contents(case: Compiled):
     if case.expect.kind == "module_list":  # the dispatch loop is gone
         assert "index_add" in (g0 / "00_capture.py").read_text()
         assert "index_add" not in lifted
-    fwd = (g0 / "06_lower.fwd.py").read_text()
+    fwd = next(g0.glob("*_lower.fwd.py")).read_text()
     assert "moecc.grouped_mm" in fwd
-    bwd = (g0 / "06_lower.bwd.py").read_text()
+    bwd = next(g0.glob("*_lower.bwd.py")).read_text()
     assert "moecc.grouped_mm" in bwd and "moecc.grouped_mm_wgrad" in bwd
     # the lowered forward and backward graphs know which region each moecc op belongs to
     for text in (fwd, bwd):

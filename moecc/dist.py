@@ -1,0 +1,97 @@
+"""Process groups, the mesh and start-up checks for expert parallelism.
+
+The mesh is dp x ep = world with ep-groups of consecutive ranks (rank = d * ep + i): rank i of an ep-group
+holds experts [i * E/ep, (i+1) * E/ep) of every MoE region; the ranks with the same i across ep-groups
+hold the same experts (their "expert data-parallel" group).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moecc.options import MoeccError
+from moecc.pass_manager import Mesh
+
+_GROUPS: dict[tuple[int, int], tuple[str, str]] = {}
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choose_ep(world_size: int, expert_counts: list[int], requested: int | None, where: str) -> int:
+    """The user's ep, checked; else the largest divisor of the world size that divides every region's experts."""
+    if requested is not None:
+        if world_size % requested:
+            raise MoeccError(
+                f"{where}: ep={requested} does not divide the world size {world_size}; "
+                f"pick ep in {divisors(world_size)}"
+            )
+        return requested
+    ok = [d for d in divisors(world_size) if all(e % d == 0 for e in expert_counts)]
+    return max(ok)
+
+
+def make_mesh(ep: int) -> Mesh:
+    """The mesh for this process; creates (once per shape, on every rank in the same order) the groups."""
+    rank, world_size = world()
+    if world_size == 1:
+        return Mesh()
+    dp = world_size // ep
+    key = (world_size, ep)
+    if key not in _GROUPS:  # every rank creates every group (a collective), keeps the ones it is in
+        mine = {}
+        for kind, groups in (
+            ("ep", [[d * ep + i for i in range(ep)] for d in range(dp)]),
+            ("dp", [[d * ep + i for d in range(dp)] for i in range(ep)]),
+        ):
+            for ranks in groups:
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    mine[kind] = g.group_name
+        _GROUPS[key] = (mine["ep"], mine["dp"])
+    ep_name, dp_name = _GROUPS[key]
+    world_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
+    return Mesh(dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name)
+
+
+def check_same_on_all_ranks(what: str, value: Any) -> None:
+    """All ranks must agree on `value` (options, model fingerprint, plan); say which rank differs."""
+    rank, world_size = world()
+    if world_size == 1:
+        return
+    digest = hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, (digest, repr(value)[:300]))
+    differ = [r for r, (d, _) in enumerate(gathered) if d != gathered[0][0]]
+    if differ:
+        detail = "; ".join(f"rank {r}: {gathered[r][1]}" for r in [0, *differ[:3]])
+        raise MoeccError(
+            f"{what} differs across ranks: rank(s) {differ} differ from rank 0 ({detail}); every rank "
+            "must compile the same model with the same options"
+        )
+
+
+def standin(t: torch.Tensor) -> torch.Tensor:
+    """A tensor with t's shape, dtype and device that owns one element: what a released expert weight
+    becomes, so that tracing still sees the model's full structure."""
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """The model's class and its parameters' names, shapes and dtypes, hashed."""
+    h = hashlib.sha256(type(model).__qualname__.encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+    return h.hexdigest()[:16]

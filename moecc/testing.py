@@ -1,0 +1,60 @@
+"""Helpers for multi-process tests and demos: spawn a local gloo world, compare against eager.
+
+`spawn(fn, world, *args)` runs `fn(rank, world, *args)` in `world` processes with an initialised gloo (CPU)
+or NCCL (one GPU per rank) process group and a bounded timeout, and re-raises the first failure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, timeout_s: float, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0) -> None:
+    """Run fn(rank, world, *args) on `world` local processes; a failure in any of them raises here."""
+    mp.spawn(_entry, args=(fn, world, free_port(), timeout_s, args), nprocs=world, join=True)
+
+
+def lm_loss(logits: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy (float32) of a causal LM's logits (or an output with `.logits`)."""
+    logits = getattr(logits, "logits", logits)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+    )
+
+
+def local_slice(full: torch.Tensor, local: torch.Tensor, ep_index: int) -> torch.Tensor:
+    """The part of an eager tensor that a rank's (possibly expert-sharded) tensor corresponds to."""
+    if full.shape == local.shape:
+        return full
+    n = local.shape[0]
+    assert full.shape[1:] == local.shape[1:] and full.shape[0] % n == 0, (full.shape, local.shape)
+    return full[ep_index * n : (ep_index + 1) * n]
