@@ -175,8 +175,9 @@ def ep_plan(
     send_idx_RK = torch.full((R, K), -1, dtype=torch.int64, device=idx_TK.device)
     send_idx_RK[:n] = torch.where(send_sel_RK[:n], local_SK, -1)
     recv_counts_P = torch.empty_like(send_counts_P)
-    _collective("the routing-count exchange", dist.all_to_all_single, recv_counts_P, send_counts_P,
-                group=_group(group_name))
+    _collective(
+        "the routing-count exchange", dist.all_to_all_single, recv_counts_P, send_counts_P, group=_group(group_name)
+    )
     COUNTERS["ep.plans"] += 1
     return send_tok_R, send_idx_RK, send_sel_RK, send_counts_P, recv_counts_P
 
@@ -193,10 +194,18 @@ def all_to_all_rows(
     out = torch.zeros_like(x_R)
     n_in, n_out = sum(ins), sum(outs)
     if n_in > x_R.shape[0] or n_out > x_R.shape[0]:
-        raise RuntimeError(f"moecc: all_to_all_rows: {n_in} rows to send / {n_out} to receive exceed the buffer "
-                           f"of {x_R.shape[0]} rows")
-    _collective("an all-to-all of token rows", dist.all_to_all_single, out[:n_out], x_R[:n_in].contiguous(),
-                outs, ins, group=group)
+        raise RuntimeError(
+            f"moecc: all_to_all_rows: {n_in} rows to send / {n_out} to receive exceed the buffer of {x_R.shape[0]} rows"
+        )
+    _collective(
+        "an all-to-all of token rows",
+        dist.all_to_all_single,
+        out[:n_out],
+        x_R[:n_in].contiguous(),
+        outs,
+        ins,
+        group=group,
+    )
     me = dist.get_rank(group)
     row_bytes = x_R[0].numel() * x_R.element_size() if x_R.shape[0] else 0
     remote = n_in - ins[me]

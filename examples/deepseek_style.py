@@ -11,20 +11,20 @@ dispatch loop.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if __package__:  # imported as moecc.examples.deepseek_style
+    from .tiny_lm import TinyLM, TinyLMConfig, build_tiny_lm
+else:  # imported as a top-level module, with examples/ on sys.path
+    from tiny_lm import TinyLM, TinyLMConfig, build_tiny_lm
+
 
 @dataclass
-class Config:
-    vocab_size: int = 64
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 2
+class Config(TinyLMConfig):
     num_experts: int = 16
     top_k: int = 4
     ffn_size: int = 16
@@ -32,40 +32,6 @@ class Config:
     n_group: int = 4
     topk_group: int = 2
     routed_scaling_factor: float = 2.5
-    rms_eps: float = 1e-6
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
-
-
-class Attention(nn.Module):
-    """Causal multi-head self-attention with plain matmuls and softmax."""
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
-        self.o = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, H = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
-        mask = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
-        att = att.masked_fill(mask, float("-inf"))
-        att = torch.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
-        y = (att @ v).transpose(1, 2).reshape(B, S, H)
-        return self.o(y)
 
 
 class Expert(nn.Module):
@@ -135,55 +101,17 @@ class DeepSeekStyleMoE(nn.Module):
         return out_TH.reshape(x.shape)
 
 
-class Block(nn.Module):
+class DeepSeekStyleLM(TinyLM):
     def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.attn = Attention(cfg)
-        self.moe_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.moe = DeepSeekStyleMoE(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        x = x + self.moe(self.moe_norm(x))
-        return x
-
-
-class DeepSeekStyleLM(nn.Module):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(_init_weights)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.lm_head(self.norm(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Embedding):
-        nn.init.normal_(m.weight, std=1.0)
+        super().__init__(cfg, lambda layer: DeepSeekStyleMoE(cfg))
 
 
 def build(
     seed: int = 0, dtype: torch.dtype = torch.float32, tokens: int = 32
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A tiny randomly initialised model and example ``input_ids`` of shape ``[2, tokens // 2]``."""
-    torch.manual_seed(seed)
-    cfg = Config()
-    model = DeepSeekStyleLM(cfg).to(dtype)
+    model, inputs = build_tiny_lm(DeepSeekStyleLM, Config(), seed, dtype, tokens)
     for m in model.modules():  # the selection bias stays float32 whatever the model dtype
         if isinstance(m, DeepSeekStyleMoE):
             m.e_score_correction_bias = m.e_score_correction_bias.float()
-    input_ids = torch.randint(0, cfg.vocab_size, (2, tokens // 2), dtype=torch.int64)
-    return model, (input_ids,)
+    return model, inputs

@@ -103,6 +103,7 @@ class CompiledModule(nn.Module):
                 raise MoeccError(f"{path}: {e} experts do not divide ep={mesh.ep}; pick ep in {ok} or pad experts")
         released = self._shard_in_place(mesh, regions, expert_lists) if mesh.ep > 1 else frozenset()
         self.session = capture.Session(options, name, regions, mesh=mesh, released=released)
+        self.session.param_names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         self._compiled = torch.compile(_entry_point(self.module), backend=self.session.backend, dynamic=options.dynamic)
         self._checked = False
         self._pairs: list[tuple[nn.Module, nn.Module]] = []  # (user's module, traced clone), decorator only

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,7 @@ class Session:
     mesh: Mesh = dataclasses.field(default_factory=Mesh)
     released: frozenset[str] = frozenset()
     hooked: list[str] = dataclasses.field(default_factory=list)  # parameters synchronised by hooks
+    param_names: dict[int, str] = dataclasses.field(default_factory=dict)  # id(parameter) -> name in the model
     contexts: list[CompileContext] = dataclasses.field(default_factory=list)
     graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     dump_root: Path | None = None
@@ -198,6 +200,7 @@ class Session:
             self.options, self.mesh, cost.default_profile(device), gid, self.module_regions, self.released
         )
         self.contexts.append(ctx)
+        absolute_paths(gm, self.param_names)
         if self.dump_root is not None:
             ctx.dumper = dump.Dumper(self.dump_root, gid)
             ctx.dumper.write_graph(gm, "capture", "dynamo", 0.0)
@@ -231,6 +234,41 @@ class Session:
         if ctx.dumper is not None:
             ctx.dumper.write_index(ctx)
         return compiled
+
+
+_SELF_PATH = re.compile(r"^(L\['[^']*'\])\.?(.*)$")
+
+
+def absolute_paths(gm: fx.GraphModule, param_names: dict[int, str]) -> None:
+    """Make module paths and parameter names in a Dynamo graph relative to the compiled model.
+
+    A graph Dynamo captures after a graph break starts in a submodule's frame, and names modules and
+    parameters from that submodule; the parameters' identities say which submodule it is. Each parameter
+    input gets its model-level name in `meta["moecc_param"]`, and `nn_module_stack` paths get the prefix.
+    """
+    from moecc.passes.lift_moe import relative_param_name
+
+    prefix = None
+    for n in gm.graph.nodes:
+        rel = relative_param_name(n)
+        ga = n.meta.get("grapharg")
+        name = param_names.get(id(getattr(ga, "example", None)))
+        if rel is None or name is None:
+            continue
+        n.meta["moecc_param"] = name
+        if prefix is None and name.endswith(rel):
+            prefix = name[: len(name) - len(rel)]
+    if not prefix:
+        return
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        for key, (path, cls) in list(stack.items()):
+            m = _SELF_PATH.match(path)
+            if m:
+                rest = f"{prefix}{m.group(2)}" if m.group(2) else prefix.rstrip(".")
+                stack[key] = (f"{m.group(1)}.{rest}", cls)
 
 
 def _top_k_from_graph(gm: fx.GraphModule, path: str) -> int:

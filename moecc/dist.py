@@ -57,13 +57,26 @@ def make_mesh(ep: int) -> Mesh:
             ("dp", [[d * ep + i for d in range(dp)] for i in range(ep)]),
         ):
             for ranks in groups:
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=_world_timeout())
                 if rank in ranks:
                     mine[kind] = g.group_name
         _GROUPS[key] = (mine["ep"], mine["dp"])
     ep_name, dp_name = _GROUPS[key]
     world_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
     return Mesh(dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name)
+
+
+def _world_timeout() -> Any:
+    """The default group's timeout, so that moecc's groups fail as fast as the user's would (a new group
+    otherwise gets the library default of many minutes)."""
+    world_pg = dist.group.WORLD
+    assert world_pg is not None
+    for device in ("cuda", "cpu"):
+        try:
+            return world_pg._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None
 
 
 def check_same_on_all_ranks(what: str, value: Any) -> None:

@@ -49,6 +49,11 @@ def module_paths(node: fx.Node) -> list[str]:
 
 def param_fqn(node: fx.Node) -> str | None:
     """`layers.0.moe.experts.3.w1.weight` for a Dynamo placeholder lifted from a parameter, else None."""
+    return node.meta.get("moecc_param") or relative_param_name(node)
+
+
+def relative_param_name(node: fx.Node) -> str | None:
+    """A parameter input's name from the traced frame's `self` (the model, or a submodule after a break)."""
     ga = node.meta.get("grapharg")
     if node.op != "placeholder" or ga is None:
         return None

@@ -191,8 +191,10 @@ def test_opcheck(name):
 
 
 def test_every_moe_op_is_opchecked():
+    # ep_plan and all_to_all_rows need a process group: tests/test_distributed.py opchecks them
     assert {op.name() for op in ops.MOE_OPS} == {
-        f"moecc::{n}" for n in ("route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine")
+        f"moecc::{n}"
+        for n in ("route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine", "ep_plan", "all_to_all_rows")
     }
 
 
