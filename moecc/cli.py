@@ -11,14 +11,12 @@ FACTORY is `package.module:function` or `path/to/file.py:function`; the function
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import importlib
 import importlib.util
 import json
 import platform
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,18 +24,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tabulate import tabulate
 
 import moecc
 from moecc import dist
 from moecc.options import MoeccError
 
 MANIFEST = "manifest.json"
-DEMO_MODELS = {
-    "deepseek": "moecc.examples.deepseek_style:build",
-    "mixtral": "moecc.examples.mixtral_style:build",
-    "switch": "moecc.examples.switch_style:build",
-}
 
 
 def load_factory(spec: str) -> Any:
@@ -171,66 +163,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(0)
-    model, (ids,) = build_from(DEMO_MODELS[args.model], tokens=args.tokens)
-    eager = copy.deepcopy(model)
-    compiled = moecc.compile(model, dump_dir=args.dump_dir, verify=True)
-    opt_c = torch.optim.AdamW(compiled.parameters(), lr=args.lr)
-    opt_e = torch.optim.AdamW(eager.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(1)
-    vocab = int(ids.max()) + 1 if args.vocab is None else args.vocab
-    rows: list[list[Any]] = []
-    t_c: list[float] = []
-    t_e: list[float] = []
-    diffs: list[float] = []
-    print(
-        f"moecc demo: {args.model}-style model, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{args.steps} AdamW steps, batch {tuple(ids.shape)}"
-    )
-    for step in range(args.steps):
-        batch = torch.randint(0, vocab, ids.shape, generator=gen)
-        losses = []
-        for net, opt, times in ((eager, opt_e, t_e), (compiled, opt_c, t_c)):
-            t0 = time.perf_counter()
-            loss = lm_loss(net(batch), batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
-        diffs.append(abs(losses[0] - losses[1]))
-        rows.append(
-            [
-                step,
-                f"{losses[0]:.5f}",
-                f"{losses[1]:.5f}",
-                f"{abs(losses[0] - losses[1]):.1e}",
-                f"{t_e[-1] * 1e3:.1f}",
-                f"{t_c[-1] * 1e3:.1f}",
-            ]
-        )
-        print(f"\r  step {step + 1}/{args.steps}", end="", file=sys.stderr, flush=True)
-    print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
-    print(
-        tabulate(
-            rows, headers=["step", "eager loss", "moecc loss", "|diff|", "eager ms", "moecc ms"], tablefmt="github"
-        )
-    )
-    steady = slice(1, None) if args.steps > 1 else slice(None)
-    print(
-        f"\nmedian step (after the first, which compiles): eager {statistics.median(t_e[steady]) * 1e3:.1f} ms, "
-        f"moecc {statistics.median(t_c[steady]) * 1e3:.1f} ms"
-    )
-    print(
-        tabulate([r.row() for r in compiled.regions], headers=type(compiled.regions[0]).HEADERS, tablefmt="github")
-        if compiled.regions
-        else "no MoE region"
-    )
-    if compiled.dump_root is not None:
-        print(f"dumps: {compiled.dump_root} (moecc explain {args.dump_dir})")
-    worst = max(diffs)
-    if worst > 1e-3:
-        print(f"MISMATCH: compiled and eager losses differ by {worst:.2e}", file=sys.stderr)
+    from moecc import demo
+
+    try:
+        demo.run(args.model, args.world, args.ep, args.steps, args.tokens, args.lr, args.dump_dir)
+    except Exception as e:  # a rank's failure (already printed by that rank) ends the demo
+        print(f"moecc demo failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     return 0
 
@@ -239,10 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moecc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="compile a tiny MoE model and train it next to eager")
-    p.add_argument("--model", choices=sorted(DEMO_MODELS), default="deepseek")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=64, help="tokens per batch")
+    p = sub.add_parser("demo", help="train a tiny MoE model with expert parallelism next to eager")
+    p.add_argument("--model", choices=["deepseek", "mixtral", "switch"], default="deepseek")
+    p.add_argument("--world", type=int, default=4, help="local processes (gloo on CPU, NCCL on GPUs)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel degree (default: the largest that fits)")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--tokens", type=int, default=64, help="tokens per rank and step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--dump-dir", default="moecc_dumps")

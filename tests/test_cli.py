@@ -60,9 +60,10 @@ def test_out_dir_that_is_not_an_artifact_is_refused(tmp_path: Path, capsys: pyte
     assert (tmp_path / "keep.txt").exists()
 
 
-def test_demo_runs_and_matches_eager(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["demo", "--steps", "3", "--tokens", "16", "--dump-dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "eager loss" in out and "moecc loss" in out
-    assert out.count("lifted") == 2
-    assert list(tmp_path.glob("*/summary.md"))
+def test_demo_runs_on_two_ranks_and_matches_eager(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    assert cli.main(["demo", "--world", "2", "--steps", "3", "--tokens", "16", "--dump-dir", str(tmp_path)]) == 0
+    out = capfd.readouterr().out  # printed by rank 0's process
+    assert "mesh dp=1 x ep=2" in out and "eager loss" in out and "moecc loss" in out
+    assert "expert parameters per rank: 96.0 KiB of 192.0 KiB (1/2)" in out
+    assert out.count("| lifted") == 2
+    assert sorted(p.parent.parent.name for p in tmp_path.glob("rank*/*/summary.md")) == ["rank0", "rank1"]
