@@ -58,6 +58,50 @@ def _entry_point(module: nn.Module) -> Callable[..., Any]:
     return entry
 
 
+def expert_lists_of(module: nn.Module) -> dict[str, int]:
+    """ModuleList experts (by moe_looking_modules) and how many experts each holds."""
+    looking = set(moe_looking_modules(module))
+    return {p: len(m) for p, m in module.named_modules() if isinstance(m, nn.ModuleList) and p in looking}
+
+
+def place_experts(
+    clone: nn.Module, interface_counts: dict[str, int], expert_lists: dict[str, int], ep: int | None, name: str
+) -> tuple[Any, frozenset[str]]:
+    """Choose the mesh and shard `clone` in place for it: each rank keeps its slice of every experts module.
+
+    3-D expert weights (experts-interface modules) are replaced by a new parameter holding this rank's
+    slice; ModuleList experts of other ranks have their weights released (one-element stand-ins, which the
+    graph never reads). Returns the mesh and the released parameter names.
+    """
+    world_size = dist.world()[1]
+    counts = {**interface_counts, **expert_lists}
+    mesh = dist.make_mesh(dist.choose_ep(world_size, list(counts.values()), ep, f"moecc.compile({name})"))
+    for path, e in counts.items():
+        if e % mesh.ep:
+            ok = [d for d in dist.divisors(e) if world_size % d == 0]
+            raise MoeccError(f"{path}: {e} experts do not divide ep={mesh.ep}; pick ep in {ok} or pad experts")
+    released: set[str] = set()
+    if mesh.ep == 1:
+        return mesh, frozenset()
+    modules = dict(clone.named_modules())
+    for path, E in interface_counts.items():
+        m = modules[path]
+        lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
+        for pname, p in list(m.named_parameters(recurse=False)):
+            if p.ndim >= 2 and p.shape[0] == E:
+                m._parameters[pname] = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
+                p.data = dist.standin(p)
+        m._moecc_num_experts = E
+    for path, E in expert_lists.items():
+        lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
+        for e, child in enumerate(modules[path]):
+            if not lo <= e < hi:
+                for pname, p in child.named_parameters():
+                    p.data = dist.standin(p)
+                    released.add(f"{path}.{e}.{pname}")
+    return mesh, frozenset(released)
+
+
 class CompiledModule(nn.Module):
     """What `moecc.compile` returns: shares the model's parameters and buffers, runs the compiled program.
 
@@ -84,50 +128,18 @@ class CompiledModule(nn.Module):
                         original = dict(model.named_modules())[path]
                         capture.verify_interface_region(regions[path], original, m)
         name = type(model).__name__
-        rank, world_size = dist.world()
-        expert_lists = {
-            p: len(m)
-            for p, m in self.module.named_modules()
-            if isinstance(m, nn.ModuleList) and p in moe_looking_modules(self.module)
-        }
-        counts = {**{p: r.num_experts for p, r in regions.items()}, **expert_lists}
         # before any other collective: ranks that disagree would otherwise wait on different ones
         dist.check_same_on_all_ranks(
             f"moecc.compile({name}) options and model",
             (dataclasses.replace(options, dump_dir=None), dist.model_fingerprint(model)),
         )
-        mesh = dist.make_mesh(dist.choose_ep(world_size, list(counts.values()), options.ep, f"moecc.compile({name})"))
-        for path, e in counts.items():
-            if e % mesh.ep:
-                ok = [d for d in dist.divisors(e) if world_size % d == 0]
-                raise MoeccError(f"{path}: {e} experts do not divide ep={mesh.ep}; pick ep in {ok} or pad experts")
-        released = self._shard_in_place(mesh, regions, expert_lists) if mesh.ep > 1 else frozenset()
+        counts = {p: r.num_experts for p, r in regions.items()}
+        mesh, released = place_experts(self.module, counts, expert_lists_of(self.module), options.ep, name)
         self.session = capture.Session(options, name, regions, mesh=mesh, released=released)
         self.session.param_names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         self._compiled = torch.compile(_entry_point(self.module), backend=self.session.backend, dynamic=options.dynamic)
         self._checked = False
         self._pairs: list[tuple[nn.Module, nn.Module]] = []  # (user's module, traced clone), decorator only
-
-    def _shard_in_place(self, mesh: Any, regions: dict[str, Any], expert_lists: dict[str, int]) -> frozenset[str]:
-        """Keep this rank's experts; release the others' weights. Returns the released parameter names."""
-        released: set[str] = set()
-        modules = dict(self.module.named_modules())
-        for path, region in regions.items():  # 3-D expert weights: this rank's slice as a new parameter
-            m, E = modules[path], region.num_experts
-            lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
-            for pname, p in list(m.named_parameters(recurse=False)):
-                if p.ndim >= 2 and p.shape[0] == E:
-                    m._parameters[pname] = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
-                    p.data = dist.standin(p)
-            m._moecc_num_experts = E
-        for path, E in expert_lists.items():  # ModuleList experts: the other ranks' experts become stand-ins
-            lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
-            for e, child in enumerate(modules[path]):
-                if not lo <= e < hi:
-                    for pname, p in child.named_parameters():
-                        p.data = dist.standin(p)
-                        released.add(f"{path}.{e}.{pname}")
-        return frozenset(released)
 
     # the parameters and state use the original model's names; with ep > 1 they are this rank's shard
     def named_parameters(
