@@ -137,6 +137,7 @@ class CompiledModule(nn.Module):
         mesh, released = place_experts(self.module, counts, expert_lists_of(self.module), options.ep, name)
         self.session = capture.Session(options, name, regions, mesh=mesh, released=released)
         self.session.param_names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
+        self.session.buffer_names = {id(b): n for n, b in self.module.named_buffers(remove_duplicate=False)}
         self._compiled = torch.compile(_entry_point(self.module), backend=self.session.backend, dynamic=options.dynamic)
         self._checked = False
         self._pairs: list[tuple[nn.Module, nn.Module]] = []  # (user's module, traced clone), decorator only

@@ -156,6 +156,8 @@ class Session:
     released: frozenset[str] = frozenset()
     hooked: list[str] = dataclasses.field(default_factory=list)  # parameters synchronised by hooks
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)  # id(parameter) -> name in the model
+    buffer_names: dict[int, str] = dataclasses.field(default_factory=dict)
+    compile_only: bool = False  # ahead of time: build the graphs, then stop before running them
     contexts: list[CompileContext] = dataclasses.field(default_factory=list)
     graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     dump_root: Path | None = None
@@ -205,6 +207,8 @@ class Session:
             ctx.dumper = dump.Dumper(self.dump_root, gid)
             ctx.dumper.write_graph(gm, "capture", "dynamo", 0.0)
         sig = [ir.node_comment(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        ctx.plan["graph_inputs"] = [self._input_source(n) for n in gm.graph.nodes if n.op == "placeholder"]
+        ctx.plan["num_outputs"] = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
         gm = run_stage(gm, ctx, "dynamo", "dynamo")
         for r in ctx.regions:
             if r.kind == "hf_experts" and not r.top_k:
@@ -233,7 +237,35 @@ class Session:
         )
         if ctx.dumper is not None:
             ctx.dumper.write_index(ctx)
+        if self.compile_only:
+            raise CompileOnly(ctx)
         return compiled
+
+    def _input_source(self, node: fx.Node) -> list[Any]:
+        """Where a graph input comes from: ["param" | "buffer", name in the model] or ["arg", position] or
+        ["kwarg", name] of the compiled module's call, or ["other", Dynamo's source]."""
+        ga = node.meta.get("grapharg")
+        example = getattr(ga, "example", None)
+        if id(example) in self.param_names:
+            return ["param", self.param_names[id(example)]]
+        if id(example) in self.buffer_names:
+            return ["buffer", self.buffer_names[id(example)]]
+        source = "" if ga is None else (ga.source.name if isinstance(ga.source.name, str) else ga.source.name())
+        m = re.fullmatch(r"L\['args'\]\[(\d+)\]", source)
+        if m:
+            return ["arg", int(m.group(1))]
+        m = re.fullmatch(r"L\['kwargs'\]\['(\w+)'\]", source)
+        if m:
+            return ["kwarg", m.group(1)]
+        return ["other", source]
+
+
+class CompileOnly(Exception):
+    """Raised by the backend in ahead-of-time compiles, once the graphs exist, so that nothing runs."""
+
+    def __init__(self, ctx: CompileContext):
+        super().__init__("compiled ahead of time; not run")
+        self.ctx = ctx
 
 
 _SELF_PATH = re.compile(r"^(L\['[^']*'\])\.?(.*)$")

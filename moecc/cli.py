@@ -1,7 +1,8 @@
 """The `moecc` command line.
 
     moecc demo                                   compile a tiny MoE model, train it next to eager, print a table
-    moecc compile FACTORY --out DIR              compile ahead of time: dumps, generated program, manifest
+    moecc compile FACTORY --out DIR [--world-size W]   compile ahead of time: dumps, generated programs, manifest
+    moecc run DIR [--nproc W]                    train from an artifact on W local processes
     moecc explain DIR                            print what each pass did (an artifact or a dump folder)
 
 FACTORY is `package.module:function` or `path/to/file.py:function`; the function returns
@@ -11,11 +12,9 @@ FACTORY is `package.module:function` or `path/to/file.py:function`; the function
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import importlib.util
 import json
-import platform
 import shutil
 import sys
 import time
@@ -23,13 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import moecc
-from moecc import dist
 from moecc.options import MoeccError
-
-MANIFEST = "manifest.json"
 
 
 def load_factory(spec: str) -> Any:
@@ -67,85 +62,58 @@ def build_from(spec: str, **kwargs: Any) -> tuple[torch.nn.Module, tuple[Any, ..
     return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
-def lm_loss(logits: Any, ids: torch.Tensor) -> torch.Tensor:
-    logits = getattr(logits, "logits", logits)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-
-
-def input_signature(inputs: tuple[Any, ...]) -> list[str]:
-    return [f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs]
-
-
-def file_hashes(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    model, inputs = build_from(args.factory)
+    from moecc import artifact
+
     out = Path(args.out)
     if out.exists():
-        if not (out / MANIFEST).exists() and any(out.iterdir()):
+        if not (out / artifact.MANIFEST).exists() and any(out.iterdir()):
             raise MoeccError(f"--out {out}: exists and is not a moecc artifact; pick an empty folder")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    cm = moecc.compile(
-        model,
-        ep=args.ep,
-        backend=args.backend,
-        dump_dir=out / "dumps",
-        verify=args.verify,
-        disable_passes=args.disable_passes or (),
-    )
     t0 = time.perf_counter()
-    result = cm(*inputs)
-    if not args.inference and isinstance(inputs[0], torch.Tensor) and not inputs[0].is_floating_point():
-        lm_loss(result, inputs[0]).backward()
-    took = time.perf_counter() - t0
-    root = cm.dump_root
-    program = out / "program"
-    program.mkdir()
-    for graph_dir in sorted(root.glob("graph_*")):
-        for final in sorted(graph_dir.glob("*_lower*.py")):
-            shutil.copy(final, program / f"{graph_dir.name}{final.suffixes[0] if len(final.suffixes) > 1 else ''}.py")
-        if (graph_dir / "plan.md").exists():
-            shutil.copy(graph_dir / "plan.md", out / f"plan.{graph_dir.name}.md")
-    manifest = {
-        "moecc": moecc.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "factory": args.factory,
-        "model": type(model).__qualname__,
-        "model_fingerprint": dist.model_fingerprint(model),
-        "input_signature": input_signature(inputs),
-        "mesh": {"world": 1, "dp": 1, "ep": 1},
-        "options": cm.options.__dict__,
-        "regions": [r.__dict__ for r in cm.regions],
-        "graphs": cm.session.graphs,
-        "compile_seconds": round(took, 3),
-        "files": file_hashes(out),
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    try:
+        manifest = artifact.compile_artifact(
+            args.factory,
+            out,
+            args.world_size,
+            args.ep,
+            backend=args.backend,
+            verify=args.verify,
+            disable_passes=args.disable_passes or (),
+        )
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-written artifact
+        raise
     print(
-        f"compiled {args.factory} in {took:.1f}s: {len(cm.regions)} MoE region(s), "
-        f"{len(cm.session.graphs)} graph(s) -> {out}"
+        f"compiled {args.factory} for {args.world_size} rank(s), ep={manifest['ep']}, in "
+        f"{time.perf_counter() - t0:.1f}s: {len(manifest['regions'])} MoE region(s) -> {out}"
     )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from moecc import artifact, demo
+
+    manifest = artifact._check_files(Path(args.dir))
+    nproc = args.nproc or manifest["world_size"]
+    try:
+        demo.run_artifact(args.dir, manifest["factory"], nproc, args.steps, args.lr)
+    except Exception as e:  # a rank's failure (already printed by that rank) ends the run
+        print(f"moecc run failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     root = Path(args.dir)
-    if (root / MANIFEST).exists():
-        m = json.loads((root / MANIFEST).read_text())
+    if (root / "manifest.json").exists():
+        m = json.loads((root / "manifest.json").read_text())
         print(
-            f"artifact {root}: {m['model']} from {m['factory']} (torch {m['torch']}, moecc {m['moecc']}), "
-            f"inputs {m['input_signature']}, mesh {m['mesh']}"
+            f"artifact {root}: {m['factory']} for {m['world_size']} rank(s), ep={m['ep']} "
+            f"(torch {m['torch']}, moecc {m['moecc']}), inputs {m['input_signature']}"
         )
         root = root / "dumps"
     sessions = sorted({p.parent for p in root.rglob("summary.md")})
@@ -191,12 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compile", help="compile ahead of time into an artifact folder")
     p.add_argument("factory", help="MODULE:FUNCTION or FILE.py:FUNCTION returning (model, example_inputs)")
     p.add_argument("--out", required=True, help="artifact folder (created; replaced if it holds an artifact)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks to compile for (traced here, in one process)")
     p.add_argument("--ep", type=int, default=None)
     p.add_argument("--backend", default="auto", choices=list(moecc.options.BACKENDS))
     p.add_argument("--verify", action="store_true", help="check lifted regions against the model's code")
-    p.add_argument("--inference", action="store_true", help="forward only (no backward graph)")
     p.add_argument("--disable-passes", nargs="*", default=[])
     p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("run", help="train from an artifact on local processes, next to eager")
+    p.add_argument("dir", help="an artifact folder (moecc compile --out)")
+    p.add_argument("--nproc", type=int, default=None, help="processes (default: the artifact's world size)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("explain", help="print what each pass did")
     p.add_argument("dir", help="an artifact folder or a dump folder")

@@ -20,9 +20,9 @@ from moecc import testing
 from moecc.backends import torch_backend
 
 MODELS = {
-    "deepseek": "moecc.examples.deepseek_style",
-    "mixtral": "moecc.examples.mixtral_style",
-    "switch": "moecc.examples.switch_style",
+    "deepseek": "moecc.examples.deepseek_style:build",
+    "mixtral": "moecc.examples.mixtral_style:build",
+    "switch": "moecc.examples.switch_style:build",
 }
 
 
@@ -31,17 +31,25 @@ def _expert_bytes(named: Any) -> int:
 
 
 def worker(
-    rank: int, world: int, model_name: str, ep: int | None, steps: int, tokens: int, lr: float, dump_dir: str | None
+    rank: int,
+    world: int,
+    factory: str,
+    ep: int | None,
+    steps: int,
+    tokens: int | None,
+    lr: float,
+    dump_dir: str | None,
+    artifact: str | None = None,
 ) -> None:
-    import importlib
+    """One rank: build the model from `factory`, compile it (or load `artifact`), train next to eager."""
+    from moecc.cli import build_from
 
-    build = importlib.import_module(MODELS[model_name]).build
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    model, (ids,) = build(seed=0, tokens=tokens)
+    model, (ids,) = build_from(factory, **({"tokens": tokens} if tokens else {}))
     model = model.to(device)
     full_expert_bytes = _expert_bytes(model.named_parameters())
     eager = copy.deepcopy(model) if rank == 0 else None  # the single-process reference, on the global batch
-    compiled = moecc.compile(model, ep=ep, dump_dir=dump_dir)
+    compiled: Any = moecc.load(artifact, model) if artifact else moecc.compile(model, ep=ep, dump_dir=dump_dir)
     opt = torch.optim.AdamW(compiled.parameters(), lr=lr)
     eager_opt = torch.optim.AdamW(eager.parameters(), lr=lr) if eager is not None else None
     rows: list[list[Any]] = []
@@ -86,10 +94,13 @@ def worker(
     if rank != 0:
         return
     print("\r" + " " * 30 + "\r", end="", file=sys.stderr, flush=True)
-    mesh = compiled.session.mesh
+    mesh = compiled.mesh if artifact else compiled.session.mesh
     local_expert_bytes = _expert_bytes(compiled.named_parameters())
+    assert eager is not None
+    n_params = sum(p.numel() for p in eager.parameters())
+    what = f"run {artifact}" if artifact else "demo"
     print(
-        f"moecc demo: {model_name}-style MoE, {sum(p.numel() for p in eager.parameters()):,} parameters, "  # type: ignore[union-attr]
+        f"moecc {what}: {factory}, {n_params:,} parameters, "
         f"{world} processes ({dist.get_backend()}), mesh dp={mesh.dp} x ep={mesh.ep}, "
         f"{steps} AdamW steps, {tuple(ids.shape)} tokens per rank"
     )
@@ -110,19 +121,21 @@ def worker(
     )
     steady = slice(1, None) if steps > 1 else slice(None)
     print(
-        f"\nmedian step after the first (which compiles): eager {statistics.median(t_eager[steady]) * 1e3:.0f} ms "
+        f"\nmedian step after the first (which compiles or loads): "
+        f"eager {statistics.median(t_eager[steady]) * 1e3:.0f} ms "
         f"on the global batch in one process, moecc {statistics.median(t_moecc[steady]) * 1e3:.0f} ms per rank"
     )
     print(
         f"expert parameters per rank: {local_expert_bytes / 1024:.1f} KiB of {full_expert_bytes / 1024:.1f} KiB "
         f"(1/{full_expert_bytes // max(local_expert_bytes, 1)})"
     )
-    print(
-        tabulate([r.row() for r in compiled.regions], headers=type(compiled.regions[0]).HEADERS, tablefmt="github")
-        if compiled.regions
-        else "no MoE region"
-    )
-    if compiled.dump_root is not None:
+    if not artifact:
+        print(
+            tabulate([r.row() for r in compiled.regions], headers=type(compiled.regions[0]).HEADERS, tablefmt="github")
+            if compiled.regions
+            else "no MoE region"
+        )
+    if not artifact and compiled.dump_root is not None:
         print(f"dumps: {compiled.dump_root} (moecc explain {dump_dir})")
     worst = max(diffs)
     if worst > 1e-3:
@@ -138,4 +151,8 @@ def run(
     lr: float = 1e-3,
     dump_dir: str | None = "moecc_dumps",
 ) -> None:
-    testing.spawn(worker, world, model, ep, steps, tokens, lr, dump_dir, timeout_s=300)
+    testing.spawn(worker, world, MODELS[model], ep, steps, tokens, lr, dump_dir, timeout_s=300)
+
+
+def run_artifact(artifact: str, factory: str, world: int, steps: int, lr: float) -> None:
+    testing.spawn(worker, world, factory, None, steps, None, lr, None, artifact, timeout_s=300)

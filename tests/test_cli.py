@@ -25,25 +25,30 @@ def test_compile_writes_artifact_and_explain_reads_it(tmp_path: Path, capsys: py
     out = tmp_path / "art"
     assert cli.main(["compile", str(ROOT / "examples" / "switch_style.py") + ":build", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["model"] == "SwitchStyleLM"
-    assert manifest["input_signature"] == ["torch.int64[2, 16]"]
+    assert manifest["world_size"] == 1 and manifest["input_signature"] == ["torch.int64[2, 16]"]
     assert [r["status"] for r in manifest["regions"]] == ["lifted", "lifted"]
-    assert manifest["files"], "the manifest lists file hashes"
     for rel, digest in manifest["files"].items():
         assert (out / rel).is_file() and len(digest) == 64
-    program = sorted(p.name for p in (out / "program").iterdir())
-    assert program == ["graph_0.bwd.py", "graph_0.fwd.py"]
-    assert "torch.ops.moecc.grouped_mm" in (out / "program" / "graph_0.fwd.py").read_text()
+    assert "torch.ops.moecc.grouped_mm" in (out / "program" / "rank0.fwd.py").read_text()
     capsys.readouterr()
     assert cli.main(["explain", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "SwitchStyleLM" in text and "lift_moe" in text and "layers.0.moe.experts" in text
+    assert "switch_style.py:build for 1 rank(s)" in text and "lift_moe" in text and "layers.0.moe.experts" in text
 
 
-def test_compile_by_module_path(tmp_path: Path) -> None:
-    assert cli.main(["compile", "moecc.examples.mixtral_style:build", "--out", str(tmp_path / "a"), "--inference"]) == 0
-    program = sorted(p.name for p in (tmp_path / "a" / "program").iterdir())
-    assert program == ["graph_0.fwd.py"]
+def test_compile_for_two_ranks_and_run(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    out = tmp_path / "a"
+    assert cli.main(["compile", "moecc.examples.mixtral_style:build", "--world-size", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "program").glob("*.py")) == [
+        "rank0.bwd.py",
+        "rank0.fwd.py",
+        "rank1.bwd.py",
+        "rank1.fwd.py",
+    ]
+    capfd.readouterr()
+    assert cli.main(["run", str(out), "--steps", "2"]) == 0
+    printed = capfd.readouterr().out
+    assert "mesh dp=1 x ep=2" in printed and "moecc loss" in printed
 
 
 def test_bad_factory_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,124 @@
+"""Ahead-of-time artifacts: compile for W ranks in one process (fake process group), run on W gloo
+processes without re-running the passes, and refuse what does not match."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moecc
+from moecc import artifact, testing
+from moecc.examples import mixtral_style, switch_style
+
+SWITCH = "moecc.examples.switch_style:build"
+MIXTRAL = "moecc.examples.mixtral_style:build"
+
+
+@pytest.fixture(scope="module")
+def switch_w1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "switch_w1"
+    artifact.compile_artifact(SWITCH, out, 1, None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixtral_w2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("art") / "mixtral_w2"
+    manifest = artifact.compile_artifact(MIXTRAL, out, 2, 2)
+    assert manifest["world_size"] == 2 and manifest["ep"] == 2
+    return out
+
+
+def test_artifact_layout(mixtral_w2: Path) -> None:
+    manifest = json.loads((mixtral_w2 / "manifest.json").read_text())
+    names = sorted(p.name for p in (mixtral_w2 / "program").iterdir())
+    assert names == [f"rank{r}.{k}.{e}" for r in (0, 1) for k in ("bwd", "fwd") for e in ("pt", "py")]
+    assert manifest["input_signature"] == ["torch.int64[2, 16]"]
+    assert [r["path"] for r in manifest["regions"]] == ["layers.0.moe.experts", "layers.1.moe.experts"]
+    assert set(manifest["files"]) >= {f"program/{n}" for n in names}
+    fwd = (mixtral_w2 / "program" / "rank1.fwd.py").read_text()
+    assert "moecc.all_to_all_rows" in fwd and "'moecc:ep_group'" in fwd  # group names are roles, bound at load
+    bwd = (mixtral_w2 / "program" / "rank1.bwd.py").read_text()
+    assert "_c10d_functional.all_reduce" in bwd and "'moecc:world_group'" in bwd
+
+
+def test_single_rank_artifact_matches_eager(switch_w1: Path) -> None:
+    model, (ids,) = switch_style.build()
+    ref = copy.deepcopy(model)
+    run = moecc.load(switch_w1, model)
+    out = run(ids)
+    torch.testing.assert_close(out, ref(ids))
+    testing.lm_loss(out, ids).backward()
+    testing.lm_loss(ref(ids), ids).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in run.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _train_from_artifact(rank: int, world: int, root: str) -> None:
+    model, (ids,) = mixtral_style.build()
+    ref = copy.deepcopy(model)
+    run = moecc.load(root, model)
+    assert (run.mesh.dp, run.mesh.ep) == (1, 2)
+    opt = torch.optim.AdamW(run.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    ref_params = dict(ref.named_parameters())
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        batches = [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
+        loss = testing.lm_loss(run(batches[rank]), batches[rank])
+        ref_losses = [testing.lm_loss(ref(b), b) for b in batches]
+        torch.testing.assert_close(loss, ref_losses[rank], rtol=1e-5, atol=1e-5)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        loss.backward()
+        (sum(ref_losses) / world).backward()
+        for name, p in run.named_parameters():
+            want = testing.local_slice(ref_params[name].grad, p, run.mesh.ep_index)
+            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        opt.step()
+        ref_opt.step()
+
+
+def test_two_rank_artifact_trains_like_eager(mixtral_w2: Path) -> None:
+    testing.spawn(_train_from_artifact, 2, str(mixtral_w2))
+
+
+def test_other_world_size_is_refused(mixtral_w2: Path) -> None:
+    model, _ = mixtral_style.build()
+    with pytest.raises(moecc.MoeccError, match=r"compiled for world size 2, this run has 1.*--world-size 1"):
+        moecc.load(mixtral_w2, model)
+
+
+def test_other_model_is_refused(switch_w1: Path) -> None:
+    model, _ = mixtral_style.build()
+    with pytest.raises(moecc.MoeccError, match="compiled for another model"):
+        moecc.load(switch_w1, model)
+
+
+def test_other_input_signature_is_refused(switch_w1: Path) -> None:
+    model, _ = switch_style.build()
+    run = moecc.load(switch_w1, model)
+    with pytest.raises(moecc.MoeccError, match=r"inputs \['torch.int64\[2, 8\]'\] differ from the artifact"):
+        run(torch.randint(0, 64, (2, 8)))
+
+
+def test_tampered_file_is_refused(tmp_path: Path, switch_w1: Path) -> None:
+    import shutil
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(switch_w1, copy_dir)
+    target = copy_dir / "program" / "rank0.fwd.pt"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    model, _ = switch_style.build()
+    with pytest.raises(moecc.MoeccError, match=r"program/rank0.fwd.pt changed after it was compiled"):
+        moecc.load(copy_dir, model)
+    target.unlink()
+    with pytest.raises(moecc.MoeccError, match=r"program/rank0.fwd.pt is missing"):
+        moecc.load(copy_dir, model)
