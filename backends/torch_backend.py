@@ -85,18 +85,26 @@ def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tens
 
 
 def route_permute(
-    x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int
+    x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, capacity: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the T*K (token, slot) pairs by expert (stable) and gather their rows.
 
     Returns x_SH (rows grouped by expert), src_S (flat t*K+k of each row), eid_S (expert of each row) and
     offs_E (int32 end offset of each expert's rows). Indices outside [0, E) sort last and fall past
     offs[-1]: they are dropped (their eid is clamped to E-1 so that per-expert gathers stay in bounds).
+    With capacity >= 0 an expert keeps at most `capacity` pairs, the first ones in (token, slot) order; the
+    rest are dropped the same way.
     """
     K = idx_TK.shape[1]
     flat_S = idx_TK.reshape(-1).to(torch.int64)
     valid_S = (flat_S >= 0) & (flat_S < num_experts)
     key_S = torch.where(valid_S, flat_S, num_experts)
+    if capacity >= 0:
+        key_sorted_S, order_S = torch.sort(key_S, stable=True)
+        counts = torch.bincount(key_S, minlength=num_experts + 1)
+        pos_S = torch.arange(key_S.shape[0], device=key_S.device) - (torch.cumsum(counts, 0) - counts)[key_sorted_S]
+        over_S = (pos_S >= capacity) & (key_sorted_S < num_experts)
+        key_S = key_S.index_put((order_S[over_S],), torch.tensor(num_experts, device=key_S.device))
     key_sorted_S, src_S = torch.sort(key_S, stable=True)
     eid_S = key_sorted_S.clamp(max=num_experts - 1)  # dropped rows sit past offs[-1]; keep ids in range
     x_SH = x_TH.index_select(0, src_S // K)

@@ -124,6 +124,7 @@ class CompiledModule(nn.Module):
                 if capture.interface_experts(m):
                     regions[path] = capture.interface_region(path, m)
                     m.forward = functools.partial(capture.interface_forward, m)
+                    m._moecc_capacity_factor = options.capacity_factor
                     if options.verify:
                         original = dict(model.named_modules())[path]
                         capture.verify_interface_region(regions[path], original, m)

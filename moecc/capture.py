@@ -109,7 +109,9 @@ def interface_forward(
     """The experts interface computed with moecc ops; the gate/activation is the module's own code."""
     w1 = self.gate_up_proj if self.has_gate else self.up_proj
     E = getattr(self, "_moecc_num_experts", w1.shape[0])  # all experts; w1 holds this rank's slice under ep
-    x_SH, src_S, eid_S, offs_E = ops.route_permute(hidden_states, top_k_index, E)
+    T, K = top_k_index.shape
+    capacity = ops.expert_capacity(getattr(self, "_moecc_capacity_factor", None), T, K, E)
+    x_SH, src_S, eid_S, offs_E = ops.route_permute(hidden_states, top_k_index, E, capacity)
     h = ops.grouped_mm(x_SH, w1 if self.is_transposed else w1.transpose(1, 2), offs_E)
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[eid_S]

@@ -17,6 +17,7 @@ Legend: T tokens, K top-k slots, S = T*K routed rows, H hidden, F expert FFN wid
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,13 +30,13 @@ from moecc.backends import torch_backend
 
 @torch.library.custom_op("moecc::route_permute", mutates_args=())
 def route_permute(
-    x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int
+    x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, capacity: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch_backend.route_permute(x_TH, idx_TK, num_experts)
+    return torch_backend.route_permute(x_TH, idx_TK, num_experts, capacity)
 
 
 @route_permute.register_fake
-def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int):
+def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, capacity: int = -1):
     S = idx_TK.shape[0] * idx_TK.shape[1]
     return (
         x_TH.new_empty(S, x_TH.shape[1]),
@@ -46,7 +47,7 @@ def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int):
 
 
 def _route_permute_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    x_TH, idx_TK, _ = inputs
+    x_TH, idx_TK = inputs[:2]
     ctx.save_for_backward(output[1])
     ctx.T, ctx.K = x_TH.shape[0], idx_TK.shape[1]
 
@@ -54,7 +55,7 @@ def _route_permute_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _route_permute_backward(ctx: Any, gx_SH, _gsrc, _geid, _goffs):
     (src_S,) = ctx.saved_tensors
     gx_TH = gx_SH.new_zeros(ctx.T, gx_SH.shape[1]).index_add(0, src_S // ctx.K, gx_SH)
-    return gx_TH, None, None
+    return gx_TH, None, None, None
 
 
 route_permute.register_autograd(_route_permute_backward, setup_context=_route_permute_setup)
@@ -196,6 +197,14 @@ def _a2a_backward(ctx: Any, g_R: torch.Tensor):
 
 
 all_to_all_rows.register_autograd(_a2a_backward, setup_context=_a2a_setup)
+
+
+def expert_capacity(capacity_factor: float | None, T: int, K: int, E: int) -> int:
+    """Routed (token, slot) pairs an expert keeps per step: ceil(capacity_factor * T * K / E); -1 = dropless."""
+    if capacity_factor is None:
+        return -1
+    return math.ceil(capacity_factor * T * K / E)
+
 
 # The ops a lifted MoE region is made of, for passes that look for them.
 MOE_OPS = {

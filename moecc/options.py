@@ -36,6 +36,10 @@ class CompileOptions:
             report that in the dumps instead of raising.
         debug: 0-3, as `MOECC_DEBUG`; >= 1 runs the checker after every pass.
         dynamic: passed to torch.compile (None lets Dynamo decide; False specialises on every shape).
+        capacity_factor: None (dropless, the default) or a factor f: each expert then takes at most
+            C = ceil(f * T * K / E) routed (token, slot) pairs per step, T the tokens of the whole ep-group;
+            it keeps the first ones in (sending rank, token, slot) order and drops the rest. A dropped pair
+            adds nothing to its token's output (the remaining weights are not renormalised).
     """
 
     ep: int | None = None
@@ -46,6 +50,7 @@ class CompileOptions:
     allow_fallback: bool = False
     debug: int = 0
     dynamic: bool | None = False
+    capacity_factor: float | None = None
 
     @staticmethod
     def make(
@@ -58,12 +63,15 @@ class CompileOptions:
         allow_fallback: bool = False,
         debug: int | None = None,
         dynamic: bool | None = False,
+        capacity_factor: float | None = None,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
 
         if backend not in BACKENDS:
             raise MoeccError(f"moecc.compile: backend={backend!r} is not one of {BACKENDS}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise MoeccError(f"moecc.compile: capacity_factor={capacity_factor!r} must be > 0 (or None: dropless)")
         if ep is not None and (not isinstance(ep, int) or ep < 1):
             raise MoeccError(f"moecc.compile: ep={ep!r} must be a positive integer or None")
         env_disabled = [p for p in os.environ.get("MOECC_DISABLE_PASSES", "").split(",") if p.strip()]
@@ -86,6 +94,7 @@ class CompileOptions:
             allow_fallback=allow_fallback,
             debug=debug,
             dynamic=dynamic,
+            capacity_factor=capacity_factor,
         )
 
     def enabled(self, pass_name: str) -> bool:

@@ -216,9 +216,11 @@ def apply_act(kind: str, h: Any) -> Any:
 # the lifted computation, built as a function over proxies (traced into the graph) or real tensors
 
 
-def lifted_experts(x_TH, idx_TK, w_TK, acc, params: dict[str, list], spec: dict[str, Any], E: int, zero_acc: bool):
+def lifted_experts(
+    x_TH, idx_TK, w_TK, acc, params: dict[str, list], spec: dict[str, Any], E: int, zero_acc: bool, capacity: int = -1
+):
     """The moecc ops for one region; `params[name]` lists that parameter of each expert (Linear layout)."""
-    x_SH, src_S, eid_S, offs_E = ops.route_permute(x_TH, idx_TK, E)
+    x_SH, src_S, eid_S, offs_E = ops.route_permute(x_TH, idx_TK, E, capacity)
     w1 = torch.cat([torch.stack(params[n]) for n in spec["w1"]], dim=1)  # [E, (2)F, H]
     h = ops.grouped_mm(x_SH, w1.transpose(1, 2), offs_E)
     if any(b is not None for b in spec["b1"]):
@@ -421,7 +423,8 @@ def _try_lift_module_list(gm: fx.GraphModule, ctx: CompileContext, parent: str, 
         tracer = _GraphEmitter(gm.graph)
         proxies = {n: tracer.proxy(n) for n in (X, IDX, W, base)}
         pp = {name: [tracer.proxy(by_name[e][name]) for e in range(E)] for name in by_name[0]}
-        new = lifted_experts(proxies[X], proxies[IDX], proxies[W], proxies[base], pp, spec, E, zero_acc).node
+        capacity = ops.expert_capacity(ctx.options.capacity_factor, int(T), int(K), E)
+        new = lifted_experts(proxies[X], proxies[IDX], proxies[W], proxies[base], pp, spec, E, zero_acc, capacity).node
     for n in tracer.created:
         ir.tag_region(n, parent, "lift_moe")
     if inplace:

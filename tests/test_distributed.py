@@ -294,3 +294,45 @@ def test_single_process_mesh_is_one_by_one() -> None:
     cm = moecc.compile(model)
     cm(ids)
     assert (cm.session.mesh.dp, cm.session.mesh.ep, cm.session.mesh.world) == (1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# capacity factor: the same drops as one process on the concatenated batch
+
+
+def capacity_matches_single_process(rank: int, world: int, ref_path: str, capacity_factor: float) -> None:
+    from moecc.examples import mixtral_style
+
+    model, (ids,) = mixtral_style.build(seed=0)
+    cm = moecc.compile(model, ep=world, capacity_factor=capacity_factor)
+    ref = torch.load(ref_path)
+    batches = _batches(ids, world, 0)
+    loss = testing.lm_loss(cm(batches[rank]), batches[rank])
+    torch.testing.assert_close(loss, ref["losses"][rank], rtol=1e-5, atol=1e-5)
+    loss.backward()
+    for name, p in cm.named_parameters():
+        want = testing.local_slice(ref["grads"][name], p, cm.session.mesh.ep_index)
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_capacity_factor_drops_like_one_process_on_the_global_batch(tmp_path) -> None:
+    from moecc.examples import mixtral_style
+
+    world, cf = 2, 0.5
+    model, (ids,) = mixtral_style.build(seed=0)
+    dropless = copy.deepcopy(model)
+    cm = moecc.compile(model, capacity_factor=cf)
+    batches = _batches(ids, world, 0)
+    logits = cm(torch.cat(batches))  # one process, the concatenated batch: the policy's reference order
+    losses = [testing.lm_loss(part, b) for part, b in zip(logits.chunk(world), batches, strict=True)]
+    (sum(losses) / world).backward()
+    full = dropless(torch.cat(batches))
+    assert not torch.allclose(full, logits), "capacity 0.5 must drop some tokens"
+    torch.save(
+        {
+            "losses": [x.detach() for x in losses],
+            "grads": {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        },
+        tmp_path / "ref.pt",
+    )
+    testing.spawn(capacity_matches_single_process, world, str(tmp_path / "ref.pt"), cf)

@@ -297,3 +297,41 @@ def test_moe_layer_with_unaligned_hidden_uses_loop_path_and_matches_reference():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for name, g, r in zip(NAMES, grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# capacity: an expert keeps the first C (token, slot) pairs in order and drops the rest
+
+
+def test_capacity_drops_overflow_in_token_order():
+    T, K, E, H, C = 24, 2, 4, 8, 5
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(T, H, generator=gen, requires_grad=True)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    idx[:10, 0] = 0  # expert 0 overflows
+    w = torch.rand(T, K, generator=gen, requires_grad=True)
+    w1 = torch.randn(E, H, H, generator=gen, requires_grad=True)
+
+    kept = torch.zeros(T, K, dtype=torch.bool)  # the policy, written out
+    seen = [0] * E
+    for t in range(T):
+        for k in range(K):
+            e = int(idx[t, k])
+            if seen[e] < C:
+                kept[t, k] = True
+            seen[e] += 1
+    assert not kept.all(), "the test must overflow some expert"
+    xs, src, eid, offs = ops.route_permute(x, idx, E, C)
+    assert torch.diff(offs, prepend=offs.new_zeros(1)).max() <= C
+    out = ops.unpermute_combine(ops.grouped_mm(xs, w1, offs), src, offs, w)
+    ref = ops.moe_reference(x, torch.where(kept, idx, -1), w, [lambda r, e=e: r @ w1[e] for e in range(E)])
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (x, w, w1), g), torch.autograd.grad(ref, (x, w, w1), g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_capacity_formula_and_dropless_default():
+    assert ops.expert_capacity(None, 100, 2, 8) == -1
+    assert ops.expert_capacity(1.0, 100, 2, 8) == 25
+    assert ops.expert_capacity(1.25, 10, 2, 8) == 4  # ceil(3.125)
