@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 if __package__:  # imported as moecc.examples.custom_expert
+    from .mixtral_style import MixtralStyleMoE
     from .tiny_lm import TinyLM, TinyLMConfig, build_tiny_lm
 else:  # imported as a top-level module, with examples/ on sys.path
+    from mixtral_style import MixtralStyleMoE
     from tiny_lm import TinyLM, TinyLMConfig, build_tiny_lm
 
 
@@ -40,27 +42,10 @@ class CustomExpert(nn.Module):
         return self.w2(F.silu(g) * self.w3(x)) + 0.1 * torch.tanh(g).sum(-1, keepdim=True)
 
 
-class CustomExpertMoE(nn.Module):
-    """Softmax top-k router (renormalised) over an ``nn.ModuleList`` of custom experts."""
+class CustomExpertMoE(MixtralStyleMoE):
+    """The Mixtral-style block (same router and dispatch loop) over custom experts."""
 
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        self.num_experts = cfg.num_experts
-        self.top_k = cfg.top_k
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList([CustomExpert(cfg.hidden_size, cfg.ffn_size) for _ in range(cfg.num_experts)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H = x.shape[-1]
-        x_TH = x.reshape(-1, H)
-        probs_TE = torch.softmax(self.router(x_TH), dim=-1, dtype=torch.float32)
-        w_TK, idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
-        out_TH = torch.zeros_like(x_TH)
-        for e, expert in enumerate(self.experts):
-            tok, slot = torch.where(idx_TK == e)
-            out_TH.index_add_(0, tok, (expert(x_TH[tok]) * w_TK[tok, slot, None]).to(out_TH.dtype))
-        return out_TH.reshape(x.shape)
+    expert_cls = CustomExpert
 
 
 class CustomExpertLM(TinyLM):

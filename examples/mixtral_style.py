@@ -41,12 +41,14 @@ class SwiGLUExpert(nn.Module):
 class MixtralStyleMoE(nn.Module):
     """Softmax top-k router (renormalised) over an ``nn.ModuleList`` of SwiGLU experts."""
 
+    expert_cls: type[nn.Module] = SwiGLUExpert
+
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList([SwiGLUExpert(cfg.hidden_size, cfg.ffn_size) for _ in range(cfg.num_experts)])
+        self.experts = nn.ModuleList([self.expert_cls(cfg.hidden_size, cfg.ffn_size) for _ in range(cfg.num_experts)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         H = x.shape[-1]

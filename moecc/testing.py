@@ -58,3 +58,23 @@ def local_slice(full: torch.Tensor, local: torch.Tensor, ep_index: int) -> torch
     n = local.shape[0]
     assert full.shape[1:] == local.shape[1:] and full.shape[0] % n == 0, (full.shape, local.shape)
     return full[ep_index * n : (ep_index + 1) * n]
+
+
+def assert_grads_match(compiled: Any, ref: torch.nn.Module, ep_index: int, what: str) -> int:
+    """Every gradient of a compiled (possibly expert-sharded) module equals the eager reference's (its
+    slice for sharded experts); returns how many were compared."""
+    ref_params = dict(ref.named_parameters())
+    checked = 0
+    for name, p in compiled.named_parameters():
+        r = ref_params[name]
+        if r.grad is None:
+            assert p.grad is None or not p.grad.any(), f"{what}: {name} has a gradient eager does not"
+            continue
+        assert p.grad is not None, f"{what}: {name} got no gradient"
+
+        def msg(m: str, n: str = name) -> str:
+            return f"{what}: grad of {n}: {m}"
+
+        torch.testing.assert_close(p.grad, local_slice(r.grad, p, ep_index), rtol=1e-4, atol=1e-6, msg=msg)
+        checked += 1
+    return checked

@@ -66,7 +66,6 @@ def _train_from_artifact(rank: int, world: int, root: str) -> None:
     assert (run.mesh.dp, run.mesh.ep) == (1, 2)
     opt = torch.optim.AdamW(run.parameters(), lr=1e-2)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    ref_params = dict(ref.named_parameters())
     for step in range(2):
         gen = torch.Generator().manual_seed(step)
         batches = [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
@@ -77,9 +76,7 @@ def _train_from_artifact(rank: int, world: int, root: str) -> None:
         ref_opt.zero_grad()
         loss.backward()
         (sum(ref_losses) / world).backward()
-        for name, p in run.named_parameters():
-            want = testing.local_slice(ref_params[name].grad, p, run.mesh.ep_index)
-            torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert testing.assert_grads_match(run, ref, run.mesh.ep_index, f"artifact step {step}") > 0
         opt.step()
         ref_opt.step()
 

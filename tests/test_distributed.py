@@ -39,26 +39,6 @@ def _batches(ids: torch.Tensor, world: int, step: int) -> list[torch.Tensor]:
     return [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
 
 
-def _check_grads(cm: moecc.CompiledModule, ref: nn.Module, ep_index: int, what: str) -> int:
-    ref_params = dict(ref.named_parameters())
-    checked = 0
-    for name, p in cm.named_parameters():
-        r = ref_params[name]
-        if r.grad is None:
-            assert p.grad is None or not p.grad.any(), f"{what}: {name} has a gradient eager does not"
-            continue
-        assert p.grad is not None, f"{what}: {name} got no gradient"
-        torch.testing.assert_close(
-            p.grad,
-            testing.local_slice(r.grad, p, ep_index),
-            rtol=1e-4,
-            atol=1e-6,
-            msg=lambda m, n=name: f"{what}: grad of {n}: {m}",
-        )
-        checked += 1
-    return checked
-
-
 def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps: int) -> None:
     """Per model: losses and every gradient of `steps` AdamW steps match the eager global-batch reference,
     and so do the parameters afterwards."""
@@ -81,7 +61,7 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
             ref_opt.zero_grad()
             loss.backward()
             (sum(ref_losses) / world).backward()
-            assert _check_grads(cm, ref, mesh.ep_index, f"{name} step {step}") > 0
+            assert testing.assert_grads_match(cm, ref, mesh.ep_index, f"{name} step {step}") > 0
             opt.step()
             ref_opt.step()
         ref_params = dict(ref.named_parameters())
@@ -159,7 +139,7 @@ def skewed_matches_eager(rank: int, world: int, k: int, favourite: int) -> None:
     torch.testing.assert_close(loss, ref_losses[rank], rtol=1e-5, atol=1e-5)
     loss.backward()
     (sum(ref_losses) / world).backward()
-    _check_grads(cm, ref, cm.session.mesh.ep_index, f"skewed k={k}")
+    testing.assert_grads_match(cm, ref, cm.session.mesh.ep_index, f"skewed k={k}")
 
 
 @pytest.mark.parametrize("k,favourite", [(1, 0), (2, 3)], ids=["all-to-expert-0", "top2-favour-3"])
@@ -266,7 +246,7 @@ def graph_break_params_sync(rank: int, world: int) -> None:
         loss = testing.lm_loss(cm(batches[rank]), batches[rank])
     loss.backward()
     (sum(testing.lm_loss(ref(b), b) for b in batches) / world).backward()
-    assert _check_grads(cm, ref, cm.session.mesh.ep_index, "graph break") > 0
+    assert testing.assert_grads_match(cm, ref, cm.session.mesh.ep_index, "graph break") > 0
     # Dynamo runs the nn.Sequential holding the disabled module eagerly, so lm_head.0 is outside too
     assert cm.session.hooked == ["lm_head.0.weight", "lm_head.1.proj.weight", "lm_head.1.proj.bias"]
 
