@@ -199,6 +199,35 @@ def _a2a_backward(ctx: Any, g_R: torch.Tensor):
 all_to_all_rows.register_autograd(_a2a_backward, setup_context=_a2a_setup)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# backend kernels the lower pass puts in place of the generic grouped GEMMs (after the autograd split, so no
+# autograd formula is needed)
+
+
+@torch.library.custom_op("moecc::triton_grouped_mm", mutates_args=())
+def triton_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.grouped_mm(x_SK, w_EKN, offs_E)
+
+
+@triton_grouped_mm.register_fake
+def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
+    return x_SK.new_empty(x_SK.shape[0], w_EKN.shape[2])
+
+
+@torch.library.custom_op("moecc::triton_grouped_mm_wgrad", mutates_args=())
+def triton_grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E)
+
+
+@triton_grouped_mm_wgrad.register_fake
+def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor):
+    return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
+
+
 def expert_capacity(capacity_factor: float | None, T: int, K: int, E: int) -> int:
     """Routed (token, slot) pairs an expert keeps per step: ceil(capacity_factor * T * K / E); -1 = dropless."""
     if capacity_factor is None:
@@ -214,6 +243,8 @@ MOE_OPS = {
     torch.ops.moecc.unpermute_combine.default,
     torch.ops.moecc.ep_plan.default,
     torch.ops.moecc.all_to_all_rows.default,
+    torch.ops.moecc.triton_grouped_mm.default,
+    torch.ops.moecc.triton_grouped_mm_wgrad.default,
 }
 
 

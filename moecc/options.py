@@ -14,7 +14,7 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
 class MoeccError(RuntimeError):
@@ -27,7 +27,8 @@ class CompileOptions:
 
     Attributes:
         ep: expert-parallel degree; None picks it from the world size (1 in one process).
-        backend: "auto" (the fastest available for the device) or "torch" (stock PyTorch ops).
+        backend: "auto" (triton on a GPU, torch elsewhere), "torch" (stock PyTorch ops) or "triton"
+            (Triton kernels: a CUDA GPU, or the CPU under TRITON_INTERPRET=1).
         dump_dir: folder for pass-level dumps (IR after each pass, plan, index); None for none.
         verify: check every lifted MoE region numerically against the model's own code at compile time
             and raise on a mismatch.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moecc
-from moecc.backends import torch_backend
+from moecc.backends import torch_backend, triton_backend
 from moecc.examples import deepseek_style, mixtral_style
 
 pytestmark = [
@@ -26,7 +26,7 @@ def test_bf16_on_gpu_matches_eager_and_uses_native_grouped_mm(build) -> None:
     model, ids = model.cuda(), ids.cuda()
     before = torch_backend.COUNTERS["grouped_mm.native"] + torch_backend.COUNTERS["grouped_mm_wgrad.native"]
     loops = torch_backend.COUNTERS["grouped_mm.loop"]
-    cm = moecc.compile(model)
+    cm = moecc.compile(model, backend="torch")
     out = cm(ids)
     ref = model(ids)
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
@@ -41,3 +41,15 @@ def test_bf16_on_gpu_matches_eager_and_uses_native_grouped_mm(build) -> None:
     assert after > before, "torch._grouped_mm did not run on the GPU"
     assert torch_backend.COUNTERS["grouped_mm.loop"] == loops, "the per-expert loop fallback ran on the GPU"
     assert all(r.status == "lifted" for r in cm.regions)
+
+
+def test_auto_backend_on_gpu_is_triton_and_matches_eager() -> None:
+    model, (ids,) = mixtral_style.build(dtype=torch.bfloat16, tokens=256)
+    model, ids = model.cuda(), ids.cuda()
+    before = triton_backend.COUNTERS["grouped_mm"]
+    cm = moecc.compile(model)
+    out = cm(ids)
+    torch.testing.assert_close(out.float(), model(ids).float(), atol=3e-2, rtol=3e-2)
+    _lm_loss(out, ids).backward()
+    assert triton_backend.COUNTERS["grouped_mm"] - before == 2 * 2 * len(cm.regions), "Triton kernels did not run"
+    assert cm.session.counters()["lower.triton"] > 0

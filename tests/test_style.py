@@ -18,13 +18,13 @@ def _run(*cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install -e '.[test]')")
 def test_ruff_lint() -> None:
-    r = _run("ruff", "check", "moecc", "passes", "backends", "examples", "tests")
+    r = _run("ruff", "check", "moecc", "passes", "backends", "examples", "tests", "benchmarks")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed (pip install -e '.[test]')")
 def test_ruff_format() -> None:
-    r = _run("ruff", "format", "--check", "moecc", "passes", "backends", "examples", "tests")
+    r = _run("ruff", "format", "--check", "moecc", "passes", "backends", "examples", "tests", "benchmarks")
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -1,0 +1,174 @@
+"""The `triton` backend: grouped GEMMs for the expert FFN in stock Triton (bf16/fp32 in, fp32 accumulation).
+
+Rows are grouped by expert (`offs_E`: int32 end offset of each expert's rows, as `route_permute` makes
+them). Tiles are aligned to expert segments and scheduled persistently: a fixed grid of programs walks the
+tile list, which is derived on the device from `offs_E` (no host synchronisation), so an expert that
+receives no rows has no tiles and costs nothing.
+
+- `grouped_mm(x_SK, w_EKN, offs_E)`: y[rows of e] = x[rows of e] @ w[e] (forward, and dX with w transposed);
+- `grouped_mm_wgrad(x_SK, dy_SN, offs_E)`: dw[e] = x[rows of e]^T @ dy[rows of e] (dW).
+
+Rows past offs[-1] (dropped) are zero in the output, as in the torch backend. On the CPU the kernels run
+under TRITON_INTERPRET=1 (how CI tests them).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+NAME = "triton"
+COUNTERS: collections.Counter[str] = collections.Counter()
+
+
+def available(device: torch.device) -> bool:
+    """Whether these kernels can run on `device`: a CUDA GPU, or the CPU under TRITON_INTERPRET=1."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another: a few keep tests fast
+
+
+@triton.jit
+def _expert_of_tile(cum_ptr, mt, E, LOG_E: tl.constexpr):
+    """The expert whose m-tiles contain m-tile `mt`: the smallest e with cum[e] > mt (binary search)."""
+    lo = 0
+    hi = E - 1
+    for _ in range(LOG_E):
+        mid = (lo + hi) // 2
+        above = tl.load(cum_ptr + mid) > mt
+        hi = tl.where(above, mid, hi)
+        lo = tl.where(above, lo, mid + 1)
+    return lo
+
+
+@triton.jit
+def _grouped_mm_kernel(
+    x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr,
+    N, K, E,
+    sxm, sxk, swe, swk, swn, sym, syn,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(N, BN)
+    total = tl.load(cum_ptr + E - 1) * n_tiles_n  # m-tiles of all experts x n-tiles, known on the device only
+    for t in range(pid, total, NUM_PROGRAMS):
+        mt = t // n_tiles_n
+        nt = t % n_tiles_n
+        e = _expert_of_tile(cum_ptr, mt, E, LOG_E)
+        first_mt = tl.where(e > 0, tl.load(cum_ptr + e - 1, mask=e > 0, other=0), 0)
+        seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
+        seg_hi = tl.load(offs_ptr + e)
+        rows = seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)
+        cols = nt * BN + tl.arange(0, BN)
+        row_ok = rows < seg_hi
+        col_ok = cols < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < K
+            a = tl.load(
+                x_ptr + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            b = tl.load(w_ptr + e * swe + ks[:, None] * swk + cols[None, :] * swn, mask=k_ok[:, None] & col_ok[None, :],
+                        other=0.0)  # fmt: skip
+            acc = tl.dot(a, b, acc)
+        tl.store(y_ptr + rows[:, None] * sym + cols[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    x_ptr, dy_ptr, dw_ptr, offs_ptr,
+    K, N, E,
+    sxm, sxk, sym, syn, swe, swk, swn,
+    BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_tiles_k = tl.cdiv(K, BK)
+    n_tiles_n = tl.cdiv(N, BN)
+    total = E * n_tiles_k * n_tiles_n
+    for t in range(pid, total, NUM_PROGRAMS):
+        e = t // (n_tiles_k * n_tiles_n)
+        rem = t % (n_tiles_k * n_tiles_n)
+        ks = (rem // n_tiles_n) * BK + tl.arange(0, BK)
+        cols = (rem % n_tiles_n) * BN + tl.arange(0, BN)
+        k_ok = ks < K
+        col_ok = cols < N
+        seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
+        seg_hi = tl.load(offs_ptr + e)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        for s0 in range(seg_lo, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
+            rows = s0 + tl.arange(0, BS)
+            r_ok = rows < seg_hi
+            a = tl.load(x_ptr + rows[None, :] * sxm + ks[:, None] * sxk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :] * syn, mask=r_ok[:, None] & col_ok[None, :],
+                        other=0.0)  # fmt: skip
+            acc = tl.dot(a, b, acc)
+        tl.store(dw_ptr + e * swe + ks[:, None] * swk + cols[None, :] * swn, acc.to(dw_ptr.dtype.element_ty),
+                 mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+# (block rows, block cols, block inner, warps, pipeline stages) per kernel; benchmarks/ sweeps them
+CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
+    "grouped_mm": (128, 128, 64, 8, 3),
+    "grouped_mm_wgrad": (128, 128, 64, 8, 3),
+}
+
+
+def _config(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    if device.type != "cuda":
+        return 16, 16, 16, 4, 1
+    if dtype not in (torch.bfloat16, torch.float16):
+        return 64, 64, 32, 4, 2
+    return CONFIGS[kernel]
+
+
+def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    S, K = x_SK.shape
+    E, _, N = w_EKN.shape
+    y_SN = torch.zeros(S, N, device=x_SK.device, dtype=x_SK.dtype)  # rows past offs[-1] stay zero
+    if S == 0 or E == 0:
+        return y_SN
+    BM, BN, BK, warps, stages = _config("grouped_mm", x_SK.device, x_SK.dtype)
+    counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
+    cum_E = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
+    P = _num_programs(x_SK.device)
+    _grouped_mm_kernel[(P,)](
+        x_SK, w_EKN, y_SN, offs_E, cum_E, N, K, E,
+        x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
+        y_SN.stride(0), y_SN.stride(1),
+        BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E)) + 1), NUM_PROGRAMS=P,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    COUNTERS["grouped_mm"] += 1
+    return y_SN
+
+
+def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    S, K = x_SK.shape
+    N = dy_SN.shape[1]
+    E = offs_E.shape[0]
+    dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
+    if E == 0:
+        return dw_EKN
+    BK, BN, BS, warps, stages = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
+    P = _num_programs(x_SK.device)
+    _grouped_wgrad_kernel[(P,)](
+        x_SK, dy_SN, dw_EKN, offs_E, K, N, E,
+        x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
+        dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
+        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    COUNTERS["grouped_mm_wgrad"] += 1
+    return dw_EKN
