@@ -45,6 +45,53 @@ def time_ms(fn, iters: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def bench_shape(shape: str, dev: torch.device, gen: torch.Generator) -> list[dict]:
+    H, F, E, K, T = SHAPES[shape]
+    S = T * K
+    idx = torch.randint(0, E, (S,), device=dev, generator=gen)
+    offs = torch.cumsum(torch.bincount(idx, minlength=E), 0).to(torch.int32)
+    x = torch.randn(S, H, device=dev, dtype=torch.bfloat16, generator=gen) * 0.1
+    w1 = torch.randn(E, 2 * F, H, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02  # Linear layout
+    w2 = torch.randn(E, H, F, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
+    h = torch.randn(S, F, device=dev, dtype=torch.bfloat16, generator=gen) * 0.1
+    dy1 = torch.randn(S, 2 * F, device=dev, dtype=torch.bfloat16, generator=gen) * 0.1
+    gemms = {  # name: (native fn, triton fn, flops)
+        "gemm1": (lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs),
+                  lambda: triton_backend.grouped_mm(x, w1.transpose(1, 2), offs), 2 * S * H * 2 * F),
+        "gemm2": (lambda: torch._grouped_mm(h, w2.transpose(1, 2), offs=offs),
+                  lambda: triton_backend.grouped_mm(h, w2.transpose(1, 2), offs), 2 * S * F * H),
+        "dx1": (lambda: torch._grouped_mm(dy1, w1, offs=offs),
+                lambda: triton_backend.grouped_mm(dy1, w1, offs), 2 * S * 2 * F * H),
+        "dw1": (lambda: torch._grouped_mm(x.t(), dy1, offs=offs),
+                lambda: triton_backend.grouped_mm_wgrad(x, dy1, offs), 2 * S * H * 2 * F),
+    }  # fmt: skip
+    records = []
+    for name, (native, triton_fn, flops) in gemms.items():
+        ref = native().float()
+        kernel = "grouped_mm_wgrad" if name.startswith("dw") else "grouped_mm"
+        native_ms = time_ms(native)
+        best = None
+        for cfg in SWEEP:
+            triton_backend.CONFIGS[kernel] = cfg
+            try:
+                got = triton_fn().float()
+            except Exception as e:  # a config the compiler rejects (e.g. shared memory): skip it
+                print(f"{shape} {name} {cfg}: {type(e).__name__}")
+                continue
+            err = ((got - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
+            ms = time_ms(triton_fn)
+            if best is None or ms < best[0]:
+                best = (ms, cfg, err)
+        assert best is not None
+        ms, cfg, err = best
+        rec = {"shape": shape, "gemm": name, "native_ms": native_ms, "triton_ms": ms,
+               "native_tflops": flops / native_ms / 1e9, "triton_tflops": flops / ms / 1e9,
+               "triton_over_native": native_ms / ms, "triton_config": cfg, "max_rel_err": err}  # fmt: skip
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -54,50 +101,7 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     records = []
     for shape in args.shapes:
-        H, F, E, K, T = SHAPES[shape]
-        S = T * K
-        idx = torch.randint(0, E, (S,), device=dev, generator=gen)
-        counts = torch.bincount(idx, minlength=E)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        x = torch.randn(S, H, device=dev, dtype=torch.bfloat16, generator=gen) * 0.1
-        w1 = torch.randn(E, 2 * F, H, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02  # Linear layout
-        w2 = torch.randn(E, H, F, device=dev, dtype=torch.bfloat16, generator=gen) * 0.02
-        h = torch.randn(S, F, device=dev, dtype=torch.bfloat16, generator=gen) * 0.1
-        dy1 = torch.randn(S, 2 * F, device=dev, dtype=torch.bfloat16, generator=gen) * 0.1
-        gemms = {  # name: (native fn, triton fn, flops)
-            "gemm1": (lambda: torch._grouped_mm(x, w1.transpose(1, 2), offs=offs),
-                      lambda: triton_backend.grouped_mm(x, w1.transpose(1, 2), offs), 2 * S * H * 2 * F),
-            "gemm2": (lambda: torch._grouped_mm(h, w2.transpose(1, 2), offs=offs),
-                      lambda: triton_backend.grouped_mm(h, w2.transpose(1, 2), offs), 2 * S * F * H),
-            "dx1": (lambda: torch._grouped_mm(dy1, w1, offs=offs),
-                    lambda: triton_backend.grouped_mm(dy1, w1, offs), 2 * S * 2 * F * H),
-            "dw1": (lambda: torch._grouped_mm(x.t(), dy1, offs=offs),
-                    lambda: triton_backend.grouped_mm_wgrad(x, dy1, offs), 2 * S * H * 2 * F),
-        }  # fmt: skip
-        for name, (native, triton_fn, flops) in gemms.items():
-            ref = native().float()
-            kernel = "grouped_mm_wgrad" if name.startswith("dw") else "grouped_mm"
-            native_ms = time_ms(native)
-            best = None
-            for cfg in SWEEP:
-                triton_backend.CONFIGS[kernel] = cfg
-                try:
-                    got = triton_fn().float()
-                except Exception as e:  # a config the compiler rejects (e.g. shared memory): skip it
-                    print(f"{shape} {name} {cfg}: {type(e).__name__}")
-                    continue
-                err = ((got - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
-                ms = time_ms(triton_fn)
-                if best is None or ms < best[0]:
-                    best = (ms, cfg, err)
-            assert best is not None
-            ms, cfg, err = best
-            rec = {"shape": shape, "gemm": name, "native_ms": native_ms, "triton_ms": ms,
-                   "native_tflops": flops / native_ms / 1e9, "triton_tflops": flops / ms / 1e9,
-                   "triton_over_native": native_ms / ms, "triton_config": cfg, "max_rel_err": err}  # fmt: skip
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-        del x, w1, w2, h, dy1
+        records += bench_shape(shape, dev, gen)
         torch.cuda.empty_cache()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
