@@ -58,6 +58,7 @@ def _grouped_mm_kernel(
     N, K, E,
     sxm, sxk, swe, swk, swn, sym, syn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BN)
@@ -69,7 +70,7 @@ def _grouped_mm_kernel(
         first_mt = tl.where(e > 0, tl.load(cum_ptr + e - 1, mask=e > 0, other=0), 0)
         seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
         seg_hi = tl.load(offs_ptr + e)
-        rows = seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)
+        rows = (seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)).to(tl.int64)  # 64-bit addresses
         cols = nt * BN + tl.arange(0, BN)
         row_ok = rows < seg_hi
         col_ok = cols < N
@@ -80,9 +81,10 @@ def _grouped_mm_kernel(
             a = tl.load(
                 x_ptr + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
-            b = tl.load(w_ptr + e * swe + ks[:, None] * swk + cols[None, :] * swn, mask=k_ok[:, None] & col_ok[None, :],
+            w_tile = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
+            b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :],
                         other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         tl.store(y_ptr + rows[:, None] * sym + cols[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
@@ -92,7 +94,7 @@ def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr,
     K, N, E,
     sxm, sxk, sym, syn, swe, swk, swn,
-    BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     n_tiles_k = tl.cdiv(K, BK)
@@ -109,13 +111,14 @@ def _grouped_wgrad_kernel(
         seg_hi = tl.load(offs_ptr + e)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         for s0 in range(seg_lo, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
-            rows = s0 + tl.arange(0, BS)
+            rows = (s0 + tl.arange(0, BS)).to(tl.int64)
             r_ok = rows < seg_hi
             a = tl.load(x_ptr + rows[None, :] * sxm + ks[:, None] * sxk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
             b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :] * syn, mask=r_ok[:, None] & col_ok[None, :],
                         other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc)
-        tl.store(dw_ptr + e * swe + ks[:, None] * swk + cols[None, :] * swn, acc.to(dw_ptr.dtype.element_ty),
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
+        tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
 
 
@@ -124,6 +127,11 @@ CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "grouped_mm": (128, 128, 64, 8, 3),
     "grouped_mm_wgrad": (128, 128, 64, 8, 3),
 }
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs multiply in full precision (as the torch backend does), not TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _config(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -149,7 +157,7 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
         x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_SN.stride(0), y_SN.stride(1),
         BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E)) + 1), NUM_PROGRAMS=P,
-        num_warps=warps, num_stages=stages,
+        PRECISION=_precision(x_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm"] += 1
     return y_SN
@@ -168,7 +176,7 @@ def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tens
         x_SK, dy_SN, dw_EKN, offs_E, K, N, E,
         x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
-        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, num_warps=warps, num_stages=stages,
+        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm_wgrad"] += 1
     return dw_EKN
