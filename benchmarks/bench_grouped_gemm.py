@@ -67,14 +67,14 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator) -> list[dic
     }  # fmt: skip
     records = []
     for name, (native, triton_fn, flops) in gemms.items():
-        ref = native().float()
+        ref = native().reshape(-1)[: 1 << 24].float()  # a sample: the full fp32 copies would not fit
         kernel = "grouped_mm_wgrad" if name.startswith("dw") else "grouped_mm"
         native_ms = time_ms(native)
         best = None
         for cfg in SWEEP:
             triton_backend.CONFIGS[kernel] = cfg
             try:
-                got = triton_fn().float()
+                got = triton_fn().reshape(-1)[: 1 << 24].float()
             except Exception as e:  # a config the compiler rejects (e.g. shared memory): skip it
                 print(f"{shape} {name} {cfg}: {type(e).__name__}")
                 continue
