@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -104,6 +105,7 @@ def main() -> None:
         records += bench_shape(shape, dev, gen)
         torch.cuda.empty_cache()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit or os.environ.get("MOECC_COMMIT", "")  # a copy of the tree without .git
     result = {
         "date": datetime.date.today().isoformat(),
         "hardware": torch.cuda.get_device_name(),
