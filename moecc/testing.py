@@ -78,3 +78,28 @@ def assert_grads_match(compiled: Any, ref: torch.nn.Module, ep_index: int, what:
         torch.testing.assert_close(p.grad, local_slice(r.grad, p, ep_index), rtol=1e-4, atol=1e-6, msg=msg)
         checked += 1
     return checked
+
+
+def step_against_eager(
+    compiled: Any,
+    ref: torch.nn.Module,
+    opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    batches: list[torch.Tensor],
+    rank: int,
+    ep_index: int,
+    what: str,
+) -> torch.Tensor:
+    """One training step of this rank next to the eager reference on the concatenated batch (the DDP
+    contract): the rank's loss equals eager's on its batch, every gradient equals eager's for the mean of
+    the per-rank losses, then both optimizers step. Returns the rank's loss."""
+    loss = lm_loss(compiled(batches[rank]), batches[rank])
+    ref_losses = [lm_loss(ref(b), b) for b in batches]
+    torch.testing.assert_close(loss, ref_losses[rank], rtol=1e-5, atol=1e-5)
+    for opt in opts:
+        opt.zero_grad()
+    loss.backward()
+    torch.stack(ref_losses).mean().backward()
+    assert assert_grads_match(compiled, ref, ep_index, what) > 0
+    for opt in opts:
+        opt.step()
+    return loss

@@ -69,16 +69,7 @@ def _train_from_artifact(rank: int, world: int, root: str) -> None:
     for step in range(2):
         gen = torch.Generator().manual_seed(step)
         batches = [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
-        loss = testing.lm_loss(run(batches[rank]), batches[rank])
-        ref_losses = [testing.lm_loss(ref(b), b) for b in batches]
-        torch.testing.assert_close(loss, ref_losses[rank], rtol=1e-5, atol=1e-5)
-        opt.zero_grad()
-        ref_opt.zero_grad()
-        loss.backward()
-        (sum(ref_losses) / world).backward()
-        assert testing.assert_grads_match(run, ref, run.mesh.ep_index, f"artifact step {step}") > 0
-        opt.step()
-        ref_opt.step()
+        testing.step_against_eager(run, ref, (opt, ref_opt), batches, rank, run.mesh.ep_index, f"artifact {step}")
 
 
 def test_two_rank_artifact_trains_like_eager(mixtral_w2: Path) -> None:

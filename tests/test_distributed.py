@@ -54,16 +54,7 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         for step in range(steps):
             batches = _batches(ids, world, step)
-            loss = testing.lm_loss(cm(batches[rank]), batches[rank])
-            ref_losses = [testing.lm_loss(ref(b), b) for b in batches]
-            torch.testing.assert_close(loss, ref_losses[rank], rtol=1e-5, atol=1e-5)
-            opt.zero_grad()
-            ref_opt.zero_grad()
-            loss.backward()
-            (sum(ref_losses) / world).backward()
-            assert testing.assert_grads_match(cm, ref, mesh.ep_index, f"{name} step {step}") > 0
-            opt.step()
-            ref_opt.step()
+            testing.step_against_eager(cm, ref, (opt, ref_opt), batches, rank, mesh.ep_index, f"{name} step {step}")
         ref_params = dict(ref.named_parameters())
         for pname, p in cm.named_parameters():
             # Adam's normalised update turns ~1e-7 gradient differences on near-zero gradients into ~1e-5

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moecc
+from moecc import ops
 from moecc.backends import torch_backend, triton_backend
 from moecc.examples import deepseek_style, mixtral_style
 
@@ -49,6 +50,8 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int) -> None:
         if c == 0:
             assert not dw[e].any(), "an expert with no rows gets a zero gradient"
     assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 2
+    torch.library.opcheck(ops.triton_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.triton_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("build", [mixtral_style.build, deepseek_style.build], ids=["mixtral", "deepseek"])
