@@ -33,6 +33,15 @@ def _assert_grads_match(model: nn.Module, ref: nn.Module, atol: float = 1e-5, rt
             torch.testing.assert_close(p.grad, q.grad, atol=atol, rtol=rtol, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def _assert_trains_like_eager(out: torch.Tensor, model: nn.Module, ref: nn.Module, ids: torch.Tensor) -> None:
+    """The compiled output equals the eager reference's, and so does every gradient of the LM loss."""
+    expect = ref(ids)
+    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
+    next_token_loss(out, ids).backward()
+    next_token_loss(expect, ids).backward()
+    _assert_grads_match(model, ref)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # models without MoE, and MoE whose experts moecc does not recognise
 
@@ -67,11 +76,7 @@ def test_custom_expert_falls_back_and_matches_eager():
         assert "not recognised" in r.reason
     assert cm.session.counters().get("lift_moe.fallback") == 2
     assert cm.session.counters().get("lift_moe.lifted", 0) == 0
-    expect = ref(ids)
-    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
-    next_token_loss(out, ids).backward()
-    next_token_loss(expect, ids).backward()
-    _assert_grads_match(model, ref)
+    _assert_trains_like_eager(out, model, ref, ids)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,11 +218,7 @@ def test_unrecognised_combine_with_allow_fallback_runs_the_model_code(combine):
         assert "index_add" in cm.regions[0].reason
         assert cm.session.counters()["lift_moe.fallback"] == 1
     assert torch_backend.COUNTERS == before
-    expect = ref(ids)
-    torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
-    next_token_loss(out, ids).backward()
-    next_token_loss(expect, ids).backward()
-    _assert_grads_match(model, ref)
+    _assert_trains_like_eager(out, model, ref, ids)
 
 
 def test_many_instances_of_one_class_each_compile():
