@@ -8,7 +8,8 @@ receives no rows has no tiles and costs nothing.
 - `grouped_mm(x_SK, w_EKN, offs_E)`: y[rows of e] = x[rows of e] @ w[e] (forward, and dX with w transposed);
 - `grouped_mm_wgrad(x_SK, dy_SN, offs_E)`: dw[e] = x[rows of e]^T @ dy[rows of e] (dW).
 
-Rows past offs[-1] (dropped) are zero in the output, as in the torch backend. On the CPU the kernels run
+Rows past offs[-1] (dropped) are zero in the output, as in the torch backend: the forward kernel treats
+them as one more segment whose tiles store zeros (no separate memset of the output). On the CPU the kernels run
 under TRITON_INTERPRET=1 (how CI tests them).
 """
 
@@ -60,13 +61,14 @@ def _grouped_mm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # segment E (one past the experts) is the tail of dropped rows [offs[E-1], S): its tiles store zeros
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BN)
-    total = tl.load(cum_ptr + E - 1) * n_tiles_n  # m-tiles of all experts x n-tiles, known on the device only
+    total = tl.load(cum_ptr + E) * n_tiles_n  # m-tiles of all segments x n-tiles, known on the device only
     for t in range(pid, total, NUM_PROGRAMS):
         mt = t // n_tiles_n
         nt = t % n_tiles_n
-        e = _expert_of_tile(cum_ptr, mt, E, LOG_E)
+        e = _expert_of_tile(cum_ptr, mt, E + 1, LOG_E)
         first_mt = tl.where(e > 0, tl.load(cum_ptr + e - 1, mask=e > 0, other=0), 0)
         seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
         seg_hi = tl.load(offs_ptr + e)
@@ -75,7 +77,7 @@ def _grouped_mm_kernel(
         row_ok = rows < seg_hi
         col_ok = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(0, tl.where(e < E, K, 0), BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < K
             a = tl.load(
@@ -145,18 +147,20 @@ def _config(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[int,
 def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     S, K = x_SK.shape
     E, _, N = w_EKN.shape
-    y_SN = torch.zeros(S, N, device=x_SK.device, dtype=x_SK.dtype)  # rows past offs[-1] stay zero
     if S == 0 or E == 0:
-        return y_SN
+        return torch.zeros(S, N, device=x_SK.device, dtype=x_SK.dtype)
+    y_SN = torch.empty(S, N, device=x_SK.device, dtype=x_SK.dtype)  # the kernel writes every row
     BM, BN, BK, warps, stages = _config("grouped_mm", x_SK.device, x_SK.dtype)
-    counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-    cum_E = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
+    # segments: the E experts, then the tail of dropped rows, which the kernel zeroes
+    offs_ext = torch.cat([offs_E, offs_E.new_full((1,), S)])
+    counts = torch.diff(offs_ext, prepend=offs_ext.new_zeros(1))
+    cum_ext = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
     P = _num_programs(x_SK.device)
     _grouped_mm_kernel[(P,)](
-        x_SK, w_EKN, y_SN, offs_E, cum_E, N, K, E,
+        x_SK, w_EKN, y_SN, offs_ext, cum_ext, N, K, E,
         x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_SN.stride(0), y_SN.stride(1),
-        BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E)) + 1), NUM_PROGRAMS=P,
+        BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E + 1)) + 1), NUM_PROGRAMS=P,
         PRECISION=_precision(x_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm"] += 1
