@@ -119,6 +119,7 @@ class CompiledModule(nn.Module):
         object.__setattr__(self, "_original", model)  # not a submodule: no second copy of the parameters
         self._original: nn.Module
         regions: dict[str, Any] = {}
+        originals: dict[str, nn.Module] = {}
         if options.enabled("lift_moe"):
             for path, m in self.module.named_modules():
                 if capture.interface_experts(m):
@@ -126,8 +127,8 @@ class CompiledModule(nn.Module):
                     m.forward = functools.partial(capture.interface_forward, m)
                     m._moecc_capacity_factor = options.capacity_factor
                     if options.verify:
-                        original = dict(model.named_modules())[path]
-                        capture.verify_interface_region(regions[path], original, m)
+                        originals = originals if originals else dict(model.named_modules())
+                        capture.verify_interface_region(regions[path], originals[path], m)
         name = type(model).__name__
         # before any other collective: ranks that disagree would otherwise wait on different ones
         dist.check_same_on_all_ranks(

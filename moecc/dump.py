@@ -6,7 +6,6 @@ changed; per compiled module a `summary.md` (graphs, graph breaks, MoE regions).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +106,3 @@ def write_summary(
             indent=1,
         )
     )
-
-
-def dump_env_dir() -> str | None:
-    return os.environ.get("MOECC_DUMP_DIR") or None

@@ -256,14 +256,6 @@ def _candidates(gm: fx.GraphModule) -> dict[str, list[str]]:
     }
 
 
-class _Region:
-    """What the structural match found for one candidate."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.nodes: set[fx.Node] = set()
-
-
 def _is_gather(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], fx.Node)
 

@@ -260,17 +260,10 @@ def _scaled_interface_forward(monkeypatch, factor: float) -> None:
     monkeypatch.setattr(capture, "interface_forward", wrong)
 
 
-def test_verify_catches_a_grossly_wrong_lifting(monkeypatch):
+@pytest.mark.parametrize("factor", [1.5, 1.01], ids=["grossly", "one-percent"])
+def test_verify_catches_a_wrong_lifting(monkeypatch, factor: float):
     model, _ = _hf_mixtral()
-    _scaled_interface_forward(monkeypatch, 1.5)
-    with pytest.raises(moecc.MoeccError, match="verify") as info:
-        moecc.compile(model, verify=True)
-    assert "model.layers.0.mlp.experts" in str(info.value)
-
-
-def test_verify_catches_a_one_percent_wrong_lifting(monkeypatch):
-    model, _ = _hf_mixtral()
-    _scaled_interface_forward(monkeypatch, 1.01)
+    _scaled_interface_forward(monkeypatch, factor)
     with pytest.raises(moecc.MoeccError, match="verify") as info:
         moecc.compile(model, verify=True)
     assert "model.layers.0.mlp.experts" in str(info.value)
