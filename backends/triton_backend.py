@@ -94,10 +94,12 @@ def _grouped_mm_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr,
-    K, N, E,
+    K, N, E, NSRC,
     sxm, sxk, sym, syn, swe, swk, swn,
     BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # expert e's rows are the segments s * E + e for s < NSRC (one per source rank in the fused path; NSRC = 1
+    # for plain grouped rows)
     pid = tl.program_id(0)
     n_tiles_k = tl.cdiv(K, BK)
     n_tiles_n = tl.cdiv(N, BN)
@@ -109,16 +111,19 @@ def _grouped_wgrad_kernel(
         cols = (rem % n_tiles_n) * BN + tl.arange(0, BN)
         k_ok = ks < K
         col_ok = cols < N
-        seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
-        seg_hi = tl.load(offs_ptr + e)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
-        for s0 in range(seg_lo, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
-            rows = (s0 + tl.arange(0, BS)).to(tl.int64)
-            r_ok = rows < seg_hi
-            a = tl.load(x_ptr + rows[None, :] * sxm + ks[:, None] * sxk, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :] * syn, mask=r_ok[:, None] & col_ok[None, :],
-                        other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        for src in range(NSRC):
+            seg = src * E + e
+            seg_lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
+            seg_hi = tl.load(offs_ptr + seg)
+            for s0 in range(seg_lo, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
+                rows = (s0 + tl.arange(0, BS)).to(tl.int64)
+                r_ok = rows < seg_hi
+                a = tl.load(x_ptr + rows[None, :] * sxm + ks[:, None] * sxk, mask=k_ok[:, None] & r_ok[None, :],
+                            other=0.0)  # fmt: skip
+                b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :] * syn, mask=r_ok[:, None] & col_ok[None, :],
+                            other=0.0)  # fmt: skip
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
         tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
@@ -168,16 +173,22 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
 
 
 def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    S, K = x_SK.shape
+    return grouped_mm_wgrad_segments(x_SK, dy_SN, offs_E, 1, offs_E.shape[0])
+
+
+def grouped_mm_wgrad_segments(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs: torch.Tensor, nsrc: int, E: int
+) -> torch.Tensor:
+    """dw[e] = sum over s < nsrc of x[rows of segment s*E + e]^T @ dy[same rows] (offs: nsrc*E segment ends)."""
+    K = x_SK.shape[1]
     N = dy_SN.shape[1]
-    E = offs_E.shape[0]
     dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
     if E == 0:
         return dw_EKN
     BK, BN, BS, warps, stages = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
     P = _num_programs(x_SK.device)
     _grouped_wgrad_kernel[(P,)](
-        x_SK, dy_SN, dw_EKN, offs_E, K, N, E,
+        x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
         x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
         BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype), num_warps=warps, num_stages=stages,

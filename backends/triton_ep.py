@@ -1,0 +1,681 @@
+"""Expert parallelism fused with the expert GEMMs over symmetric memory (the `triton` backend's fused path).
+
+Every rank of an expert-parallel group holds one symmetric buffer (`torch.distributed._symmetric_memory`; in a
+simulated world, one ordinary tensor per rank in one process) and a table of every rank's buffer address, so
+a kernel can load from and store to any peer's buffer. One MoE layer, seen from rank `me` (E_l local experts,
+T tokens, K slots, ep ranks):
+
+  forward, first op (dispatch fused into expert GEMM 1):
+    1. meta push: for each destination rank d, the slots routed to d (sorted by expert) are announced in
+       d's `rowmap` block of this rank (the receive row of the token, the slot id t*K+k) with d's per-expert
+       counts; then signal META.
+    2. wait for META from every rank; build the tile plan: segments (source s, local expert e), ordered by
+       s' = (s - me) mod ep so that local rows come first (they need no transfer).
+    3. one persistent kernel: `P_SEND` programs push each token's row once to every rank that holds one of
+       its experts (local first) and signal DATA; the other programs walk the GEMM tiles, each waiting
+       (acquire) for the DATA signal of its segment's source rank, gathering its A rows from the receive
+       buffer through the rowmap. Rows past the last segment are zero.
+  forward, second op (expert GEMM 2 fused with combine):
+    4. each tile's result rows are stored straight into the source rank's `comb` buffer at the slot they
+       belong to; the last program signals COMB to every rank.
+    5. wait for COMB from every rank; out[t] = sum_k gate[t, k] * comb[t*K + k] (float32 accumulation).
+  backward: the mirror image. dout rows travel like x (once per destination rank, with the gates of the
+  slots), the dX GEMM of expert GEMM 2 gathers and scales them (signal GDATA); the dX GEMM of expert GEMM 1
+  scatters its rows back into the source's `comb` (signal GCOMB), where they are summed per token. Weight
+  gradients are grouped GEMMs over the local segments.
+
+Buffers are sized for the worst case (every token at every rank) and reused by every call and every layer of
+the same shape without being reset: a signal carries the number of times its phase has run on the sender
+(a per-phase call counter kept on the device), and a waiter waits until the counter of its own call is
+reached. Reuse is safe because every rank's last read of a buffer in a call precedes a signal that the next
+writer of that buffer waits on before writing it. Nothing here synchronises with the host, so a whole layer
+can be captured in a CUDA graph.
+
+The per-rank algorithm is written as generators that `yield` where a rank waits for its peers: on a real
+group each rank runs its generator to the end (the waits happen inside the kernels); in a simulated world
+(`SimWorld`) every rank's generator is advanced to the next `yield` in turn, and the merged send+GEMM kernel is
+launched as two launches (send programs, then GEMM programs), so that the interpreter, which runs programs one
+after another, never waits on a peer that has not run yet.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from moecc.backends import triton_backend
+
+COUNTERS: collections.Counter[str] = collections.Counter()
+
+# signal slots (and per-slot call counters)
+META, DATA, COMB, GDATA, GCOMB = range(5)
+NSIG = 5
+ROLE_SEND, ROLE_GEMM, ROLE_BOTH = 1, 2, 3
+
+Flow = Generator[None, None, Any]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# buffers
+
+
+def _layout(ep: int, T: int, K: int, H: int, E_l: int, dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype, int]]:
+    """name -> (byte offset, dtype, numel) inside a rank's symmetric buffer (each part 256-byte aligned)."""
+    parts = [
+        ("sig", torch.int64, NSIG * ep),  # sig[slot * ep + s]: how many times rank s signalled `slot` to us
+        ("counts", torch.int32, ep * E_l),  # counts[s, e]: rows of source s for local expert e
+        ("rowmap", torch.int32, ep * T * K * 2),  # [s, q] -> (receive row, slot id at s)
+        ("gates", torch.float32, ep * T * K),  # [s, q] -> gate of the slot (backward)
+        ("recv", dtype, ep * T * H),  # [s, t] token rows from source s (x forward, dout backward)
+        ("comb", dtype, T * K * H),  # [t*K + k] result rows of this rank's slots
+    ]
+    out, off = {}, 0
+    for name, dt, n in parts:
+        out[name] = (off, dt, n)
+        off += -(-(n * torch.empty((), dtype=dt).element_size()) // 256) * 256
+    out["_total"] = (off, torch.uint8, off)
+    return out
+
+
+@dataclass
+class EPBuffers:
+    """One rank's view of the group's symmetric buffers: local tensors and per-peer address tables."""
+
+    ep: int
+    me: int
+    T: int
+    K: int
+    H: int
+    E_l: int
+    dtype: torch.dtype
+    device: torch.device
+    local: dict[str, torch.Tensor]
+    tables: dict[str, torch.Tensor]  # name -> int64 [ep] addresses of that part on every rank
+    epoch: torch.Tensor  # int64 [NSIG]: calls of each phase completed on this rank
+    done: torch.Tensor  # int64 [NSIG]: programs that finished each phase's sends (last-program detection)
+    simulated: bool
+    keep: Any = None  # the allocation (symmetric memory handle or tensor) that owns the memory
+
+    @staticmethod
+    def from_bases(raw: torch.Tensor, bases: list[int], me: int, shape: tuple, simulated: bool, keep: Any = None):
+        ep, T, K, H, E_l, dtype = shape
+        lay = _layout(ep, T, K, H, E_l, dtype)
+        local, tables = {}, {}
+        for name, (off, dt, n) in lay.items():
+            if name == "_total":
+                continue
+            size = torch.empty((), dtype=dt).element_size()
+            local[name] = raw[off : off + n * size].view(dt)
+            tables[name] = torch.tensor([b + off for b in bases], dtype=torch.int64, device=raw.device)
+        z = torch.zeros(NSIG, dtype=torch.int64, device=raw.device)
+        return EPBuffers(ep, me, T, K, H, E_l, dtype, raw.device, local, tables, z, z.clone(), simulated, keep)
+
+    def tick(self, slot: int) -> None:
+        """This rank finished `slot` for the current call (a device-side increment)."""
+        self.epoch[slot : slot + 1].add_(1)
+
+
+def buffer_bytes(ep: int, T: int, K: int, H: int, E_l: int, dtype: torch.dtype) -> int:
+    return _layout(ep, T, K, H, E_l, dtype)["_total"][0]
+
+
+class SimWorld:
+    """`ep` ranks in one process: each rank's buffer is an ordinary tensor (CPU under TRITON_INTERPRET=1, or one
+    GPU); the address tables hold the `data_ptr()`s of all of them."""
+
+    def __init__(self, ep: int, T: int, K: int, H: int, E_l: int, dtype: torch.dtype, device: torch.device) -> None:
+        n = buffer_bytes(ep, T, K, H, E_l, dtype)
+        # garbage everywhere but the signals, as a real allocation would be
+        self.raw = [torch.randint(0, 255, (n,), dtype=torch.uint8, device=device) for _ in range(ep)]
+        bases = [r.data_ptr() for r in self.raw]
+        shape = (ep, T, K, H, E_l, dtype)
+        self.ranks = [EPBuffers.from_bases(self.raw[r], bases, r, shape, simulated=True) for r in range(ep)]
+        for b in self.ranks:
+            b.local["sig"].zero_()
+
+    def run(self, flows: list[Flow]) -> list[Any]:
+        """Advance every rank's flow to its next wait point in turn until all have finished."""
+        results: list[Any] = [None] * len(flows)
+        live = list(range(len(flows)))
+        while live:
+            still = []
+            for r in live:
+                try:
+                    next(flows[r])
+                    still.append(r)
+                except StopIteration as stop:
+                    results[r] = stop.value
+            live = still
+        return results
+
+
+def run_flow(flow: Flow) -> Any:
+    """Run one rank's flow on a real group: the waits happen on the device."""
+    try:
+        while True:
+            next(flow)
+    except StopIteration as stop:
+        return stop.value
+
+
+_SYMMETRIC: dict[tuple, EPBuffers] = {}
+
+
+def group_buffers(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torch.dtype, device: torch.device):
+    """The symmetric buffers of a process group for one layer shape (shared by every layer of that shape).
+
+    The first call allocates and exchanges addresses, a collective over the group; it must happen outside a
+    CUDA graph capture (the first, eager step of training does it)."""
+    import torch.distributed as dist
+
+    from moecc.backends.torch_backend import _group
+
+    group = _group(group_name)
+    ep = dist.get_world_size(group)
+    key = (group_name, T, K, H, E_l, dtype, str(device))
+    if key in _SYMMETRIC:
+        return _SYMMETRIC[key]
+    n = buffer_bytes(ep, T, K, H, E_l, dtype)
+    if ep == 1:
+        raw = torch.zeros(n, dtype=torch.uint8, device=device)
+        bufs = EPBuffers.from_bases(raw, [raw.data_ptr()], 0, (1, T, K, H, E_l, dtype), simulated=False, keep=raw)
+    else:
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"moecc: the fused expert-parallel kernels need symmetric memory, which exists on CUDA devices "
+                f"only; this group runs on {device} with {ep} ranks. Use backend='torch'."
+            )
+        import torch.distributed._symmetric_memory as symm_mem
+
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(group_name)  # type: ignore[arg-type]
+        raw = symm_mem.empty(n, dtype=torch.uint8, device=device)
+        hdl = symm_mem.rendezvous(raw, group)
+        bufs = EPBuffers.from_bases(
+            raw, list(hdl.buffer_ptrs), hdl.rank, (ep, T, K, H, E_l, dtype), simulated=False, keep=(raw, hdl)
+        )
+    bufs.local["sig"].zero_()
+    if ep > 1:
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # no peer may signal us before our signals are zeroed
+    _SYMMETRIC[key] = bufs
+    COUNTERS["symmetric.allocations"] += 1
+    COUNTERS["symmetric.bytes"] += n
+    return bufs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _ptr(table, r, like):
+    """The address of rank r's part (from an int64 table) as a pointer of `like`'s element type."""
+    return tl.load(table + r).to(tl.pointer_type(like.dtype.element_ty))
+
+
+@triton.jit
+def _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, slot, me, EP: tl.constexpr, NP):
+    """Count this program as done with `slot`; the last of the NP programs signals every rank (release)."""
+    target = tl.load(epoch_ptr + slot) + 1
+    old = tl.atomic_add(done_ptr + slot, 1, sem="acq_rel", scope="sys")
+    if old == target * NP - 1:
+        for d in range(EP):
+            peer = tl.load(sig_tab + d).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(peer + slot * EP + me, target, sem="release", scope="sys")
+
+
+@triton.jit
+def _wait_signal(sig_ptr, target):
+    while tl.atomic_add(sig_ptr, 0, sem="acquire", scope="sys") < target:
+        pass
+
+
+@triton.jit
+def _wait_all_kernel(sig_ptr, epoch_ptr, slot, EP: tl.constexpr):
+    target = tl.load(epoch_ptr + slot) + 1
+    for s in range(EP):
+        _wait_signal(sig_ptr + slot * EP + s, target)
+
+
+@triton.jit
+def _push_meta_kernel(
+    dest_ptr, q_ptr, row_ptr, slot_ptr, counts_ptr,
+    rowmap_tab, counts_tab, sig_tab, done_ptr, epoch_ptr,
+    me, TK, E_l, NP,
+    EP: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """Announce this rank's slots to their destinations: rowmap entries (receive row, slot id) at
+    [me, q] and the per-expert counts; then META."""
+    pid = tl.program_id(0)
+    for j0 in range(pid * BJ, TK, NP * BJ):
+        js = j0 + tl.arange(0, BJ)
+        d = tl.load(dest_ptr + js, mask=js < TK, other=-1)
+        ok = d >= 0
+        q = tl.load(q_ptr + js, mask=ok, other=0)
+        row = tl.load(row_ptr + js, mask=ok, other=0)
+        sl = tl.load(slot_ptr + js, mask=ok, other=0)
+        base = tl.load(rowmap_tab + tl.maximum(d, 0), mask=ok, other=0).to(tl.pointer_type(tl.int32))
+        at = (me * TK + q).to(tl.int64) * 2
+        tl.store(base + at, row.to(tl.int32), mask=ok)
+        tl.store(base + at + 1, sl.to(tl.int32), mask=ok)
+    if pid == 0:
+        for d in range(EP):
+            cbase = tl.load(counts_tab + d).to(tl.pointer_type(tl.int32))
+            for e0 in range(0, E_l, BE):
+                es = e0 + tl.arange(0, BE)
+                c = tl.load(counts_ptr + d * E_l + es, mask=es < E_l, other=0)
+                tl.store(cbase + me * E_l + es, c.to(tl.int32), mask=es < E_l)
+    _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, 0, me, EP, NP)  # slot META = 0
+
+
+@triton.jit
+def _push_rows(
+    pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab,
+    me, T, H, TK,
+    EP: tl.constexpr, NSEND, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
+):  # fmt: skip
+    """Send programs: token t's row to every rank d with pos[d, t] >= 0, into d's recv[me, pos] (local
+    destination first); with HAS_GATES also the gate of every slot to its destination's gates[me, q]."""
+    n_tb = tl.cdiv(T, BT)
+    for w in range(pid, EP * n_tb, NSEND):
+        d = (me + w // n_tb) % EP
+        ts = (w % n_tb) * BT + tl.arange(0, BT)
+        pos = tl.load(pos_ptr + d * T + ts, mask=ts < T, other=-1)
+        ok = pos >= 0
+        dst = _ptr(recv_tab, d, src_ptr)
+        rows = (me * T + pos).to(tl.int64)
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            m = ok[:, None] & (hs < H)[None, :]
+            v = tl.load(src_ptr + ts[:, None].to(tl.int64) * H + hs[None, :], mask=m)
+            tl.store(dst + rows[:, None] * H + hs[None, :], v, mask=m)
+    if HAS_GATES:
+        for j0 in range(pid * BT, TK, NSEND * BT):
+            js = j0 + tl.arange(0, BT)
+            d = tl.load(dest_ptr + js, mask=js < TK, other=-1)
+            ok = d >= 0
+            q = tl.load(q_ptr + js, mask=ok, other=0)
+            g = tl.load(gsrc_ptr + js, mask=ok, other=0.0)
+            base = tl.load(gates_tab + tl.maximum(d, 0), mask=ok, other=0).to(tl.pointer_type(tl.float32))
+            tl.store(base + me * TK + q, g, mask=ok)
+
+
+@triton.jit
+def _dispatch_gemm_kernel(
+    # send side
+    src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
+    # gemm side
+    recv_ptr, rowmap_ptr, gates_ptr, w_ptr, y_ptr, save_ptr,
+    offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr,
+    me, T, H, TK, N, NSEG, SLOT,
+    swe, swk, swn,
+    EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, ROLE: tl.constexpr,
+    SAVE_A: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    if pid < NSEND:
+        if ROLE & 1:
+            _push_rows(pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, me, T, H, TK,
+                       EP, NSEND, BT, BH, HAS_GATES)  # fmt: skip
+            _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, NSEND)
+    else:
+        if ROLE & 2:
+            target = tl.load(epoch_ptr + SLOT) + 1
+            n_tiles_n = tl.cdiv(N, BN)
+            total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
+            for t in range(pid - NSEND, total, NP - NSEND):
+                mt = t // n_tiles_n
+                nt = t % n_tiles_n
+                seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
+                first_mt = tl.where(seg > 0, tl.load(cum_ptr + seg - 1, mask=seg > 0, other=0), 0)
+                lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
+                hi = tl.load(offs_ptr + seg)
+                rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
+                row_ok = rows < hi
+                cols = nt * BN + tl.arange(0, BN)
+                col_ok = cols < N
+                live = seg < NSEG - 1
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+                if live:
+                    s = tl.load(seg_src_ptr + seg)
+                    e = tl.load(seg_exp_ptr + seg)
+                    q = tl.load(seg_q0_ptr + seg) + (rows - lo)
+                    _wait_signal(sig_ptr + SLOT * EP + s, target)
+                    mi = (s * TK + q).to(tl.int64)
+                    rr = tl.load(rowmap_ptr + mi * 2, mask=row_ok, other=0).to(tl.int64)
+                    if HAS_GATES:
+                        g = tl.load(gates_ptr + mi, mask=row_ok, other=0.0)
+                    for k0 in range(0, H, BK):
+                        ks = k0 + tl.arange(0, BK)
+                        k_ok = ks < H
+                        am = row_ok[:, None] & k_ok[None, :]
+                        a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
+                        if HAS_GATES:
+                            a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
+                        if SAVE_A:
+                            tl.store(
+                                save_ptr + rows[:, None].to(tl.int64) * H + ks[None, :],
+                                a,
+                                mask=am & (tl.zeros((BM, BK), tl.int32) + nt == 0),
+                            )
+                        b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
+                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _gemm_scatter_kernel(
+    a_ptr, w_ptr, rowmap_ptr, comb_tab, sig_tab, done_ptr, epoch_ptr,
+    offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr,
+    me, TK, Kd, N, NSEG, SLOT,
+    sam, sak, swe, swk, swn,
+    EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]."""
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(N, BN)
+    total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment (NSEG - 1): no rows there
+    for t in range(pid, total, NP):
+        mt = t // n_tiles_n
+        nt = t % n_tiles_n
+        seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
+        first_mt = tl.where(seg > 0, tl.load(cum_ptr + seg - 1, mask=seg > 0, other=0), 0)
+        lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
+        hi = tl.load(offs_ptr + seg)
+        rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
+        row_ok = rows < hi
+        cols = nt * BN + tl.arange(0, BN)
+        col_ok = cols < N
+        s = tl.load(seg_src_ptr + seg)
+        e = tl.load(seg_exp_ptr + seg)
+        q = tl.load(seg_q0_ptr + seg) + (rows - lo)
+        slot = tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0).to(tl.int64)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, Kd, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < Kd
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * sam + ks[None, :] * sak,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        dst = _ptr(comb_tab, s, a_ptr)
+        tl.store(dst + slot[:, None] * N + cols[None, :], acc.to(a_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+    _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, NP)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plans
+
+
+@dataclass
+class Plan:
+    """What a layer's forward learns about routing, kept for the second op and the backward."""
+
+    # source side (this rank's tokens)
+    valid_TK: torch.Tensor  # bool: slot routed to some expert
+    pos_PT: torch.Tensor  # int64 [ep, T]: receive row of token t in rank d's block of this rank, -1 if none
+    dest_J: torch.Tensor  # int64 [T*K]: destination rank of sorted slot j (-1: dropped)
+    q_J: torch.Tensor  # int64: position of sorted slot j among this rank's slots to its destination
+    slot_J: torch.Tensor  # int64: slot id t*K+k of sorted slot j
+    # receiver side (rows this rank computes)
+    rowmap: torch.Tensor  # int32 [ep*T*K*2]: copy of the rowmap of this call
+    offs: torch.Tensor  # int32 [NSEG]: segment end rows (last: S, the zero tail)
+    cum: torch.Tensor  # int32 [NSEG]: cumulative m-tiles per segment (for the tile size BM)
+    seg_src: torch.Tensor  # int32 [NSEG]
+    seg_exp: torch.Tensor  # int32 [NSEG]
+    seg_q0: torch.Tensor  # int32 [NSEG]
+    bm: int
+
+    FIELDS = ("valid_TK", "pos_PT", "dest_J", "q_J", "slot_J", "rowmap", "offs", "cum", "seg_src", "seg_exp", "seg_q0")
+
+    def pack(self) -> torch.Tensor:
+        """All fields in one int64 tensor (what flows through the graph between the two ops)."""
+        return torch.cat([getattr(self, f).reshape(-1).to(torch.int64) for f in self.FIELDS])
+
+    @staticmethod
+    def sizes(ep: int, T: int, K: int, E_l: int) -> list[int]:
+        nseg = ep * E_l + 1
+        return [T * K, ep * T, T * K, T * K, T * K, ep * T * K * 2, nseg, nseg, nseg, nseg, nseg]
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, ep: int, T: int, K: int, E_l: int, bm: int) -> Plan:
+        parts = torch.split(packed, Plan.sizes(ep, T, K, E_l))
+        f = dict(zip(Plan.FIELDS, parts, strict=True))
+        return Plan(
+            valid_TK=f["valid_TK"].view(T, K).bool(),
+            pos_PT=f["pos_PT"].view(ep, T),
+            dest_J=f["dest_J"],
+            q_J=f["q_J"],
+            slot_J=f["slot_J"],
+            rowmap=f["rowmap"].to(torch.int32),
+            offs=f["offs"].to(torch.int32),
+            cum=f["cum"].to(torch.int32),
+            seg_src=f["seg_src"].to(torch.int32),
+            seg_exp=f["seg_exp"].to(torch.int32),
+            seg_q0=f["seg_q0"].to(torch.int32),
+            bm=bm,
+        )
+
+
+def plan_numel(ep: int, T: int, K: int, E_l: int) -> int:
+    return sum(Plan.sizes(ep, T, K, E_l))
+
+
+def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor) -> dict[str, torch.Tensor]:
+    ep, me, T, K, E_l = buf.ep, buf.me, buf.T, buf.K, buf.E_l
+    E = ep * E_l
+    dev = idx_TK.device
+    flat = idx_TK.reshape(-1).to(torch.int64)
+    valid = (flat >= 0) & (flat < E)
+    key = torch.where(valid, flat, E)
+    key_sorted, order = torch.sort(key, stable=True)
+    counts_E = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E]
+    dest_TK = torch.where(valid, flat // E_l, -1).view(T, K)
+    hit_PT = (dest_TK.unsqueeze(0) == torch.arange(ep, device=dev)[:, None, None]).any(-1)
+    pos_PT = torch.where(hit_PT, torch.cumsum(hit_PT, 1) - 1, -1)
+    dest_J = torch.where(key_sorted < E, key_sorted // E_l, -1)
+    per_dest = counts_E.view(ep, E_l).sum(1)
+    start_P = torch.cumsum(per_dest, 0) - per_dest
+    dc = dest_J.clamp(min=0)
+    q_J = torch.arange(T * K, device=dev) - start_P[dc]
+    row_J = me * T + pos_PT[dc, order // K]
+    return {
+        "valid_TK": valid.view(T, K),
+        "pos_PT": pos_PT,
+        "dest_J": dest_J,
+        "q_J": q_J,
+        "row_J": row_J,
+        "slot_J": order,
+        "counts_E": counts_E,
+    }
+
+
+def _receiver_plan(buf: EPBuffers, bm: int) -> dict[str, torch.Tensor]:
+    ep, me, T, K, E_l = buf.ep, buf.me, buf.T, buf.K, buf.E_l
+    dev = buf.device
+    counts_PE = buf.local["counts"].view(ep, E_l).to(torch.int64)
+    rot = (me + torch.arange(ep, device=dev)) % ep  # s' -> s: local rows first
+    cnt = counts_PE[rot].reshape(-1)
+    q0 = (torch.cumsum(counts_PE, 1) - counts_PE)[rot].reshape(-1)
+    S = ep * T * K
+    offs = torch.cumsum(cnt, 0)
+    tail = S - offs[-1:]
+    cnt_ext = torch.cat([cnt, tail])
+    offs_ext = torch.cat([offs, offs.new_full((1,), S)])
+    cum = torch.cumsum(torch.div(cnt_ext + bm - 1, bm, rounding_mode="floor"), 0)
+    zero = torch.zeros(1, dtype=torch.int64, device=dev)
+    return {
+        "rowmap": buf.local["rowmap"].clone(),
+        "offs": offs_ext.to(torch.int32),
+        "cum": cum.to(torch.int32),
+        "seg_src": torch.cat([rot.repeat_interleave(E_l), zero]).to(torch.int32),
+        "seg_exp": torch.cat([torch.arange(E_l, device=dev).repeat(ep), zero]).to(torch.int32),
+        "seg_q0": torch.cat([q0, zero]).to(torch.int32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launch parameters
+
+
+def _programs(device: torch.device) -> tuple[int, int]:
+    """(all programs, send programs) of the merged kernel."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return sms, max(8, sms // 8)
+    return 4, 2
+
+
+def _gemm_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    return triton_backend._config("grouped_mm", device, dtype)
+
+
+def _log(nseg: int) -> int:
+    return max(1, math.ceil(math.log2(nseg + 1)) + 1)
+
+
+def _dispatch_gemm(
+    buf: EPBuffers,
+    src_TH: torch.Tensor,
+    plan: Plan,
+    w_EKN: torch.Tensor,
+    slot: int,
+    gates_J: torch.Tensor | None,
+    save_a: bool,
+) -> Flow:
+    """Push src rows (and the gates of the slots) to their destinations and run the gathering GEMM over the
+    rows this rank receives: y[r] = gate[r] * recv[row of r] @ w[e(r)]. Returns (y_SN, saved A rows or None)."""
+    ep, me, T, K, H = buf.ep, buf.me, buf.T, buf.K, buf.H
+    S, N, TK = ep * T * K, w_EKN.shape[2], T * K
+    BM, BN, BK, warps, stages = _gemm_config(buf.device, src_TH.dtype)
+    assert BM == plan.bm, (BM, plan.bm)
+    NP, NSEND = _programs(buf.device)
+    y_SN = torch.empty(S, N, device=buf.device, dtype=src_TH.dtype)
+    save = torch.empty(S, H, device=buf.device, dtype=src_TH.dtype) if save_a else y_SN
+    nseg = plan.offs.shape[0]
+    gsrc = gates_J if gates_J is not None else plan.q_J  # unused without gates
+    src_TH = src_TH.contiguous()
+
+    def launch(role: int) -> None:
+        _dispatch_gemm_kernel[(NP,)](
+            src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, gsrc, buf.tables["gates"],
+            buf.tables["sig"], buf.done,
+            buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, y_SN, save,
+            plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch,
+            me, T, H, TK, N, nseg, slot,
+            w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
+            EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
+            BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
+            BM=BM, BN=BN, BK=BK, LOG=_log(nseg), ROLE=role, SAVE_A=save_a,
+            PRECISION=triton_backend._precision(src_TH.dtype), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    if buf.simulated:
+        launch(ROLE_SEND)
+        yield
+        launch(ROLE_GEMM)
+    else:
+        launch(ROLE_BOTH)
+    buf.tick(slot)
+    return y_SN, (save if save_a else None)
+
+
+def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan: Plan, slot: int) -> Flow:
+    """Result rows a[r] @ w[e(r)] go to comb[slot of r] on their source rank; returns this rank's comb rows
+    [T, K, N] once every rank has delivered (not a copy: valid until the next call reuses the buffer)."""
+    ep, me, T, K = buf.ep, buf.me, buf.T, buf.K
+    N = w_EKN.shape[2]
+    BM, BN, BK, warps, stages = _gemm_config(buf.device, a_SK.dtype)
+    NP, _ = _programs(buf.device)
+    nseg = plan.offs.shape[0]
+    _gemm_scatter_kernel[(NP,)](
+        a_SK, w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,
+        plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0,
+        me, T * K, a_SK.shape[1], N, nseg, slot,
+        a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
+        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg),
+        PRECISION=triton_backend._precision(a_SK.dtype), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    yield
+    _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)
+    buf.tick(slot)
+    return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
+
+
+def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: int) -> torch.Tensor:
+    """dw[e] = sum over sources s of a[rows of (s, e)]^T @ dy[rows of (s, e)]."""
+    return triton_backend.grouped_mm_wgrad_segments(a_SK, dy_SN, plan.offs[: ep * E_l], ep, E_l)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the four flows of a layer (each a generator; see the module docstring)
+
+
+def dispatch_gemm_forward(buf: EPBuffers, x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor) -> Flow:
+    """-> (h_SF, x_SH: the gathered rows of x, packed plan)."""
+    src = _source_plan(buf, idx_TK)
+    NP, _ = _programs(buf.device)
+    _push_meta_kernel[(NP,)](
+        src["dest_J"], src["q_J"], src["row_J"], src["slot_J"], src["counts_E"],
+        buf.tables["rowmap"], buf.tables["counts"], buf.tables["sig"], buf.done, buf.epoch,
+        buf.me, buf.T * buf.K, buf.E_l, NP, EP=buf.ep, BJ=128 if buf.device.type == "cuda" else 16,
+        BE=max(16, triton.next_power_of_2(min(buf.E_l, 1024))),
+    )  # fmt: skip
+    yield
+    _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, META, EP=buf.ep)
+    buf.tick(META)
+    bm = _gemm_config(buf.device, x_TH.dtype)[0]
+    rcv = _receiver_plan(buf, bm)
+    plan = Plan(
+        valid_TK=src["valid_TK"], pos_PT=src["pos_PT"], dest_J=src["dest_J"], q_J=src["q_J"],
+        slot_J=src["slot_J"], bm=bm, **rcv,
+    )  # fmt: skip
+    h_SF, x_SH = yield from _dispatch_gemm(buf, x_TH, plan, w1_EKN, DATA, None, save_a=True)
+    COUNTERS["dispatch_gemm.forward"] += 1
+    return h_SF, x_SH, plan
+
+
+def gemm_combine_forward(buf: EPBuffers, a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor, plan: Plan):
+    """-> (out_TH, y_TKH: every slot's expert output, kept for the gate gradient)."""
+    comb = yield from _gemm_scatter(buf, a_SF, w2_EKN, plan, COMB)
+    y_TKH = torch.where(plan.valid_TK[..., None], comb, 0.0)  # slots routed nowhere hold stale rows
+    out = (y_TKH.float() * w_TK.float()[..., None]).sum(1).to(a_SF.dtype)
+    COUNTERS["gemm_combine.forward"] += 1
+    return out, y_TKH
+
+
+def gemm_combine_backward(
+    buf: EPBuffers, dout_TH: torch.Tensor, a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor,
+    y_TKH: torch.Tensor, plan: Plan,
+) -> Flow:  # fmt: skip
+    """-> (da_SF, dw2_EKN, dw_TK). dout travels like x did (gates alongside); dX GEMM gathers and scales."""
+    dw_TK = torch.where(plan.valid_TK, (dout_TH.float()[:, None, :] * y_TKH.float()).sum(-1), 0.0).to(w_TK.dtype)
+    gates_J = w_TK.reshape(-1).float()[plan.slot_J].contiguous()
+    da_SF, dy_SH = yield from _dispatch_gemm(buf, dout_TH, plan, w2_EKN.transpose(1, 2), GDATA, gates_J, save_a=True)
+    dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l)
+    COUNTERS["gemm_combine.backward"] += 1
+    return da_SF, dw2, dw_TK
+
+
+def dispatch_gemm_backward(buf: EPBuffers, dh_SF: torch.Tensor, x_SH: torch.Tensor, w1_EKN: torch.Tensor, plan: Plan):
+    """-> (dx_TH, dw1_EKN). dX GEMM scatters back to the sources like the combine did."""
+    dh_SF = dh_SF.contiguous()
+    comb = yield from _gemm_scatter(buf, dh_SF, w1_EKN.transpose(1, 2), plan, GCOMB)
+    dw1 = _wgrad(x_SH, dh_SF, plan, buf.ep, buf.E_l)
+    dx = torch.where(plan.valid_TK[..., None], comb, 0.0).float().sum(1).to(dh_SF.dtype)
+    COUNTERS["dispatch_gemm.backward"] += 1
+    return dx, dw1

@@ -1,0 +1,148 @@
+"""The fused dispatch+GEMM / GEMM+combine kernels in a simulated world of ep ranks inside one process.
+
+Every rank's symmetric buffer is an ordinary tensor and the address tables hold their `data_ptr()`s; the
+kernels run under TRITON_INTERPRET=1 on the CPU (on a GPU node, on one GPU). Each rank's flow is advanced to
+its next wait point in turn, and results are checked against autograd through the eager per-token
+definition on the global batch, forward and backward, over several calls that reuse the buffers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moecc.backends import triton_backend, triton_ep
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_backend.available(DEV), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def reference(xs, idxs, ws, w1, w2):
+    """out[t] = sum_k w[t,k] * silu(x[t] @ w1[e]) @ w2[e] for every rank's tokens (float64)."""
+    outs = []
+    for x, idx, w in zip(xs, idxs, ws, strict=True):
+        out = torch.zeros(x.shape, dtype=torch.float64)
+        for k in range(idx.shape[1]):
+            for t in range(x.shape[0]):
+                e = int(idx[t, k])
+                if 0 <= e < w1.shape[0]:
+                    out[t] += w[t, k] * (F.silu(x[t] @ w1[e]) @ w2[e])
+        outs.append(out)
+    return outs
+
+
+def run_layer(world: triton_ep.SimWorld, xs, idxs, ws, w1s, w2s, douts):
+    """Forward and backward of one layer on every rank of the simulated world, phase by phase."""
+    ep = len(world.ranks)
+    fwd1 = world.run([triton_ep.dispatch_gemm_forward(world.ranks[r], xs[r], idxs[r], w1s[r]) for r in range(ep)])
+    acts = [F.silu(h) for h, _, _ in fwd1]
+    fwd2 = world.run(
+        [triton_ep.gemm_combine_forward(world.ranks[r], acts[r], w2s[r], ws[r], fwd1[r][2]) for r in range(ep)]
+    )
+    outs = [o for o, _ in fwd2]
+    bwd2 = world.run(
+        [
+            triton_ep.gemm_combine_backward(world.ranks[r], douts[r], acts[r], w2s[r], ws[r], fwd2[r][1], fwd1[r][2])
+            for r in range(ep)
+        ]
+    )
+    dhs = []
+    for r in range(ep):
+        h = fwd1[r][0]
+        sig = torch.sigmoid(h.double())
+        dhs.append((bwd2[r][0].double() * sig * (1 + h.double() * (1 - sig))).to(h.dtype))
+    bwd1 = world.run(
+        [triton_ep.dispatch_gemm_backward(world.ranks[r], dhs[r], fwd1[r][1], w1s[r], fwd1[r][2]) for r in range(ep)]
+    )
+    return outs, [b[0] for b in bwd1], [b[1] for b in bwd1], [b[1] for b in bwd2], [b[2] for b in bwd2], fwd1
+
+
+def routing(kind: str, T: int, K: int, E: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "uniform":
+        return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    if kind == "skewed":  # nearly everything to expert 1; most experts get nothing
+        idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+        idx[:, 0] = 1
+        idx[:, 1:] = torch.where(idx[:, 1:] == 1, 0, idx[:, 1:])
+        return idx
+    if kind == "dropped":  # some slots routed nowhere (-1 or out of range): they contribute nothing
+        idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+        idx[::3, 0] = -1
+        idx[1::4, -1] = E + 2
+        return idx
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(("ep", "kinds"), [(1, ["uniform"]), (2, ["uniform", "skewed"]), (4, ["dropped", "uniform"])])
+def test_fused_layer_matches_eager(ep, kinds):
+    T, K, H, Fd, E_l = 12, 2, 16, 24, 2
+    E = ep * E_l
+    gen = torch.Generator().manual_seed(ep)
+    dt = torch.float32
+    w1 = torch.randn(E, H, Fd, generator=gen, dtype=torch.float64) * 0.3
+    w2 = torch.randn(E, Fd, H, generator=gen, dtype=torch.float64) * 0.3
+    world = triton_ep.SimWorld(ep, T, K, H, E_l, dt, DEV)
+    w1s = [w1[r * E_l : (r + 1) * E_l].to(dt).to(DEV) for r in range(ep)]
+    w2s = [w2[r * E_l : (r + 1) * E_l].to(dt).to(DEV) for r in range(ep)]
+    for kind in kinds:  # several calls on the same buffers, none of them reset
+        xs = [torch.randn(T, H, generator=gen, dtype=torch.float64) for _ in range(ep)]
+        idxs = [routing(kind, T, K, E, gen) for _ in range(ep)]
+        ws = [torch.rand(T, K, generator=gen, dtype=torch.float64) for _ in range(ep)]
+        douts = [torch.randn(T, H, generator=gen, dtype=torch.float64) for _ in range(ep)]
+        leaves = [t.clone().requires_grad_() for t in (*xs, *ws)]
+        w1r, w2r = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+        ref = reference(leaves[:ep], idxs, leaves[ep:], w1r, w2r)
+        torch.autograd.backward(ref, douts)
+
+        def dev(ts):
+            return [t.to(dt).to(DEV) for t in ts]
+
+        outs, dxs, dw1s, dw2s, dws, fwd1 = run_layer(
+            world, dev(xs), dev(idxs), dev(ws), w1s, w2s, dev(douts)
+        )  # fmt: skip
+        tol = {"rtol": 1e-4, "atol": 1e-4}
+        for r in range(ep):
+            what = f"ep={ep} {kind} rank {r}"
+            torch.testing.assert_close(outs[r].double().cpu(), ref[r], **tol, msg=lambda m, w=what: f"{w} out: {m}")
+            torch.testing.assert_close(
+                dxs[r].double().cpu(), leaves[r].grad, **tol, msg=lambda m, w=what: f"{w} dx: {m}"
+            )
+            torch.testing.assert_close(
+                dws[r].double().cpu(), leaves[ep + r].grad, **tol, msg=lambda m, w=what: f"{w} dgate: {m}"
+            )
+            sl = slice(r * E_l, (r + 1) * E_l)
+            torch.testing.assert_close(
+                dw1s[r].double().cpu(), w1r.grad[sl], **tol, msg=lambda m, w=what: f"{w} dw1: {m}"
+            )
+            torch.testing.assert_close(
+                dw2s[r].double().cpu(), w2r.grad[sl], **tol, msg=lambda m, w=what: f"{w} dw2: {m}"
+            )
+            h, _, plan = fwd1[r]
+            total = int(plan.offs[-2])
+            assert not h[total:].any(), f"{what}: rows past the received ones must be zero"
+            # local rows come first: the first segments are this rank's own tokens
+            assert int(plan.seg_src[0]) == r
+    for b in world.ranks:  # one completed call per phase and per call of the test
+        assert b.epoch.tolist() == [len(kinds)] * triton_ep.NSIG
+
+
+def test_each_token_sent_once_per_destination():
+    """A token whose top-k experts share a rank travels there once: the receive rows equal the distinct
+    (token, rank) pairs, and a rank's slots for an expert all point at that one row."""
+    ep, T, K, H, E_l = 2, 6, 3, 16, 2
+    world = triton_ep.SimWorld(ep, T, K, H, E_l, torch.float32, DEV)
+    idx = torch.tensor([[0, 1, 2], [0, 1, 3], [2, 3, 0], [1, 0, 3], [3, 2, 1], [0, 2, 1]])
+    xs = [torch.randn(T, H).to(DEV) for _ in range(ep)]
+    w1s = [torch.randn(E_l, H, 8).to(DEV) for _ in range(ep)]
+    fwd = world.run([triton_ep.dispatch_gemm_forward(world.ranks[r], xs[r], idx.to(DEV), w1s[r]) for r in range(ep)])
+    for r in range(ep):
+        pos = fwd[r][2].pos_PT.cpu()
+        for d in range(ep):
+            hit = (idx // E_l == d).any(1)
+            assert int((pos[d] >= 0).sum()) == int(hit.sum())
+            assert sorted(pos[d][hit].tolist()) == list(range(int(hit.sum())))
+        recv = world.ranks[r].local["recv"].view(ep, T, H)
+        for s in range(ep):  # the rows rank s sent to r arrived in order
+            hit = (idx // E_l == r).any(1)
+            torch.testing.assert_close(recv[s, : int(hit.sum())], xs[s][hit])
