@@ -59,17 +59,24 @@ def _grouped_mm_kernel(
     N, K, E,
     sxm, sxk, swe, swk, swn, sym, syn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # segment E (one past the experts) is the tail of dropped rows [offs[E-1], S): its tiles store zeros
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BN)
     total = tl.load(cum_ptr + E) * n_tiles_n  # m-tiles of all segments x n-tiles, known on the device only
     for t in range(pid, total, NUM_PROGRAMS):
-        mt = t // n_tiles_n
-        nt = t % n_tiles_n
-        e = _expert_of_tile(cum_ptr, mt, E + 1, LOG_E)
+        # a segment's tiles are a contiguous run of t; within it, GROUP_M m-tiles sweep the n-tiles together
+        # so that the weight tiles they share stay in L2
+        e = _expert_of_tile(cum_ptr, t // n_tiles_n, E + 1, LOG_E)
         first_mt = tl.where(e > 0, tl.load(cum_ptr + e - 1, mask=e > 0, other=0), 0)
+        seg_mt = tl.load(cum_ptr + e) - first_mt
+        local = t - first_mt * n_tiles_n
+        in_group = GROUP_M * n_tiles_n
+        group_first = (local // in_group) * GROUP_M
+        group_size = tl.minimum(seg_mt - group_first, GROUP_M)
+        mt = first_mt + group_first + (local % in_group) % group_size
+        nt = (local % in_group) // group_size
         seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
         seg_hi = tl.load(offs_ptr + e)
         rows = (seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)).to(tl.int64)  # 64-bit addresses
@@ -129,10 +136,11 @@ def _grouped_wgrad_kernel(
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
 
 
-# (block rows, block cols, block inner, warps, pipeline stages) per kernel; benchmarks/ sweeps them
-CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
-    "grouped_mm": (128, 128, 64, 8, 3),
-    "grouped_mm_wgrad": (128, 128, 64, 8, 3),
+# (block rows, block cols, block inner, warps, pipeline stages, m-tiles per L2 group) per kernel; benchmarks/
+# sweeps them (the dW kernel has no grouping)
+CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
+    "grouped_mm": (128, 256, 64, 8, 3, 8),
+    "grouped_mm_wgrad": (128, 128, 64, 8, 3, 1),
 }
 
 
@@ -141,11 +149,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def _config(kernel: str, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int, int]:
     if device.type != "cuda":
-        return 16, 16, 16, 4, 1
+        return 16, 16, 16, 4, 1, 2
     if dtype not in (torch.bfloat16, torch.float16):
-        return 64, 64, 32, 4, 2
+        return 64, 64, 32, 4, 2, 8
     return CONFIGS[kernel]
 
 
@@ -155,7 +163,7 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     if S == 0 or E == 0:
         return torch.zeros(S, N, device=x_SK.device, dtype=x_SK.dtype)
     y_SN = torch.empty(S, N, device=x_SK.device, dtype=x_SK.dtype)  # the kernel writes every row
-    BM, BN, BK, warps, stages = _config("grouped_mm", x_SK.device, x_SK.dtype)
+    BM, BN, BK, warps, stages, group_m = _config("grouped_mm", x_SK.device, x_SK.dtype)
     # segments: the E experts, then the tail of dropped rows, which the kernel zeroes
     offs_ext = torch.cat([offs_E, offs_E.new_full((1,), S)])
     counts = torch.diff(offs_ext, prepend=offs_ext.new_zeros(1))
@@ -166,7 +174,7 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
         x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_SN.stride(0), y_SN.stride(1),
         BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E + 1)) + 1), NUM_PROGRAMS=P,
-        PRECISION=_precision(x_SK.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=_precision(x_SK.dtype), GROUP_M=group_m, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm"] += 1
     return y_SN
@@ -185,7 +193,7 @@ def grouped_mm_wgrad_segments(
     dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
     if E == 0:
         return dw_EKN
-    BK, BN, BS, warps, stages = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
+    BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
     P = _num_programs(x_SK.device)
     _grouped_wgrad_kernel[(P,)](
         x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,

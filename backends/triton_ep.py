@@ -53,6 +53,8 @@ import triton.language as tl
 from moecc.backends import triton_backend
 
 COUNTERS: collections.Counter[str] = collections.Counter()
+# one count per layer call of each fused flow
+PHASE_COUNTERS = ("dispatch_gemm.forward", "gemm_combine.forward", "dispatch_gemm.backward", "gemm_combine.backward")
 
 # signal slots (and per-slot call counters)
 META, DATA, COMB, GDATA, GCOMB = range(5)
@@ -177,11 +179,11 @@ def group_buffers(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torc
 
     from moecc.backends.torch_backend import _group
 
-    group = _group(group_name)
-    ep = dist.get_world_size(group)
     key = (group_name, T, K, H, E_l, dtype, str(device))
     if key in _SYMMETRIC:
         return _SYMMETRIC[key]
+    group = _group(group_name) if group_name else None  # "": no process group, one rank
+    ep = dist.get_world_size(group) if group is not None else 1
     n = buffer_bytes(ep, T, K, H, E_l, dtype)
     if ep == 1:
         raw = torch.zeros(n, dtype=torch.uint8, device=device)
@@ -541,7 +543,7 @@ def _programs(device: torch.device) -> tuple[int, int]:
 
 
 def _gemm_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    return triton_backend._config("grouped_mm", device, dtype)
+    return triton_backend._config("grouped_mm", device, dtype)[:5]
 
 
 def _log(nseg: int) -> int:

@@ -228,6 +228,156 @@ def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor):
     return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# fused expert parallelism (the fuse pass puts these in place of a region's dispatch, expert GEMMs and
+# combine; `moecc.backends.triton_ep`): one op for dispatch + expert GEMM 1, one for expert GEMM 2 + combine.
+# `plan` is an int64 tensor that carries the routing from the first op to the second and to the backward.
+#
+#     h_SF, x_SH, plan = ep_dispatch_gemm(x_TH, idx_TK, w1_EHF, ep, group)     # S = ep * T * K rows
+#     a_SF = <the expert's activation>(h_SF)
+#     out_TH, y_TKH = ep_gemm_combine(a_SF, w2_EFH, w_TK, plan, ep, group)
+
+
+def _ep_buffers(x: torch.Tensor, T: int, K: int, E_l: int, group_name: str):
+    from moecc.backends import triton_ep
+
+    return triton_ep.group_buffers(group_name, T, K, x.shape[-1], E_l, x.dtype, x.device)
+
+
+def _ep_plan(buf: Any, plan: torch.Tensor, dtype: torch.dtype):
+    from moecc.backends import triton_backend, triton_ep
+
+    bm = triton_backend._config("grouped_mm", buf.device, dtype)[0]
+    return triton_ep.Plan.unpack(plan, buf.ep, buf.T, buf.K, buf.E_l, bm)
+
+
+@torch.library.custom_op("moecc::ep_dispatch_gemm", mutates_args=())
+def ep_dispatch_gemm(
+    x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor, ep: int, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moecc.backends import triton_ep
+
+    T, K = idx_TK.shape
+    buf = _ep_buffers(x_TH, T, K, w1_EKN.shape[0], group_name)
+    h_SF, x_SH, plan = triton_ep.run_flow(triton_ep.dispatch_gemm_forward(buf, x_TH, idx_TK, w1_EKN))
+    return h_SF, x_SH, plan.pack()
+
+
+@ep_dispatch_gemm.register_fake
+def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor, ep: int, group_name: str):
+    from moecc.backends import triton_ep
+
+    T, K = idx_TK.shape
+    S = ep * T * K
+    return (
+        x_TH.new_empty(S, w1_EKN.shape[2]),
+        x_TH.new_empty(S, x_TH.shape[1]),
+        x_TH.new_empty(triton_ep.plan_numel(ep, T, K, w1_EKN.shape[0]), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("moecc::ep_dispatch_gemm_backward", mutates_args=())
+def ep_dispatch_gemm_backward(
+    dh_SF: torch.Tensor, x_SH: torch.Tensor, w1_EKN: torch.Tensor, plan: torch.Tensor, T: int, K: int, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from moecc.backends import triton_ep
+
+    buf = _ep_buffers(x_SH, T, K, w1_EKN.shape[0], group_name)
+    p = _ep_plan(buf, plan, x_SH.dtype)
+    return triton_ep.run_flow(triton_ep.dispatch_gemm_backward(buf, dh_SF, x_SH, w1_EKN, p))
+
+
+@ep_dispatch_gemm_backward.register_fake
+def _(dh_SF, x_SH, w1_EKN, plan, T: int, K: int, group_name: str):
+    return x_SH.new_empty(T, x_SH.shape[1]), torch.empty_like(w1_EKN, memory_format=torch.contiguous_format)
+
+
+def _ep_dispatch_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x_TH, idx_TK, w1_EKN, ep, group_name = inputs
+    ctx.save_for_backward(output[1], w1_EKN, output[2])
+    ctx.T, ctx.K = idx_TK.shape
+    ctx.group_name = group_name
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _ep_dispatch_backward(ctx: Any, dh_SF: torch.Tensor, _dx_SH: Any, _dplan: Any):
+    x_SH, w1_EKN, plan = ctx.saved_tensors
+    # every rank runs this (it exchanges rows), whichever inputs need gradients
+    dx_TH, dw1 = torch.ops.moecc.ep_dispatch_gemm_backward(
+        dh_SF.contiguous(), x_SH, w1_EKN, plan, ctx.T, ctx.K, ctx.group_name
+    )
+    return dx_TH, None, dw1, None, None
+
+
+ep_dispatch_gemm.register_autograd(_ep_dispatch_backward, setup_context=_ep_dispatch_setup)
+
+
+@torch.library.custom_op("moecc::ep_gemm_combine", mutates_args=())
+def ep_gemm_combine(
+    a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor, plan: torch.Tensor, ep: int, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from moecc.backends import triton_ep
+
+    T, K = w_TK.shape
+    buf = _ep_buffers(a_SF.new_empty(0, w2_EKN.shape[2]), T, K, w2_EKN.shape[0], group_name)
+    out, y_TKH = triton_ep.run_flow(
+        triton_ep.gemm_combine_forward(buf, a_SF, w2_EKN, w_TK, _ep_plan(buf, plan, a_SF.dtype))
+    )
+    return out, y_TKH
+
+
+@ep_gemm_combine.register_fake
+def _(a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor, plan: torch.Tensor, ep: int, group_name: str):
+    T, K = w_TK.shape
+    H = w2_EKN.shape[2]
+    return a_SF.new_empty(T, H), a_SF.new_empty(T, K, H)
+
+
+@torch.library.custom_op("moecc::ep_gemm_combine_backward", mutates_args=())
+def ep_gemm_combine_backward(
+    dout_TH: torch.Tensor,
+    a_SF: torch.Tensor,
+    w2_EKN: torch.Tensor,
+    w_TK: torch.Tensor,
+    y_TKH: torch.Tensor,
+    plan: torch.Tensor,
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from moecc.backends import triton_ep
+
+    T, K = w_TK.shape
+    buf = _ep_buffers(y_TKH, T, K, w2_EKN.shape[0], group_name)
+    p = _ep_plan(buf, plan, a_SF.dtype)
+    return triton_ep.run_flow(triton_ep.gemm_combine_backward(buf, dout_TH, a_SF, w2_EKN, w_TK, y_TKH, p))
+
+
+@ep_gemm_combine_backward.register_fake
+def _(dout_TH, a_SF, w2_EKN, w_TK, y_TKH, plan, group_name: str):
+    return (
+        torch.empty_like(a_SF),
+        torch.empty_like(w2_EKN, memory_format=torch.contiguous_format),
+        torch.empty_like(w_TK),
+    )
+
+
+def _ep_combine_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    a_SF, w2_EKN, w_TK, plan, ep, group_name = inputs
+    ctx.save_for_backward(a_SF, w2_EKN, w_TK, output[1], plan)
+    ctx.group_name = group_name
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ep_combine_backward(ctx: Any, dout_TH: torch.Tensor, _dy: Any):
+    a_SF, w2_EKN, w_TK, y_TKH, plan = ctx.saved_tensors
+    da, dw2, dw = torch.ops.moecc.ep_gemm_combine_backward(
+        dout_TH.contiguous(), a_SF, w2_EKN, w_TK, y_TKH, plan, ctx.group_name
+    )
+    return da, dw2, dw, None, None, None
+
+
+ep_gemm_combine.register_autograd(_ep_combine_backward, setup_context=_ep_combine_setup)
+
+
 def expert_capacity(capacity_factor: float | None, T: int, K: int, E: int) -> int:
     """Routed (token, slot) pairs an expert keeps per step: ceil(capacity_factor * T * K / E); -1 = dropless."""
     if capacity_factor is None:
@@ -245,6 +395,10 @@ MOE_OPS = {
     torch.ops.moecc.all_to_all_rows.default,
     torch.ops.moecc.triton_grouped_mm.default,
     torch.ops.moecc.triton_grouped_mm_wgrad.default,
+    torch.ops.moecc.ep_dispatch_gemm.default,
+    torch.ops.moecc.ep_dispatch_gemm_backward.default,
+    torch.ops.moecc.ep_gemm_combine.default,
+    torch.ops.moecc.ep_gemm_combine_backward.default,
 }
 
 

@@ -5,8 +5,8 @@
 | lift_moe | a Dynamo graph                                | recognised experts computations are moecc ops      |
 | plan     | lifted regions                                | a mesh and an expert placement in ctx.plan         |
 | shard    | lifted regions, the plan                      | SPMD program: local experts, dispatch/combine      |
-| sync_grads | the backward graph                          | gradients synchronised over the mesh               |
 | fuse     | sharded graphs                                | each region fused or refused with a reason         |
+| sync_grads | the backward graph                          | gradients synchronised over the mesh               |
 | schedule | graphs whose collectives are explicit         | costs on nodes; collective order fixed             |
 | lower    | a scheduled graph                             | a callable for the chosen backend                  |
 """
@@ -45,10 +45,18 @@ PIPELINE = [
         "SPMD program: local experts, all-to-alls",
         shard_experts.check_sharded,
     ),
+    # after shard, so that dispatch/combine collectives exist to fuse with the expert GEMMs; before the autograd
+    # split, so that the fused ops bring their backward (the mirror-image fused kernels)
+    Pass(
+        "fuse",
+        "dynamo",
+        fuse_experts.fuse_experts,
+        "sharded graphs",
+        "each region fused or refused with a reason",
+        fuse_experts.check_fused,
+    ),
     # on the backward graph: gradient all-reduces as graph collectives the scheduler can move
     Pass("sync_grads", "aot", sync_grads.sync_grads, "the backward graph", "gradients synchronised over the mesh"),
-    # after shard, so that dispatch/combine collectives exist to fuse with the expert GEMMs
-    Pass("fuse", "aot", fuse_experts.fuse_experts, "sharded graphs", "each region fused or refused with a reason"),
     # after fuse: it schedules the kernels that will actually run
     Pass(
         "schedule",

@@ -1,40 +1,159 @@
-"""fuse: choose fused kernels (dispatch + expert GEMM, expert GEMM + combine) for lifted regions.
+"""fuse: replace a region's dispatch + expert GEMM 1 and expert GEMM 2 + combine by the fused kernels.
 
-A fusion is a pattern plus a checker: a region is fused only where the selected backend has the kernel
-and its checker accepts the region; every refusal is recorded with its reason and counted
-(`fuse.refused`), so that a silent fallback cannot pass a test.
+Runs on the Dynamo graph after shard (before the autograd split: the fused ops bring their own backward,
+which is again a pair of fused kernels). A fusion is a pattern plus a checker: a region is fused only where
+the selected backend has the kernels and the checker accepts the region; every refusal is recorded with its
+reason and counted (`fuse.refused`), every fusion counted (`fuse.fused`), so that a silent fallback cannot
+pass a test.
+
+    before (sharded; ep = 1 has no ep_plan / all_to_all_rows)       after
+    tok_R, idx_RK, sel_RK, n_P, m_P = ep_plan(idx_TK, E, ep, g)
+    rx_RH = all_to_all_rows(x_TH[tok_R], n_P, m_P, g)  ...          h_SF, x_SH, plan = ep_dispatch_gemm(x_TH, idx_TK,
+    x_SH, src_S, eid_S, offs_E = route_permute(rx_RH, ...)                                   w1, ep, g)
+    h_SF = grouped_mm(x_SH, w1, offs_E)
+    a_SF = <activation>(h_SF)                                       a_SF = <activation>(h_SF)
+    y_SH = grouped_mm(a_SF, w2, offs_E)                             out_TH, y_TKH = ep_gemm_combine(a_SF, w2, w_TK,
+    part_RH = unpermute_combine(y_SH, src_S, offs_E, rw_RK)                                          plan, ep, g)
+    out_TH = zeros_like(x_TH).index_add(0, tok_R, all_to_all_rows(part_RH, ...))
 """
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
-from moecc import ir
+from moecc import ir, ops
 from moecc.pass_manager import CompileContext
+from moecc.passes.lift_moe import _GraphEmitter
 from moecc.passes.lower_backend import graph_device, resolve_backend
 
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-def fusion_refusal(backend: str, region: ir.MoERegion) -> str | None:
-    """Why a region cannot be fused on `backend` (None if it can)."""
+
+def _val(n: object) -> torch.Tensor | None:
+    if isinstance(n, fx.Node):
+        v = n.meta.get("example_value", n.meta.get("val"))
+        return v if isinstance(v, torch.Tensor) else None
+    return None
+
+
+def _outputs(rp: fx.Node) -> dict[int, fx.Node]:
+    return {u.args[1]: u for u in rp.users if u.target is operator.getitem}  # type: ignore[misc]
+
+
+class _Match:
+    """The nodes of one lifted region that the fused ops replace, or why the region cannot be fused."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) -> None:
+        self.reason: str | None = None
+        nodes = [n for n in gm.graph.nodes if ir.facts(n).get("region") == region.path]
+        rps = [n for n in nodes if n.target is torch.ops.moecc.route_permute.default]
+        ucs = [n for n in nodes if n.target is torch.ops.moecc.unpermute_combine.default]
+        gms = [n for n in nodes if n.target is torch.ops.moecc.grouped_mm.default]
+        if len(rps) != 1 or len(ucs) != 1 or len(gms) != 2:
+            self.reason = f"expected one dispatch, two expert GEMMs and one combine, found {len(rps)}/{len(gms)}/{len(ucs)}"
+            return
+        self.rp, self.uc = rps[0], ucs[0]
+        outs = _outputs(self.rp)
+        x_SH, src_S, eid_S, offs_E = (outs.get(i) for i in range(4))
+        first = [g for g in gms if g.args[0] is x_SH]
+        if len(first) != 1:
+            self.reason = "the first expert GEMM does not read the dispatched rows directly"
+            return
+        self.gm1 = first[0]
+        self.gm2 = next(g for g in gms if g is not self.gm1)
+        if self.uc.args[0] is not self.gm2:
+            self.reason = "something runs between the second expert GEMM and the combine (an output bias?)"
+            return
+        if eid_S is not None and eid_S.users:
+            self.reason = "the experts read each row's expert id (per-expert biases); the fused kernels have no bias"
+            return
+        if x_SH is not None and set(x_SH.users) != {self.gm1}:
+            self.reason = "the dispatched rows are used by more than the first expert GEMM"
+            return
+        if src_S is not None and set(src_S.users) - {self.uc}:
+            self.reason = "the row order of the dispatch is used outside the combine"
+            return
+        if offs_E is not None and set(offs_E.users) - {self.gm1, self.gm2, self.uc}:
+            self.reason = "the expert offsets are used outside the expert GEMMs and the combine"
+            return
+        if len(self.rp.args) > 3 and self.rp.args[3] != -1:
+            self.reason = (
+                "capacity-limited routing drops rows by their order over the whole group; the fused kernels are "
+                "dropless (compile without capacity_factor to fuse)"
+            )
+            return
+        io = ctx.plan.get("sharded_io", {}).get(region.path)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        if io is not None:
+            self.x, self.idx, self.w, self.out = (by_name[io[k]] for k in ("x", "idx", "w", "out"))
+        else:
+            self.x, self.idx = self.rp.args[0], self.rp.args[1]  # type: ignore[assignment]
+            self.w, self.out = self.uc.args[3], self.uc  # type: ignore[assignment]
+        xv = _val(self.x)
+        if xv is not None and xv.dtype not in FUSED_DTYPES:
+            self.reason = f"tokens of dtype {xv.dtype}; the fused kernels take {', '.join(map(str, FUSED_DTYPES))}"
+
+
+def fusion_refusal(backend: str, device: torch.device, ep: int) -> str | None:
+    """Why no region of a graph can be fused on `backend` (None if regions can be, subject to the checker)."""
     if backend == "torch":
         return "the torch backend has no fused dispatch/combine kernels"
-    # triton: grouped GEMM kernels so far; the fused dispatch/combine kernels are not built yet
-    return "the triton backend has no fused dispatch+GEMM / GEMM+combine kernels yet (grouped GEMMs only)"
+    if ep > 1 and device.type != "cuda":
+        return f"expert parallelism over {ep} ranks needs symmetric memory (CUDA devices); this graph runs on {device}"
+    return None
+
+
+def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m: _Match) -> None:
+    ep, group = ctx.mesh.ep, (ctx.mesh.ep_group if ctx.mesh.ep > 1 else "")
+    em = _GraphEmitter(gm.graph)
+    with gm.graph.inserting_before(m.gm1):
+        h, _, plan = ops.ep_dispatch_gemm(em.proxy(m.x), em.proxy(m.idx), em.proxy(m.gm1.args[1]), ep, group)
+    m.gm1.replace_all_uses_with(h.node)
+    with gm.graph.inserting_before(m.out):
+        out, _ = ops.ep_gemm_combine(em.proxy(m.gm2.args[0]), em.proxy(m.gm2.args[1]), em.proxy(m.w), plan, ep, group)
+    m.out.replace_all_uses_with(out.node)
+    for n in em.created:
+        ir.tag_region(n, region.path, "fuse")
+    # what the fused ops replaced is dead now: the dispatch, the expert GEMMs, the combine, the all-to-alls
+    for n in reversed(list(gm.graph.nodes)):
+        if ir.facts(n).get("region") == region.path and not n.users and n.op == "call_function" and n not in em.created:
+            gm.graph.erase_node(n)
 
 
 def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
-    backend = resolve_backend(ctx.options.backend, graph_device(gm))
-    present = {
-        ir.facts(n).get("region")
-        for n in gm.graph.nodes
-        if n.target is torch.ops.moecc.grouped_mm.default and n.meta.get("moecc")
-    }
+    device = graph_device(gm)
+    backend = resolve_backend(ctx.options.backend, device)
+    blocked = fusion_refusal(backend, device, ctx.mesh.ep)
+    present = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.grouped_mm.default}
     for r in ctx.regions:
         if r.path not in present:
             continue
-        reason = fusion_refusal(backend, r) if r.status == "lifted" else "region not lifted"
-        if reason is not None:
+        reason = blocked if r.status == "lifted" else "region not lifted"
+        m = None
+        if reason is None:
+            m = _Match(gm, ctx, r)
+            reason = m.reason
+        if reason is not None or m is None:
             ctx.counters["fuse.refused"] += 1
             ctx.note(f"not fused {r.path}: {reason}")
+            continue
+        fuse_region(gm, ctx, r, m)
+        ctx.counters["fuse.fused"] += 1
+        ctx.note(f"fused {r.path}: dispatch + expert GEMM 1, expert GEMM 2 + combine (ep={ctx.mesh.ep})")
+    gm.graph.lint()
+    gm.recompile()
     return gm
+
+
+def check_fused(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """Invariant: a fused region has no unfused dispatch, expert GEMM or collective left."""
+    fused = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default}
+    for n in gm.graph.nodes:
+        if ir.facts(n).get("region") in fused and ir.is_moe_op(n) and n.target not in FUSED_OPS:
+            raise AssertionError(f"fused region {ir.facts(n)['region']} still has {n.format_node()}")
+
+
+FUSED_OPS = {torch.ops.moecc.ep_dispatch_gemm.default, torch.ops.moecc.ep_gemm_combine.default}

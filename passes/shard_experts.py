@@ -86,6 +86,13 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     for u in list(uc.users):
         if u not in em.created:
             u.replace_input_with(uc, out.node)
+    # the region's inputs and output as they were before sharding (what fuse needs to replace it whole)
+    ctx.plan.setdefault("sharded_io", {})[region.path] = {
+        "x": x_TH.name,  # type: ignore[union-attr]
+        "idx": idx_TK.name,  # type: ignore[union-attr]
+        "w": w_TK.name,  # type: ignore[union-attr]
+        "out": out.node.name,
+    }
     for n in em.created:
         ir.tag_region(n, region.path, "shard")
         if ir.is_moe_op(n) and "all_to_all" in str(n.target):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moecc
-from moecc.backends import torch_backend, triton_backend
+from moecc.backends import torch_backend, triton_ep
 from moecc.examples import deepseek_style, mixtral_style
 
 pytestmark = [
@@ -46,13 +46,15 @@ def test_bf16_on_gpu_matches_eager_and_uses_native_grouped_mm(build) -> None:
 def test_auto_backend_on_gpu_is_triton_and_matches_eager() -> None:
     model, (ids,) = mixtral_style.build(dtype=torch.bfloat16, tokens=256)
     model, ids = model.cuda(), ids.cuda()
-    before = triton_backend.COUNTERS["grouped_mm"]
+    before = dict(triton_ep.COUNTERS)
     cm = moecc.compile(model)
     out = cm(ids)
     torch.testing.assert_close(out.float(), model(ids).float(), atol=3e-2, rtol=3e-2)
     _lm_loss(out, ids).backward()
-    assert triton_backend.COUNTERS["grouped_mm"] - before == 2 * 2 * len(cm.regions), "Triton kernels did not run"
+    for name in triton_ep.PHASE_COUNTERS:
+        assert triton_ep.COUNTERS[name] - before.get(name, 0) == len(cm.regions), f"fused kernels did not run: {name}"
     assert cm.session.counters()["lower.triton"] > 0
+    assert cm.session.counters()["fuse.fused"] == len(cm.regions)
 
 
 def test_moe_layer_forward_and_backward_capture_in_a_cuda_graph() -> None:
@@ -78,9 +80,82 @@ def test_moe_layer_forward_and_backward_capture_in_a_cuda_graph() -> None:
     new_x = torch.randn_like(x)
     x.data.copy_(new_x)
     graph.replay()
+    assert cm.session.counters().get("fuse.fused") == 1, "the fused kernels were not in the captured graph"
     torch.cuda.synchronize()
     ref_x = new_x.detach().clone().requires_grad_()
     ref = moe(ref_x)
     ref.backward(g)
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16() -> None:
+    """The fused dispatch/combine kernels compiled for the GPU (not interpreted), 4 simulated ranks on one
+    device, bf16, skewed routing with empty experts, forward and backward against float32 torch."""
+    import torch.nn.functional as F
+
+    ep, T, K, H, Fd, E_l = 4, 256, 4, 256, 384, 4
+    E = ep * E_l
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    world = triton_ep.SimWorld(ep, T, K, H, E_l, torch.bfloat16, torch.device("cuda"))
+    w1 = torch.randn(E, H, Fd, device="cuda", generator=gen) * H**-0.5
+    w2 = torch.randn(E, Fd, H, device="cuda", generator=gen) * Fd**-0.5
+    xs = [torch.randn(T, H, device="cuda", generator=gen) for _ in range(ep)]
+    scores = torch.rand(ep, T, E, device="cuda", generator=gen)
+    scores[..., 3] += 1.0  # expert 3 gets most tokens
+    scores[..., 8:12] -= 2.0  # experts 8..11 (all of rank 2's) get none
+    idxs = list(scores.topk(K, -1).indices)
+    ws = [torch.rand(T, K, device="cuda", generator=gen) for _ in range(ep)]
+    douts = [torch.randn(T, H, device="cuda", generator=gen) for _ in range(ep)]
+    bf = torch.bfloat16
+    w1s = [w1[r * E_l : (r + 1) * E_l].to(bf) for r in range(ep)]
+    w2s = [w2[r * E_l : (r + 1) * E_l].to(bf) for r in range(ep)]
+    fwd1 = world.run(
+        [triton_ep.dispatch_gemm_forward(world.ranks[r], xs[r].to(bf), idxs[r], w1s[r]) for r in range(ep)]
+    )
+    acts = [F.silu(h) for h, _, _ in fwd1]
+    fwd2 = world.run(
+        [triton_ep.gemm_combine_forward(world.ranks[r], acts[r], w2s[r], ws[r].to(bf), fwd1[r][2]) for r in range(ep)]
+    )
+    bwd2 = world.run(
+        [
+            triton_ep.gemm_combine_backward(
+                world.ranks[r], douts[r].to(bf), acts[r], w2s[r], ws[r].to(bf), fwd2[r][1], fwd1[r][2]
+            )
+            for r in range(ep)
+        ]
+    )
+    dhs = []
+    for r in range(ep):
+        h = fwd1[r][0].float().requires_grad_()
+        (g,) = torch.autograd.grad(F.silu(h), h, bwd2[r][0].float())
+        dhs.append(g.to(bf))
+    bwd1 = world.run(
+        [triton_ep.dispatch_gemm_backward(world.ranks[r], dhs[r], fwd1[r][1], w1s[r], fwd1[r][2]) for r in range(ep)]
+    )
+    # float32 reference on the bf16-rounded inputs
+    leaves = [t.to(bf).float().requires_grad_() for t in (*xs, *ws)]
+    w1r = w1.to(bf).float().requires_grad_()
+    w2r = w2.to(bf).float().requires_grad_()
+    refs = []
+    for r in range(ep):
+        out = torch.zeros(T, H, device="cuda")
+        for k in range(K):
+            e = idxs[r][:, k]
+            y = torch.einsum("tf,tfh->th", F.silu(torch.einsum("th,thf->tf", leaves[r], w1r[e])), w2r[e])
+            out = out + leaves[ep + r][:, k, None] * y
+        refs.append(out)
+    torch.autograd.backward(refs, douts)
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+        scale = want.abs().max().item() + 1e-6
+        err = (got.float() - want).abs().max().item()
+        assert err <= 3e-2 * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
+
+    for r in range(ep):
+        close(fwd2[r][0], refs[r].detach(), f"rank {r} out")
+        close(bwd1[r][0], leaves[r].grad, f"rank {r} dx")
+        close(bwd2[r][2], leaves[ep + r].grad, f"rank {r} dgate")
+        close(bwd1[r][1], w1r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw1")
+        close(bwd2[r][1], w2r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw2")
+    assert not bwd1[2][1].any() and not bwd2[2][1].any(), "rank 2's experts got no tokens: zero weight gradients"

@@ -8,7 +8,7 @@ import torch
 
 import moecc
 from moecc import ops
-from moecc.backends import torch_backend, triton_backend
+from moecc.backends import torch_backend, triton_backend, triton_ep
 from moecc.examples import deepseek_style, mixtral_style
 
 
@@ -54,12 +54,13 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int) -> None:
     torch.library.opcheck(ops.triton_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped_gemms"])
 @pytest.mark.parametrize("build", [mixtral_style.build, deepseek_style.build], ids=["mixtral", "deepseek"])
-def test_model_on_triton_backend_matches_eager(build) -> None:
+def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
     model, (ids,) = build(tokens=16)
     model, ids = model.to(_device()), ids.to(_device())
-    cm = moecc.compile(model, backend="triton")
-    before = dict(triton_backend.COUNTERS)
+    cm = moecc.compile(model, backend="triton", disable_passes=[] if fused else ["fuse"])
+    before, before_ep = dict(triton_backend.COUNTERS), dict(triton_ep.COUNTERS)
     out = cm(ids)
     ref = model(ids)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -69,11 +70,23 @@ def test_model_on_triton_backend_matches_eager(build) -> None:
     for a, b in zip(grads, ref_grads, strict=True):
         if b is not None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # the kernels really ran: 2 GEMMs per region forward, 2 dX + 2 dW backward
+
+    def ran(counters: dict, name: str, was: dict) -> int:
+        return counters[name] - was.get(name, 0)
+
     regions = len(cm.regions)
-    assert triton_backend.COUNTERS["grouped_mm"] - before.get("grouped_mm", 0) == 4 * regions
-    assert triton_backend.COUNTERS["grouped_mm_wgrad"] - before.get("grouped_mm_wgrad", 0) == 2 * regions
-    assert cm.session.counters()["lower.triton"] > 0
+    counters = cm.session.counters()
+    # the kernels really ran: 2 dW GEMMs per region in both forms
+    assert ran(triton_backend.COUNTERS, "grouped_mm_wgrad", before) == 2 * regions
+    if fused:  # one fused dispatch+GEMM and one GEMM+combine per region, forward and backward
+        assert counters.get("fuse.fused") == regions and counters.get("fuse.refused", 0) == 0
+        for name in triton_ep.PHASE_COUNTERS:
+            assert ran(triton_ep.COUNTERS, name, before_ep) == regions, name
+        assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 0
+    else:  # 2 GEMMs per region forward, 2 dX backward
+        assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 4 * regions
+        assert ran(triton_ep.COUNTERS, "dispatch_gemm.forward", before_ep) == 0
+    assert counters["lower.triton"] > 0
 
 
 def test_triton_backend_where_it_cannot_run_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
