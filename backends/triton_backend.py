@@ -41,6 +41,15 @@ def _num_programs(device: torch.device) -> int:
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST (the CPU interpreter with 16-bit inputs, whose 16-bit dot is wrong) multiplies in
+    float32, which is exact for bf16/fp16 products as the GPU's tensor cores are."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _expert_of_tile(cum_ptr, mt, E, LOG_E: tl.constexpr):
     """The expert whose m-tiles contain m-tile `mt`: the smallest e with cum[e] > mt (binary search)."""
     lo = 0
@@ -59,7 +68,7 @@ def _grouped_mm_kernel(
     N, K, E,
     sxm, sxk, swe, swk, swn, sym, syn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # segment E (one past the experts) is the tail of dropped rows [offs[E-1], S): its tiles store zeros
     pid = tl.program_id(0)
@@ -93,7 +102,7 @@ def _grouped_mm_kernel(
             w_tile = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
             b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :],
                         other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = _dot(a, b, acc, PRECISION, UPCAST)
         tl.store(y_ptr + rows[:, None] * sym + cols[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
@@ -104,6 +113,7 @@ def _grouped_wgrad_kernel(
     K, N, E, NSRC,
     sxm, sxk, sym, syn, swe, swk, swn,
     BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     # expert e's rows are the segments s * E + e for s < NSRC (one per source rank in the fused path; NSRC = 1
     # for plain grouped rows)
@@ -130,7 +140,7 @@ def _grouped_wgrad_kernel(
                             other=0.0)  # fmt: skip
                 b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :] * syn, mask=r_ok[:, None] & col_ok[None, :],
                             other=0.0)  # fmt: skip
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = _dot(a, b, acc, PRECISION, UPCAST)
         dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
         tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
@@ -142,6 +152,10 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm": (128, 256, 64, 8, 3, 8),
     "grouped_mm_wgrad": (128, 128, 64, 8, 3, 1),
 }
+
+
+def _upcast(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type != "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -174,7 +188,8 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
         x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_SN.stride(0), y_SN.stride(1),
         BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E + 1)) + 1), NUM_PROGRAMS=P,
-        PRECISION=_precision(x_SK.dtype), GROUP_M=group_m, num_warps=warps, num_stages=stages,
+        PRECISION=_precision(x_SK.dtype), GROUP_M=group_m, UPCAST=_upcast(x_SK.device, x_SK.dtype),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm"] += 1
     return y_SN
@@ -199,7 +214,8 @@ def grouped_mm_wgrad_segments(
         x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
         x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
-        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype), num_warps=warps, num_stages=stages,
+        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype),
+        UPCAST=_upcast(x_SK.device, x_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm_wgrad"] += 1
     return dw_EKN

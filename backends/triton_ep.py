@@ -321,7 +321,7 @@ def _dispatch_gemm_kernel(
     swe, swk, swn,
     EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, ROLE: tl.constexpr,
-    SAVE_A: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if pid < NSEND:
@@ -371,7 +371,7 @@ def _dispatch_gemm_kernel(
                             )
                         b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
                                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                        acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
                 tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
@@ -383,7 +383,7 @@ def _gemm_scatter_kernel(
     me, TK, Kd, N, NSEG, SLOT,
     sam, sak, swe, swk, swn,
     EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]."""
     pid = tl.program_id(0)
@@ -412,7 +412,7 @@ def _gemm_scatter_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
         dst = _ptr(comb_tab, s, a_ptr)
         tl.store(dst + slot[:, None] * N + cols[None, :], acc.to(a_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
@@ -583,7 +583,8 @@ def _dispatch_gemm(
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
             BM=BM, BN=BN, BK=BK, LOG=_log(nseg), ROLE=role, SAVE_A=save_a,
-            PRECISION=triton_backend._precision(src_TH.dtype), num_warps=warps, num_stages=stages,
+            PRECISION=triton_backend._precision(src_TH.dtype),
+            UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if buf.simulated:
@@ -610,7 +611,8 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
         me, T * K, a_SK.shape[1], N, nseg, slot,
         a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg),
-        PRECISION=triton_backend._precision(a_SK.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=triton_backend._precision(a_SK.dtype),
+        UPCAST=triton_backend._upcast(buf.device, a_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     yield
     _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)

@@ -16,8 +16,8 @@ from moecc.pass_manager import CompileContext, PassCheckError
 
 
 def test_pipeline_order() -> None:
-    assert passes.PASS_NAMES == ["lift_moe", "plan", "shard", "sync_grads", "fuse", "schedule", "lower"]
-    assert [p.stage for p in passes.PIPELINE] == ["dynamo", "dynamo", "dynamo", "aot", "aot", "aot", "aot"]
+    assert passes.PASS_NAMES == ["lift_moe", "plan", "shard", "fuse", "sync_grads", "schedule", "lower"]
+    assert [p.stage for p in passes.PIPELINE] == ["dynamo", "dynamo", "dynamo", "dynamo", "aot", "aot", "aot"]
 
 
 def _drop_moe_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -54,10 +54,9 @@ def test_dumps_show_every_pass(tmp_path: Path) -> None:
             "01_lift_moe.py",
             "02_plan.py",
             "03_shard.py",
-            "04_sync_grads.fwd.py",
-            "04_sync_grads.bwd.py",
-            "05_fuse.fwd.py",
-            "05_fuse.bwd.py",
+            "04_fuse.py",
+            "05_sync_grads.fwd.py",
+            "05_sync_grads.bwd.py",
             "06_schedule.fwd.py",
             "06_schedule.bwd.py",
             "07_lower.fwd.py",

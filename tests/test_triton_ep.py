@@ -74,12 +74,19 @@ def routing(kind: str, T: int, K: int, E: int, gen: torch.Generator) -> torch.Te
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize(("ep", "kinds"), [(1, ["uniform"]), (2, ["uniform", "skewed"]), (4, ["dropped", "uniform"])])
-def test_fused_layer_matches_eager(ep, kinds):
+@pytest.mark.parametrize(
+    ("ep", "kinds", "dt"),
+    [
+        (1, ["uniform"], torch.float32),
+        (2, ["uniform", "skewed"], torch.float32),
+        (4, ["dropped", "uniform"], torch.float32),
+        (2, ["dropped"], torch.bfloat16),
+    ],
+)
+def test_fused_layer_matches_eager(ep, kinds, dt):
     T, K, H, Fd, E_l = 12, 2, 16, 24, 2
     E = ep * E_l
     gen = torch.Generator().manual_seed(ep)
-    dt = torch.float32
     w1 = torch.randn(E, H, Fd, generator=gen, dtype=torch.float64) * 0.3
     w2 = torch.randn(E, Fd, H, generator=gen, dtype=torch.float64) * 0.3
     world = triton_ep.SimWorld(ep, T, K, H, E_l, dt, DEV)
@@ -101,7 +108,7 @@ def test_fused_layer_matches_eager(ep, kinds):
         outs, dxs, dw1s, dw2s, dws, fwd1 = run_layer(
             world, dev(xs), dev(idxs), dev(ws), w1s, w2s, dev(douts)
         )  # fmt: skip
-        tol = {"rtol": 1e-4, "atol": 1e-4}
+        tol = {"rtol": 1e-4, "atol": 1e-4} if dt == torch.float32 else {"rtol": 4e-2, "atol": 4e-2}
         for r in range(ep):
             what = f"ep={ep} {kind} rank {r}"
             torch.testing.assert_close(outs[r].double().cpu(), ref[r], **tol, msg=lambda m, w=what: f"{w} out: {m}")
