@@ -346,32 +346,38 @@ def _dispatch_gemm_kernel(
                 cols = nt * BN + tl.arange(0, BN)
                 col_ok = cols < N
                 live = seg < NSEG - 1
+                # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
+                # signals, and run no k-steps (the same loop shape as the plain grouped GEMM, no branch around it)
+                s = tl.load(seg_src_ptr + seg)
+                e = tl.load(seg_exp_ptr + seg)
+                q = tl.load(seg_q0_ptr + seg) + (rows - lo)
+                _wait_signal(sig_ptr + SLOT * EP + s, target)
+                mi = (s * TK + q).to(tl.int64)
+                live_rows = rows < tl.where(live, hi, lo)
+                rr = tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0).to(tl.int64)
+                if HAS_GATES:
+                    g = tl.load(gates_ptr + mi, mask=live_rows, other=0.0)
+                k_end = tl.where(live, H, 0)
+                if SAVE_A:  # the gathered (and scaled) rows, once per m-tile, for the weight gradient
+                    if nt == 0:
+                        for k0 in range(0, k_end, BK):
+                            ks = k0 + tl.arange(0, BK)
+                            am = row_ok[:, None] & (ks < H)[None, :]
+                            a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
+                            if HAS_GATES:
+                                a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
+                            tl.store(save_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], a, mask=am)
                 acc = tl.zeros((BM, BN), dtype=tl.float32)
-                if live:
-                    s = tl.load(seg_src_ptr + seg)
-                    e = tl.load(seg_exp_ptr + seg)
-                    q = tl.load(seg_q0_ptr + seg) + (rows - lo)
-                    _wait_signal(sig_ptr + SLOT * EP + s, target)
-                    mi = (s * TK + q).to(tl.int64)
-                    rr = tl.load(rowmap_ptr + mi * 2, mask=row_ok, other=0).to(tl.int64)
+                for k0 in range(0, k_end, BK):
+                    ks = k0 + tl.arange(0, BK)
+                    k_ok = ks < H
+                    a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                                other=0.0)  # fmt: skip
                     if HAS_GATES:
-                        g = tl.load(gates_ptr + mi, mask=row_ok, other=0.0)
-                    for k0 in range(0, H, BK):
-                        ks = k0 + tl.arange(0, BK)
-                        k_ok = ks < H
-                        am = row_ok[:, None] & k_ok[None, :]
-                        a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
-                        if HAS_GATES:
-                            a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
-                        if SAVE_A:
-                            tl.store(
-                                save_ptr + rows[:, None].to(tl.int64) * H + ks[None, :],
-                                a,
-                                mask=am & (tl.zeros((BM, BK), tl.int32) + nt == 0),
-                            )
-                        b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
-                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-                        acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
+                        a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
+                    b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
+                                mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                    acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
                 tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 

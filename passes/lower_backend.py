@@ -30,7 +30,7 @@ TRITON_KERNELS = {
 
 def graph_device(gm: fx.GraphModule) -> torch.device:
     for n in gm.graph.nodes:
-        v = n.meta.get("val")
+        v = n.meta.get("val", n.meta.get("example_value"))  # AOT graphs / Dynamo graphs
         if isinstance(v, torch.Tensor):
             return v.device
     return torch.device("cpu")
