@@ -34,11 +34,14 @@ def profile(shape: str, backend: str, rows: int, out: Path) -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="cuda_time_total", row_limit=rows, max_name_column_width=50, max_shapes_column_width=90
+    )
     text = f"## {shape} {backend} (3 steps of forward+backward)\n\n{table}\n"
     print(text, flush=True)
     (out / f"profile_{shape}_{backend}.txt").write_text(text)
