@@ -199,7 +199,7 @@ def group_buffers(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torc
         if hasattr(symm_mem, "enable_symm_mem_for_group"):
             symm_mem.enable_symm_mem_for_group(group_name)  # type: ignore[arg-type]
         raw = symm_mem.empty(n, dtype=torch.uint8, device=device)
-        hdl = symm_mem.rendezvous(raw, group)
+        hdl = symm_mem.rendezvous(raw, group)  # type: ignore[arg-type]  # a real group here (ep > 1)
         bufs = EPBuffers.from_bases(
             raw, list(hdl.buffer_ptrs), hdl.rank, (ep, T, K, H, E_l, dtype), simulated=False, keep=(raw, hdl)
         )
@@ -626,9 +626,18 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
 
 
-def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: int) -> torch.Tensor:
-    """dw[e] = sum over sources s of a[rows of (s, e)]^T @ dy[rows of (s, e)]."""
-    return triton_backend.grouped_mm_wgrad_segments(a_SK, dy_SN, plan.offs[: ep * E_l], ep, E_l)
+def transposed_weight(w_EKN: torch.Tensor) -> bool:
+    """w is the transposed view of an [E, N, K] parameter (nn.Linear layout)."""
+    return w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1
+
+
+def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: int, w_EKN: torch.Tensor):
+    """dw[e] = sum over sources s of a[rows of (s, e)]^T @ dy[rows of (s, e)], laid out like w's parameter
+    (dw^T = dy^T a where w is a transposed view), so that no strided copy of the weight gradient follows."""
+    offs = plan.offs[: ep * E_l]
+    if transposed_weight(w_EKN):
+        return triton_backend.grouped_mm_wgrad_segments(dy_SN, a_SK, offs, ep, E_l).transpose(1, 2)
+    return triton_backend.grouped_mm_wgrad_segments(a_SK, dy_SN, offs, ep, E_l)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -676,7 +685,7 @@ def gemm_combine_backward(
     dw_TK = torch.where(plan.valid_TK, (dout_TH.float()[:, None, :] * y_TKH.float()).sum(-1), 0.0).to(w_TK.dtype)
     gates_J = w_TK.reshape(-1).float()[plan.slot_J].contiguous()
     da_SF, dy_SH = yield from _dispatch_gemm(buf, dout_TH, plan, w2_EKN.transpose(1, 2), GDATA, gates_J, save_a=True)
-    dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l)
+    dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l, w2_EKN)
     COUNTERS["gemm_combine.backward"] += 1
     return da_SF, dw2, dw_TK
 
@@ -685,7 +694,7 @@ def dispatch_gemm_backward(buf: EPBuffers, dh_SF: torch.Tensor, x_SH: torch.Tens
     """-> (dx_TH, dw1_EKN). dX GEMM scatters back to the sources like the combine did."""
     dh_SF = dh_SF.contiguous()
     comb = yield from _gemm_scatter(buf, dh_SF, w1_EKN.transpose(1, 2), plan, GCOMB)
-    dw1 = _wgrad(x_SH, dh_SF, plan, buf.ep, buf.E_l)
+    dw1 = _wgrad(x_SH, dh_SF, plan, buf.ep, buf.E_l, w1_EKN)
     dx = torch.where(plan.valid_TK[..., None], comb, 0.0).float().sum(1).to(dh_SF.dtype)
     COUNTERS["dispatch_gemm.backward"] += 1
     return dx, dw1

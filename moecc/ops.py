@@ -97,8 +97,17 @@ def _grouped_mm_backward(ctx: Any, dy_SN: torch.Tensor):
     if ctx.needs_input_grad[0]:
         dx_SK = torch.ops.moecc.grouped_mm(dy_SN, w_EKN.transpose(1, 2), offs_E)
     if ctx.needs_input_grad[1]:
-        dw_EKN = torch.ops.moecc.grouped_mm_wgrad(x_SK, dy_SN, offs_E)
+        dw_EKN = weight_grad(x_SK, dy_SN, offs_E, w_EKN)
     return dx_SK, dw_EKN, None
+
+
+def weight_grad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, w_EKN: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e], laid out like w: where w is the transposed view of an [E, N, K]
+    parameter (nn.Linear layout), dw^T = dy^T x is computed instead, so that the gradient reaches the
+    parameter without a strided copy of the whole weight."""
+    if w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1:
+        return torch.ops.moecc.grouped_mm_wgrad(dy_SN, x_SK, offs_E).transpose(1, 2)
+    return torch.ops.moecc.grouped_mm_wgrad(x_SK, dy_SN, offs_E)
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
@@ -287,9 +296,18 @@ def ep_dispatch_gemm_backward(
     return triton_ep.run_flow(triton_ep.dispatch_gemm_backward(buf, dh_SF, x_SH, w1_EKN, p))
 
 
+def _grad_like(w_EKN: torch.Tensor) -> torch.Tensor:
+    """An empty weight gradient laid out as the fused backward produces it (see triton_ep.transposed_weight)."""
+    from moecc.backends import triton_ep
+
+    if triton_ep.transposed_weight(w_EKN):
+        return w_EKN.new_empty(w_EKN.shape[0], w_EKN.shape[2], w_EKN.shape[1]).transpose(1, 2)
+    return w_EKN.new_empty(w_EKN.shape)
+
+
 @ep_dispatch_gemm_backward.register_fake
 def _(dh_SF, x_SH, w1_EKN, plan, T: int, K: int, group_name: str):
-    return x_SH.new_empty(T, x_SH.shape[1]), torch.empty_like(w1_EKN, memory_format=torch.contiguous_format)
+    return x_SH.new_empty(T, x_SH.shape[1]), _grad_like(w1_EKN)
 
 
 def _ep_dispatch_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -353,11 +371,7 @@ def ep_gemm_combine_backward(
 
 @ep_gemm_combine_backward.register_fake
 def _(dout_TH, a_SF, w2_EKN, w_TK, y_TKH, plan, group_name: str):
-    return (
-        torch.empty_like(a_SF),
-        torch.empty_like(w2_EKN, memory_format=torch.contiguous_format),
-        torch.empty_like(w_TK),
-    )
+    return torch.empty_like(a_SF), _grad_like(w2_EKN), torch.empty_like(w_TK)
 
 
 def _ep_combine_setup(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -53,7 +53,9 @@ class _Match:
         ucs = [n for n in nodes if n.target is torch.ops.moecc.unpermute_combine.default]
         gms = [n for n in nodes if n.target is torch.ops.moecc.grouped_mm.default]
         if len(rps) != 1 or len(ucs) != 1 or len(gms) != 2:
-            self.reason = f"expected one dispatch, two expert GEMMs and one combine, found {len(rps)}/{len(gms)}/{len(ucs)}"
+            self.reason = (
+                f"expected one dispatch, two expert GEMMs and one combine, found {len(rps)}/{len(gms)}/{len(ucs)}"
+            )
             return
         self.rp, self.uc = rps[0], ucs[0]
         outs = _outputs(self.rp)
@@ -90,8 +92,8 @@ class _Match:
         if io is not None:
             self.x, self.idx, self.w, self.out = (by_name[io[k]] for k in ("x", "idx", "w", "out"))
         else:
-            self.x, self.idx = self.rp.args[0], self.rp.args[1]  # type: ignore[assignment]
-            self.w, self.out = self.uc.args[3], self.uc  # type: ignore[assignment]
+            self.x, self.idx = self.rp.args[0], self.rp.args[1]
+            self.w, self.out = self.uc.args[3], self.uc
         xv = _val(self.x)
         if xv is not None and xv.dtype not in FUSED_DTYPES:
             self.reason = f"tokens of dtype {xv.dtype}; the fused kernels take {', '.join(map(str, FUSED_DTYPES))}"
