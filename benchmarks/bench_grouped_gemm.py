@@ -117,8 +117,11 @@ def main() -> None:
     for shape in args.shapes:
         records += bench_shape(shape, dev, gen)
         torch.cuda.empty_cache()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    commit = commit or os.environ.get("MOECC_COMMIT", "")  # a copy of the tree without .git
+    # MOECC_COMMIT first: a copy of the tree may carry a .git that is not the tree's
+    commit = os.environ.get("MOECC_COMMIT", "")
+    commit = (
+        commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     result = {
         "date": datetime.date.today().isoformat(),
         "hardware": torch.cuda.get_device_name(),

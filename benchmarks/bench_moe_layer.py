@@ -746,13 +746,16 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
 
 
 def git_commit() -> str:
+    """MOECC_COMMIT where set (a copy of the tree whose .git, if any, is not the tree's), else git's HEAD."""
+    if os.environ.get("MOECC_COMMIT"):
+        return os.environ["MOECC_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent
         ).stdout.strip()
     except OSError:
         out = ""
-    return out or os.environ.get("MOECC_COMMIT", "") or "unknown"  # a copy of the tree without .git
+    return out or "unknown"
 
 
 def init_distributed(device: str, timeout_s: float) -> tuple[int, int, torch.device]:

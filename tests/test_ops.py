@@ -192,11 +192,15 @@ def test_opcheck(name):
 
 def test_every_moe_op_is_opchecked():
     # ep_plan and all_to_all_rows need a process group: tests/test_distributed.py opchecks them; the triton
-    # kernels' ops are opchecked in tests/test_triton_backend.py
+    # kernels' ops are opchecked in tests/test_triton_backend.py, the fused ones in tests/test_triton_ep.py
     names = ("route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine", "ep_plan", "all_to_all_rows")
     assert {op.name() for op in ops.MOE_OPS} == {f"moecc::{n}" for n in names} | {
         "moecc::triton_grouped_mm",
         "moecc::triton_grouped_mm_wgrad",
+        "moecc::ep_dispatch_gemm",
+        "moecc::ep_dispatch_gemm_backward",
+        "moecc::ep_gemm_combine",
+        "moecc::ep_gemm_combine_backward",
     }
 
 

@@ -153,3 +153,30 @@ def test_each_token_sent_once_per_destination():
         for s in range(ep):  # the rows rank s sent to r arrived in order
             hit = (idx // E_l == r).any(1)
             torch.testing.assert_close(recv[s, : int(hit.sum())], xs[s][hit])
+
+
+def test_fused_ops_opcheck():
+    """The fused ops' schemas, fake implementations (shapes and strides, including weight gradients laid out
+    like nn.Linear-layout parameters) and autograd registration, on a one-rank world."""
+    from moecc import ops
+
+    T, K, H, Fd, E = 8, 2, 16, 24, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=gen).to(DEV).requires_grad_()
+    idx = routing("uniform", T, K, E, gen).to(DEV)
+    w1 = torch.randn(E, Fd, H, generator=gen).to(DEV).transpose(1, 2).requires_grad_()  # a view, as interfaces pass
+    w2 = torch.randn(E, Fd, H, generator=gen).to(DEV).requires_grad_()
+    w = torch.rand(T, K, generator=gen).to(DEV).requires_grad_()
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(ops.ep_dispatch_gemm, (x, idx, w1, 1, ""), test_utils=utils)
+    h, x_SH, plan = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
+    a = F.silu(h).detach().requires_grad_()
+    torch.library.opcheck(ops.ep_gemm_combine, (a, w2, w, plan, 1, ""), test_utils=utils)
+    out, y = ops.ep_gemm_combine(a, w2, w, plan, 1, "")
+    dout = torch.randn_like(out)
+    args = (dout, a.detach(), w2.detach(), w.detach(), y, plan, "")
+    torch.library.opcheck(ops.ep_gemm_combine_backward, args, test_utils=utils[:2])
+    dh = torch.randn_like(h)
+    torch.library.opcheck(ops.ep_dispatch_gemm_backward, (dh, x_SH, w1.detach(), plan, T, K, ""), test_utils=utils[:2])
+    _, dw1 = ops.ep_dispatch_gemm_backward(dh, x_SH, w1.detach(), plan, T, K, "")
+    assert dw1.transpose(1, 2).is_contiguous(), "the weight gradient is laid out like the [E, F, H] parameter"
