@@ -17,8 +17,9 @@ from moecc import ops  # noqa: E402, F401  (registers the moecc custom ops)
 from moecc.api import CompiledModule, compile, register_dynamo_backend  # noqa: E402
 from moecc.artifact import load  # noqa: E402
 from moecc.options import CompileOptions, MoeccError  # noqa: E402
+from moecc.profile import profile_step  # noqa: E402
 
 register_dynamo_backend()
 
-__all__ = ["CompiledModule", "CompileOptions", "MoeccError", "compile", "load"]
+__all__ = ["CompiledModule", "CompileOptions", "MoeccError", "compile", "load", "profile_step"]
 __version__ = "0.1.0"

@@ -262,7 +262,8 @@ def compile(model: Any = None, **kwargs: Any) -> Any:
     """Compile an MoE model.
 
     `moecc.compile(model, ep=None, backend="auto", dump_dir=None, verify=False, disable_passes=(),
-    allow_fallback=False, debug=None)` returns a `CompiledModule` sharing `model`'s parameters.
+    allow_fallback=False, debug=None, capacity_factor=None, profile=None)` returns a `CompiledModule`
+    sharing `model`'s parameters.
     Used as `@moecc.compile(...)` on an `nn.Module` subclass, instances compile lazily at their first call.
     See `CompileOptions` for what each option does.
     """

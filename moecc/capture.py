@@ -201,7 +201,12 @@ class Session:
         gid = len(self.contexts)
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
         ctx = CompileContext(
-            self.options, self.mesh, cost.default_profile(device), gid, self.module_regions, self.released
+            self.options,
+            self.mesh,
+            cost.default_profile(device, self.options.profile),
+            gid,
+            self.module_regions,
+            self.released,
         )
         self.contexts.append(ctx)
         absolute_paths(gm, self.param_names)
@@ -221,6 +226,10 @@ class Session:
                 out = run_stage(g, ctx, "aot", kind)
                 if ctx.dumper is not None:
                     ctx.dumper.write_index(ctx)
+                if ctx.options.profile_nodes:
+                    from moecc.profile import NodeTimer
+
+                    return make_boxed_func(NodeTimer(out, ctx.graph_id, kind))
                 return make_boxed_func(out)
 
             return compiler

@@ -141,6 +141,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    """One process: compile the factory's model with node profiling, train a few steps, profile the last."""
+    from moecc import profile
+
+    model, inputs = build_from(args.factory)
+    out = Path(args.out)
+    cm = moecc.compile(model, backend=args.backend, dump_dir=out / "dumps", profile_nodes=True)
+    params = [p for p in cm.parameters() if p.requires_grad]
+
+    def step() -> None:
+        result = cm(*inputs)
+        loss = getattr(result, "logits", result)
+        loss = loss.float().square().mean() if loss.dim() else loss
+        loss.backward()
+        for p in params:
+            p.grad = None
+
+    for _ in range(max(args.steps - 1, 1)):
+        step()
+    res = profile.profile_step(cm, step, out)
+    print(profile.timeline_table(res))
+    print(f"wrote {out / 'timeline.md'} and {out / 'measured.json'}; predicted timelines in {cm.dump_root}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from moecc import calibrate, cost
+
+    path = calibrate.calibrate(args.out, world_size=args.world_size, device=args.device, quick=args.quick)
+    p = cost.load_profile(path)
+    print(f"wrote {path} ({p.name})")
+    print(f"  dense GEMM {p.gemm_flops / 1e12:.3g} TFLOP/s, grouped GEMM {p.grouped_gemm_flops / 1e12:.3g} TFLOP/s")
+    print(f"  memory {p.mem_bw / 1e9:.3g} GB/s")
+    for kind, pts in p.curves:
+        row = ", ".join(f"{b / 1024:.0f} KiB {t * 1e6:.0f} us" for b, t in pts)
+        print(f"  {kind}: {row}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moecc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("calibrate", help="measure this machine's rates into a profile the cost model uses")
+    p.add_argument("--out", default=None, help="profile file (default: where compile looks for this device)")
+    p.add_argument("--world-size", type=int, default=2, help="local processes for the collective curves")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and iterations (seconds, not minutes)")
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("profile", help="measure a compiled training step node by node against the prediction")
+    p.add_argument("factory", help="MODULE:FUNCTION or FILE.py:FUNCTION returning (model, example_inputs)")
+    p.add_argument("--out", required=True, help="folder for timeline.md, measured.json and the dumps")
+    p.add_argument("--steps", type=int, default=3, help="steps to run (the last one is profiled)")
+    p.add_argument("--backend", default="auto", choices=list(moecc.options.BACKENDS))
+    p.set_defaults(fn=cmd_profile)
 
     p = sub.add_parser("explain", help="print what each pass did")
     p.add_argument("dir", help="an artifact folder or a dump folder")

@@ -8,12 +8,18 @@ evaluated estimate from `node.meta["moecc"]["cost_us"]`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import operator
+import os
+from pathlib import Path
 from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
+
+from moecc.options import MoeccError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,24 +30,116 @@ class HardwareProfile:
     mem_bw: float  # device memory bandwidth, B/s
     a2a_bw: float  # all-to-all bandwidth per rank at large messages, B/s
     a2a_latency: float  # per-collective latency, s
+    # measured (bytes per rank, seconds) points per collective ("all_to_all", "all_reduce"), from calibrate;
+    # where present they replace latency + bytes / bandwidth
+    curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    op_overhead: float = 5e-6  # fixed cost of issuing one operation (dispatch, launch), s
+    source: str = "built-in"  # where the figures come from (built-in, or the calibrated profile's path)
+
+    def comm_s(self, kind: str, nbytes: float) -> float:
+        """Predicted time of one collective moving `nbytes` per rank."""
+        points = dict(self.curves).get(kind)
+        if not points:
+            return self.a2a_latency + nbytes / self.a2a_bw
+        return _interpolate(points, nbytes)
+
+    def bucket_bytes(self) -> float:
+        """Gradient bucket size: where an all-reduce's fixed latency is a tenth of its time (9 x latency x
+        bandwidth, from the measured curve where there is one), within [1 MiB, 64 MiB]."""
+        lat = self.comm_s("all_reduce", 0.0)
+        big = float(64 << 20)
+        bw = big / max(self.comm_s("all_reduce", big) - lat, 1e-12)
+        return min(max(9.0 * lat * bw, float(1 << 20)), big)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["curves"] = {k: [list(p) for p in pts] for k, pts in self.curves}
+        return d
+
+    @staticmethod
+    def from_json(d: dict[str, Any], source: str) -> HardwareProfile:
+        d = {k: v for k, v in d.items() if k != "measured"}  # how it was measured: for people, not the model
+        fields = {f.name for f in dataclasses.fields(HardwareProfile)}
+        unknown = set(d) - fields
+        missing = {"name", "gemm_flops", "grouped_gemm_flops", "mem_bw", "a2a_bw", "a2a_latency"} - set(d)
+        if unknown or missing:
+            raise ValueError(f"not a moecc profile: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+        curves = tuple((k, _monotone(pts)) for k, pts in sorted(d.get("curves", {}).items()))
+        return HardwareProfile(**{**d, "curves": curves, "source": source})
+
+
+def _monotone(points: Any) -> tuple[tuple[float, float], ...]:
+    """Measured (bytes, seconds) points sorted by size, each time capped by the next one's: a smaller message is
+    never slower than a larger one, whatever noise a probe picked up."""
+    pts = sorted((float(b), float(t)) for b, t in points)
+    for i in range(len(pts) - 2, -1, -1):
+        pts[i] = (pts[i][0], min(pts[i][1], pts[i + 1][1]))
+    return tuple(pts)
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], nbytes: float) -> float:
+    """Piecewise linear in (bytes, seconds) between measured points; below the first, its time (latency);
+    beyond the last, the last segment's bandwidth."""
+    if nbytes <= points[0][0]:
+        return points[0][1]
+    for (b0, t0), (b1, t1) in zip(points, points[1:], strict=False):
+        if nbytes <= b1:
+            return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+    if len(points) == 1:
+        return points[0][1]
+    (b0, t0), (b1, t1) = points[-2], points[-1]
+    return t1 + (nbytes - b1) * max(t1 - t0, 0.0) / (b1 - b0)
 
 
 PROFILES = {
     # measured on 4 x H200 (NVLink full mesh), torch 2.11: see shared/DESIGN.md
-    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6),
+    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6, op_overhead=5e-6),
     # a 2-core CPU machine: rough figures good enough to rank choices
-    "cpu": HardwareProfile("cpu", 50e9, 40e9, 10e9, 2e9, 50e-6),
+    "cpu": HardwareProfile("cpu", 50e9, 40e9, 10e9, 2e9, 50e-6, op_overhead=10e-6),
 }
 
+PROFILE_ENV = "MOECC_PROFILE"
 
-def default_profile(device: torch.device | str | None = None) -> HardwareProfile:
+
+def device_key(device: torch.device | str | None) -> str:
+    """The name a calibrated profile of this device is saved under ("cpu", "nvidia-h200", ...)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        return "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(dev).lower()).strip("-")
+    return dev.type
+
+
+def profile_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moecc" / "profiles"
+
+
+def load_profile(path: str | os.PathLike) -> HardwareProfile:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+        return HardwareProfile.from_json(data, source=str(p))
+    except (OSError, ValueError, TypeError) as e:
+        raise MoeccError(f"cannot use the hardware profile {p}: {e}. Re-run `moecc calibrate`.") from e
+
+
+def default_profile(device: torch.device | str | None = None, path: str | os.PathLike | None = None) -> HardwareProfile:
+    """The profile compile uses: `path`, else $MOECC_PROFILE, else a profile `moecc calibrate` saved for this
+    device, else the built-in figures (h200 for a GPU, cpu otherwise)."""
+    chosen = path or os.environ.get(PROFILE_ENV)
+    if chosen:
+        return load_profile(chosen)
+    saved = profile_dir() / f"{device_key(device)}.json"
+    if saved.exists():
+        return load_profile(saved)
     dev = torch.device(device) if device is not None else None
     if dev is not None and dev.type == "cuda":
         return PROFILES["h200"]
     return PROFILES["cpu"]
 
 
-def _val(node: fx.Node) -> Any:
+def _val(node: Any) -> Any:
+    if not isinstance(node, fx.Node):
+        return None
     return node.meta.get("val", node.meta.get("example_value"))
 
 
@@ -72,10 +170,33 @@ def _nbytes(v: Any) -> int:
 S_e = sympy.Symbol("S_e", positive=True)  # rows routed to one expert
 
 
+def _fused(node: fx.Node) -> tuple[int, int, Any] | None:
+    """(T, K, expert weight) of a fused expert-parallel op's node, None for other nodes."""
+    name = str(node.target).removesuffix(".default")
+    a = node.args
+    if name == "moecc.ep_dispatch_gemm":
+        T, K = (_size(s) for s in _val(a[1]).shape)
+        return T, K, _val(a[2])
+    if name == "moecc.ep_gemm_combine":
+        T, K = (_size(s) for s in _val(a[2]).shape)
+        return T, K, _val(a[1])
+    if name == "moecc.ep_gemm_combine_backward":
+        T, K = (_size(s) for s in _val(a[3]).shape)
+        return T, K, _val(a[2])
+    if name == "moecc.ep_dispatch_gemm_backward":
+        return int(a[4]), int(a[5]), _val(a[2])  # type: ignore[arg-type]
+    return None
+
+
 def flops_formula(node: fx.Node) -> sympy.Expr | None:
     """FLOPs of a GEMM-like node as a sympy expression (None for other nodes)."""
     name = str(node.target)
     args: list[Any] = [_val(a) if isinstance(a, fx.Node) else a for a in node.args]
+    fused = _fused(node)
+    if fused is not None:
+        w = fused[2]
+        gemms = 2 if "backward" in name else 1  # dX and dW
+        return gemms * 2 * S_e * _size(w.shape[0]) * _size(w.shape[1]) * _size(w.shape[2])
     if "moecc.grouped_mm_wgrad" in name:
         x, dy, offs = args[:3]
         return 2 * S_e * _size(x.shape[1]) * _size(dy.shape[1]) * _size(offs.shape[0])
@@ -91,20 +212,66 @@ def flops_formula(node: fx.Node) -> sympy.Expr | None:
 
 
 def expected_rows_per_expert(node: fx.Node) -> float:
-    """E[S_e] under uniform routing: the routed rows of a grouped GEMM spread evenly over its experts."""
-    x, offs = _val(node.args[0]), _val(node.args[2])  # type: ignore[arg-type]
+    """E[S_e] under uniform routing: the routed rows of a grouped GEMM spread evenly over its experts (for the
+    fused ops: the T*K rows of a rank's tokens, what a rank receives on average, over its local experts)."""
+    fused = _fused(node)
+    if fused is not None:
+        T, K, w = fused
+        return T * K / max(_size(w.shape[0]), 1)
+    x, offs = _val(node.args[0]), _val(node.args[2])
     return _size(x.shape[0]) / max(_size(offs.shape[0]), 1)
 
 
-def estimate_us(node: fx.Node, profile: HardwareProfile) -> float:
-    """Predicted time of one node in microseconds: max(FLOPs / rate, bytes / bandwidth)."""
-    if node.op != "call_function":
+def expected_destinations(ep: int, top_k: int) -> float:
+    """E[distinct ranks among a token's top-k experts] under uniform routing (experts spread evenly)."""
+    return ep * (1.0 - (1.0 - 1.0 / ep) ** top_k)
+
+
+COLLECTIVE_KIND = {
+    "moecc.all_to_all_rows.default": "all_to_all",
+    "moecc.ep_plan.default": "all_to_all",
+    "_c10d_functional.all_reduce.default": "all_reduce",
+}
+
+
+def comm_bytes(node: fx.Node, top_k: int) -> float:
+    """Bytes one rank sends to other ranks in a collective node, expected under uniform routing."""
+    name = str(node.target)
+    if name == "moecc.ep_plan.default":
+        return 8.0 * _size(node.args[2]) if isinstance(node.args[2], int) else 64.0  # one count per peer
+    if name == "moecc.all_to_all_rows.default":
+        x = _val(node.args[0])
+        ep = _size(_val(node.args[1]).shape[0])
+        rows = x.shape[0]  # the buffer holds ep * T rows, the most a rank can send or receive
+        T = _size(rows) / ep
+        row_bytes = _nbytes(x) / max(_size(rows), 1)
+        return T * expected_destinations(ep, top_k) * (ep - 1) / ep * row_bytes
+    return float(_nbytes(_val(node.args[0])))
+
+
+def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1) -> float:
+    """Predicted time of one node in microseconds: max(FLOPs / rate, bytes / bandwidth) for compute, the
+    profile's collective curve for collectives; the fused expert-parallel ops overlap their transfers with
+    their GEMMs, so they take the longer of the two."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return 0.0
+    name = str(node.target)
+    if name in COLLECTIVE_KIND:
+        return 1e6 * profile.comm_s(COLLECTIVE_KIND[name], comm_bytes(node, top_k))
+    if name == "_c10d_functional.wait_tensor.default":
         return 0.0
     f = flops_formula(node)
-    grouped = "moecc.grouped" in str(node.target)
+    grouped = "moecc.grouped" in name or "moecc.ep_" in name
     rate = profile.grouped_gemm_flops if grouped else profile.gemm_flops
     flops = 0.0
     if f is not None:
         flops = float(f.subs(S_e, expected_rows_per_expert(node))) if grouped else float(f)
     touched = _nbytes(_val(node)) + sum(_nbytes(_val(a)) for a in node.all_input_nodes)
-    return 1e6 * max(flops / rate, touched / profile.mem_bw)
+    t = max(flops / rate, touched / profile.mem_bw)
+    fused = _fused(node)
+    if fused is not None and ep > 1:  # rows to and from the other ranks, inside the kernels
+        T, K, w = fused
+        H = _size(w.shape[1] if "dispatch" in name else w.shape[2])  # w1 is [E, H, F'], w2 [E, F, H]
+        moved = T * expected_destinations(ep, K) * (ep - 1) / ep * H * w.element_size()
+        t = max(t, profile.comm_s("all_to_all", moved))
+    return 1e6 * (t + profile.op_overhead)

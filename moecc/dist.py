@@ -89,9 +89,12 @@ def check_same_on_all_ranks(what: str, value: Any) -> None:
     rank, world_size = world()
     if world_size == 1 or is_fake():
         return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     digest = hashlib.sha256(repr(value).encode()).hexdigest()[:16]
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, (digest, repr(value)[:300]))
+    with unset_fake_temporarily():  # also called while AOTAutograd holds a fake mode (schedule)
+        dist.all_gather_object(gathered, (digest, repr(value)[:300]))
     differ = [r for r, (d, _) in enumerate(gathered) if d != gathered[0][0]]
     if differ:
         detail = "; ".join(f"rank {r}: {gathered[r][1]}" for r in [0, *differ[:3]])

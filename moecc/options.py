@@ -41,6 +41,11 @@ class CompileOptions:
             C = ceil(f * T * K / E) routed (token, slot) pairs per step, T the tokens of the whole ep-group;
             it keeps the first ones in (sending rank, token, slot) order and drops the rest. A dropped pair
             adds nothing to its token's output (the remaining weights are not renormalised).
+        profile: a hardware profile file (`moecc calibrate` writes one) for the cost model; None uses
+            $MOECC_PROFILE, else the profile calibrate saved for this device, else built-in figures.
+        bucket_mb: gradient all-reduce bucket size in MiB; None lets the cost model choose.
+        profile_nodes: run compiled graphs node by node inside profiler ranges, so that
+            `moecc.profile_step` can compare each node's measured time with its prediction (slower).
     """
 
     ep: int | None = None
@@ -52,6 +57,9 @@ class CompileOptions:
     debug: int = 0
     dynamic: bool | None = False
     capacity_factor: float | None = None
+    profile: str | None = None
+    bucket_mb: float | None = None
+    profile_nodes: bool = False
 
     @staticmethod
     def make(
@@ -65,6 +73,9 @@ class CompileOptions:
         debug: int | None = None,
         dynamic: bool | None = False,
         capacity_factor: float | None = None,
+        profile: str | os.PathLike | None = None,
+        bucket_mb: float | None = None,
+        profile_nodes: bool = False,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
@@ -82,6 +93,12 @@ class CompileOptions:
             raise MoeccError(
                 f"moecc.compile: unknown pass name(s) {unknown} in disable_passes; passes are {PASS_NAMES}"
             )
+        if bucket_mb is not None and not bucket_mb > 0:
+            raise MoeccError(f"moecc.compile: bucket_mb={bucket_mb!r} must be > 0 (or None: the cost model's choice)")
+        if profile is not None:
+            from moecc import cost
+
+            cost.load_profile(profile)  # a bad file is an error here, not at the first call
         if dump_dir is None and os.environ.get("MOECC_DUMP_DIR"):
             dump_dir = os.environ["MOECC_DUMP_DIR"]
         if debug is None:
@@ -96,6 +113,9 @@ class CompileOptions:
             debug=debug,
             dynamic=dynamic,
             capacity_factor=capacity_factor,
+            profile=os.fspath(profile) if profile is not None else None,
+            bucket_mb=bucket_mb,
+            profile_nodes=profile_nodes,
         )
 
     def enabled(self, pass_name: str) -> bool:

@@ -1,0 +1,136 @@
+"""`moecc calibrate`: measure this machine's rates and save a hardware profile that compile picks up.
+
+Measured: the dense GEMM rate (a square matmul), the grouped GEMM rate (the torch backend's grouped GEMM over
+8 experts), device memory bandwidth (a large copy), and, over a local world of `world_size` processes
+(gloo on the CPU, NCCL with one GPU per rank), the latency/bandwidth curves of `all_to_all_single` and
+`all_reduce`: the median time per call at message sizes from a few KB to tens of MB per rank.
+
+The profile is written to `--out`, by default to the folder compile looks in for this device
+(`~/.cache/moecc/profiles/<device>.json`); `MOECC_PROFILE=<path>` or `moecc.compile(..., profile=<path>)`
+select another one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moecc import cost, testing
+from moecc.backends import torch_backend
+from moecc.options import MoeccError
+
+
+def _time_s(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median seconds per call of fn (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize(device)
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = (4096 if quick else 8192) if device.type == "cuda" else (256 if quick else 1024)
+    iters = 5 if quick else 20
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    gemm = 2 * n**3 / _time_s(lambda: a @ b, device, iters)
+    E = 8
+    offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (n // E)
+    w = torch.randn(E, n, n, device=device, dtype=dtype) / n
+    grouped = 2 * n * n * n / _time_s(lambda: torch_backend.grouped_mm(a, w, offs), device, iters)
+    big = torch.empty((64 if quick else 512) << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(big)
+    bw = 2 * big.numel() / _time_s(lambda: dst.copy_(big), device, iters)
+    tiny = torch.ones(8, device=device)
+    overhead = _time_s(lambda: tiny.add(1.0), device, iters * 10)  # an op with nothing to do: issue cost
+    return {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
+
+
+def _sizes(quick: bool) -> list[int]:
+    """Bytes per rank of the collective probes."""
+    return [4 << 10, 64 << 10, 1 << 20, 4 << 20] if quick else [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+
+
+def _collectives(rank: int, world: int, quick: bool, out: str) -> None:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    curves: dict[str, list[list[float]]] = {"all_to_all": [], "all_reduce": []}
+    iters = 5 if quick else 20
+    for nbytes in _sizes(quick):
+        n = max(nbytes // 4 // world * world, world)
+        x = torch.randn(n, device=device)
+        y = torch.empty_like(x)
+
+        def a2a(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+            dist.all_to_all_single(y, x)
+
+        def ar(x: torch.Tensor = x) -> None:
+            dist.all_reduce(x)
+
+        for kind, fn in (("all_to_all", a2a), ("all_reduce", ar)):
+            dist.barrier()
+            t = _time_s(fn, device, iters)
+            worst = [0.0] * world
+            dist.all_gather_object(worst, t)  # the slowest rank sets the pace of a collective
+            curves[kind].append([float(n * 4), max(worst)])
+    if rank == 0:
+        Path(out).write_text(json.dumps(curves))
+
+
+def measure_collectives(world_size: int, quick: bool) -> dict[str, list[list[float]]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "curves.json")
+        testing.spawn(_collectives, world_size, quick, out, timeout_s=300)
+        return json.loads(Path(out).read_text())
+
+
+def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto", quick: bool = False) -> Path:
+    """Measure and save a profile; returns where it was written."""
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else (device if device != "auto" else "cpu")
+    )
+    if dev.type == "cuda" and world_size > torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise MoeccError(f"calibrate: --world-size {world_size} needs as many GPUs; this machine has {n}")
+    rates = measure_compute(dev, quick)
+    curves = measure_collectives(world_size, quick) if world_size > 1 else {}
+    a2a = curves.get("all_to_all", [])
+    key = cost.device_key(dev)
+    profile = cost.HardwareProfile.from_json(
+        {
+            "name": f"calibrated:{key}:{world_size}",
+            **rates,
+            # the largest probe's rate and the smallest probe's time stand for bandwidth and latency
+            "a2a_bw": a2a[-1][0] / a2a[-1][1] if a2a else cost.PROFILES["cpu" if dev.type == "cpu" else "h200"].a2a_bw,
+            "a2a_latency": a2a[0][1] if a2a else cost.PROFILES["cpu" if dev.type == "cpu" else "h200"].a2a_latency,
+            "curves": curves,
+        },
+        source="measured",
+    )
+    path = Path(out) if out else cost.profile_dir() / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = profile.to_json()
+    data.pop("source")
+    data["measured"] = {"torch": torch.__version__, "world_size": world_size, "quick": quick, "device": key}
+    path.write_text(json.dumps(data, indent=1))
+    return path

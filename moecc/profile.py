@@ -1,0 +1,119 @@
+"""Predicted against measured: run a training step of a compiled model under torch.profiler and compare the
+time of every compiled graph node with what the cost model predicted for it.
+
+Compile with `profile_nodes=True` (what `moecc profile` does): the compiled graphs then run node by node, each
+node inside a `record_function` range named `moecc/<graph>/<forward|backward>/<node>`, so that the profiler
+measures exactly the nodes the schedule pass costed. `profile_step` writes, into the model's dump folder:
+
+- `measured.json`: the profiler's Chrome trace of the step (open it next to `graph_*/timeline.*.json`);
+- `timeline.md`: per operation, the number of nodes, the predicted and measured time, and their ratio; and the
+  step's predicted time (the schedule's critical path summed over graphs) against its measured wall time,
+  with the relative error.
+
+Running node by node costs some host overhead per node, which the measured figures include.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from moecc import ir
+
+PREFIX = "moecc/"
+
+
+class NodeTimer(fx.Interpreter):
+    """Runs a graph node by node, each in a profiler range named after its graph, kind and node."""
+
+    def __init__(self, gm: fx.GraphModule, graph_id: int, kind: str) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.tag = f"{PREFIX}{graph_id}/{kind}/"
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op != "call_function":
+            return super().run_node(n)
+        with torch.profiler.record_function(self.tag + n.name):
+            return super().run_node(n)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.run(*args)
+
+
+def _predicted(cm: Any) -> dict[str, tuple[str, float]]:
+    """range name -> (operation, predicted us) for every costed node of every compiled graph."""
+    out = {}
+    for ctx in cm.session.contexts:
+        for kind, gm in ctx.final_graphs.items():
+            for n in gm.graph.nodes:
+                if n.op == "call_function":
+                    out[f"{PREFIX}{ctx.graph_id}/{kind}/{n.name}"] = (ir.op_name(n), ir.facts(n).get("cost_us", 0.0))
+    return out
+
+
+def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Profile one call of `step` (a training step of the compiled model `cm`, which must have been compiled
+    with profile_nodes=True and run at least once); write measured.json and timeline.md; return the table."""
+    if not cm.options.profile_nodes:
+        raise ValueError("moecc.profile_step: compile the model with profile_nodes=True first")
+    if not cm.session.contexts:
+        raise ValueError("moecc.profile_step: run the step once before profiling it (nothing is compiled yet)")
+    cuda = torch.cuda.is_available()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    predicted = _predicted(cm)
+    measured: dict[str, float] = collections.defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.key.startswith(PREFIX):
+            dev = getattr(ev, "device_time_total", 0.0) if cuda else 0.0
+            measured[ev.key] += dev or ev.cpu_time_total
+    rows: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for key, (op, pred) in predicted.items():
+        if key in measured:
+            r = rows[op]
+            r[0] += 1
+            r[1] += pred
+            r[2] += measured[key]
+    predicted_total = sum(sum(c.plan.get("predicted_us", {}).values()) for c in cm.session.contexts)
+    result = {
+        "wall_us": wall_us,
+        "predicted_us": predicted_total,
+        "error": (predicted_total - wall_us) / wall_us if wall_us else float("nan"),
+        "ops": {op: {"nodes": int(n), "predicted_us": p, "measured_us": m} for op, (n, p, m) in rows.items()},
+    }
+    folder = Path(out_dir) if out_dir is not None else cm.dump_root
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(folder / "measured.json"))
+        (folder / "timeline.md").write_text(timeline_table(result))
+    return result
+
+
+def timeline_table(result: dict[str, Any]) -> str:
+    lines = [
+        "# Predicted vs measured",
+        "",
+        f"Step: predicted {result['predicted_us']:.0f} us, measured {result['wall_us']:.0f} us "
+        f"(error {100 * result['error']:+.1f} %).",
+        "",
+        "| operation | nodes | predicted us | measured us | measured / predicted |",
+        "|---|---|---|---|---|",
+    ]
+    ops = sorted(result["ops"].items(), key=lambda kv: -kv[1]["measured_us"])
+    for op, r in ops:
+        ratio = r["measured_us"] / r["predicted_us"] if r["predicted_us"] else float("inf")
+        lines.append(f"| {op} | {r['nodes']} | {r['predicted_us']:.1f} | {r['measured_us']:.1f} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,157 @@
+"""The schedule pass and the cost model: gradient buckets (same gradients as unscheduled and as eager), the
+collective order (the same on every rank), calibrated hardware profiles (measured, saved, picked up by
+compile), and the predicted timeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import moecc
+from moecc import cost, testing
+from moecc.examples import deepseek_style, mixtral_style
+from moecc.options import MoeccError
+
+
+def _grads(cm, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss = testing.lm_loss(cm(ids), ids)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in cm.named_parameters() if p.grad is not None}
+    for p in cm.parameters():
+        p.grad = None
+    return loss.detach(), grads
+
+
+def _bucketed_like_unscheduled(rank: int, world: int) -> None:
+    for build in (mixtral_style.build, deepseek_style.build):
+        model, (ids,) = build(seed=0)
+        gen = torch.Generator().manual_seed(7)
+        batches = [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
+        replicated = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
+        variants = {
+            "one bucket": {},  # the cost model's bucket size: the tiny model's gradients fit in one
+            "many buckets": {"bucket_mb": replicated / 4 / 2**20},  # a quarter of the replicated gradients each
+            "unscheduled": {"disable_passes": ["schedule"]},
+        }
+        results = {}
+        compiled = {}
+        for name, opts in variants.items():
+            m = copy.deepcopy(model)
+            compiled[name] = cm = moecc.compile(m, ep=world, **opts)
+            results[name] = _grads(cm, batches[rank])
+        base_loss, base = results["unscheduled"]
+        for name in ("one bucket", "many buckets"):
+            loss, grads = results[name]
+            assert torch.equal(loss, base_loss), name
+            assert grads.keys() == base.keys(), name
+            for k in base:  # bucketing changes what travels together, never the sums
+                torch.testing.assert_close(
+                    grads[k], base[k], rtol=0, atol=0, msg=lambda m, k=k, n=name: f"{n} {k}: {m}"
+                )
+        one = compiled["one bucket"].session.counters()
+        many = compiled["many buckets"].session.counters()
+        assert one["schedule.buckets"] == 1 and one["schedule.bucketed_grads"] > 2, one
+        assert many["schedule.buckets"] >= 3 and many["schedule.bucketed_grads"] > 2 * many["schedule.buckets"], many
+        assert "schedule.buckets" not in compiled["unscheduled"].session.counters()
+        # and the scheduled program trains like eager on the global batch (the DDP contract)
+        cm = moecc.compile(copy.deepcopy(model), ep=world)
+        ref = copy.deepcopy(model)
+        opts = (torch.optim.SGD(cm.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1))
+        testing.step_against_eager(cm, ref, opts, batches, rank, cm.session.mesh.ep_index, build.__module__)
+        # every rank issues the same collectives in the same order
+        orders = [c.plan.get("collective_order") for c in cm.session.contexts]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, orders)
+        assert all(g == gathered[0] for g in gathered), gathered
+        assert any("all_reduce" in op for o in orders if o for op in o.get("backward", [])), orders
+        torch._dynamo.reset()
+
+
+def test_gradient_buckets_give_the_unscheduled_gradients() -> None:
+    testing.spawn(_bucketed_like_unscheduled, 2)
+
+
+def test_profile_curves_interpolate_and_stay_monotone() -> None:
+    p = cost.HardwareProfile.from_json(
+        {
+            "name": "t",
+            "gemm_flops": 1e12,
+            "grouped_gemm_flops": 1e12,
+            "mem_bw": 1e11,
+            "a2a_bw": 1e10,
+            "a2a_latency": 1e-5,
+            # a noisy probe (the 1 KiB point slower than 4 KiB) is capped by the larger message's time
+            "curves": {"all_reduce": [[4096, 2e-5], [1024, 5e-5], [1 << 20, 1e-4]]},
+        },
+        source="test",
+    )
+    assert p.comm_s("all_reduce", 1024) == pytest.approx(2e-5)
+    assert p.comm_s("all_reduce", 100) == pytest.approx(2e-5)  # below the smallest probe: its time
+    mid = (4096 + (1 << 20)) / 2
+    assert p.comm_s("all_reduce", mid) == pytest.approx(6e-5)
+    assert p.comm_s("all_reduce", 2 << 20) == pytest.approx(1e-4 + 8e-5 * (1 << 20) / ((1 << 20) - 4096))
+    assert p.comm_s("all_to_all", 1e6) == pytest.approx(1e-5 + 1e6 / 1e10)  # no curve: latency + bytes / bw
+    assert (1 << 20) <= p.bucket_bytes() <= (64 << 20)
+
+
+def test_calibrated_profile_is_picked_up_by_compile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moecc import calibrate
+
+    path = calibrate.calibrate(tmp_path / "p.json", world_size=2, device="cpu", quick=True)
+    data = json.loads(path.read_text())
+    assert data["name"] == "calibrated:cpu:2" and data["gemm_flops"] > 0 and data["mem_bw"] > 0
+    for kind in ("all_to_all", "all_reduce"):
+        pts = data["curves"][kind]
+        assert len(pts) == 4 and all(t > 0 for _, t in pts)
+    profile = cost.load_profile(path)
+    times = [t for _, t in dict(profile.curves)["all_to_all"]]
+    assert times == sorted(times)
+
+    model, (ids,) = mixtral_style.build(seed=0)
+    cm = moecc.compile(model, profile=path)
+    cm(ids)
+    assert {c.profile.source for c in cm.session.contexts} == {str(path)}
+    slow = dict(data, gemm_flops=data["gemm_flops"] / 1000, grouped_gemm_flops=data["grouped_gemm_flops"] / 1000)
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    monkeypatch.setenv(cost.PROFILE_ENV, str(tmp_path / "slow.json"))
+    cm_slow = moecc.compile(copy.deepcopy(model))
+    cm_slow(ids)
+    assert {c.profile.source for c in cm_slow.session.contexts} == {str(tmp_path / "slow.json")}
+    fast_us = sum(c.plan["predicted_us"]["forward"] for c in cm.session.contexts)
+    slow_us = sum(c.plan["predicted_us"]["forward"] for c in cm_slow.session.contexts)
+    assert slow_us > 5 * fast_us, (fast_us, slow_us)  # the GEMMs dominate once they are 1000x slower
+
+    (tmp_path / "bad.json").write_text('{"name": "x"}')
+    with pytest.raises(MoeccError, match=r"bad.json.*missing.*moecc calibrate"):
+        moecc.compile(model, profile=tmp_path / "bad.json")
+
+
+def test_profile_step_compares_every_node_with_its_prediction(tmp_path: Path) -> None:
+    model, (ids,) = mixtral_style.build(seed=0)
+    cm = moecc.compile(model, profile_nodes=True, dump_dir=tmp_path / "dumps")
+
+    def step() -> None:
+        testing.lm_loss(cm(ids), ids).backward()
+
+    with pytest.raises(ValueError, match="run the step once"):
+        moecc.profile_step(cm, step, tmp_path)
+    step()
+    res = moecc.profile_step(cm, step, tmp_path)
+    ops = res["ops"]
+    # the expert GEMMs of both MoE layers, forward (2 per layer) and backward (2 dX per layer), were measured
+    assert ops["moecc.grouped_mm"]["nodes"] == 8 and ops["moecc.grouped_mm"]["measured_us"] > 0
+    assert ops["moecc.grouped_mm_wgrad"]["nodes"] == 4
+    assert all(r["predicted_us"] >= 0 and r["measured_us"] > 0 for r in ops.values())
+    assert res["wall_us"] > 0 and res["predicted_us"] > 0 and res["error"] > -1
+    table = (tmp_path / "timeline.md").read_text()
+    assert "| moecc.grouped_mm | 8 |" in table and "error" in table
+    trace = json.loads((tmp_path / "measured.json").read_text())
+    assert any(e.get("name", "").startswith("moecc/") for e in trace["traceEvents"])
+    plain = moecc.compile(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="profile_nodes=True"):
+        moecc.profile_step(plain, step)
