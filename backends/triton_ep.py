@@ -425,6 +425,66 @@ def _gemm_scatter_kernel(
     _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, NP)
 
 
+@triton.jit
+def _combine_kernel(src_ptr, w_ptr, valid_ptr, out_ptr, H, K: tl.constexpr, BH: tl.constexpr, HAS_W: tl.constexpr):
+    """out[t] = sum over valid slots k of (w[t, k] *) src[t*K + k], in float32. Slots routed nowhere are
+    skipped, not multiplied by zero: their rows hold whatever an earlier call left (possibly NaN)."""
+    t = tl.program_id(0)
+    hs = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = hs < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for k in range(K):
+        if tl.load(valid_ptr + t * K + k) != 0:
+            row = tl.load(src_ptr + (t * K + k).to(tl.int64) * H + hs, mask=m, other=0.0).to(tl.float32)
+            if HAS_W:
+                row = row * tl.load(w_ptr + t * K + k).to(tl.float32)
+            acc += row
+    tl.store(out_ptr + t.to(tl.int64) * H + hs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gate_grad_kernel(dout_ptr, y_ptr, valid_ptr, dw_ptr, H, K: tl.constexpr, BH: tl.constexpr):
+    """dw[t, k] = <dout[t], y[t*K + k]> for valid slots (float32 accumulation), 0 elsewhere."""
+    t = tl.program_id(0)
+    for k in range(K):
+        acc = tl.zeros((BH,), dtype=tl.float32)
+        if tl.load(valid_ptr + t * K + k) != 0:
+            for h0 in range(0, H, BH):
+                hs = h0 + tl.arange(0, BH)
+                m = hs < H
+                d = tl.load(dout_ptr + t.to(tl.int64) * H + hs, mask=m, other=0.0).to(tl.float32)
+                y = tl.load(y_ptr + (t * K + k).to(tl.int64) * H + hs, mask=m, other=0.0).to(tl.float32)
+                acc += d * y
+        tl.store(dw_ptr + t * K + k, tl.sum(acc, 0).to(dw_ptr.dtype.element_ty))
+
+
+def _block_h(device: torch.device) -> int:
+    return 1024 if device.type == "cuda" else 16
+
+
+def combine_slots(src_TKH: torch.Tensor, valid_TK: torch.Tensor, w_TK: torch.Tensor | None) -> torch.Tensor:
+    """out[t] = sum over valid k of (w[t, k] *) src[t, k] (float32 accumulation), in src's dtype."""
+    T, K, H = src_TKH.shape
+    out = torch.empty(T, H, device=src_TKH.device, dtype=src_TKH.dtype)
+    if T == 0:
+        return out
+    BH = _block_h(src_TKH.device)
+    valid = valid_TK.to(torch.int8).contiguous()
+    w = w_TK.contiguous() if w_TK is not None else valid
+    _combine_kernel[(T, triton.cdiv(H, BH))](src_TKH, w, valid, out, H, K=K, BH=BH, HAS_W=w_TK is not None)
+    return out
+
+
+def gate_grad(dout_TH: torch.Tensor, y_TKH: torch.Tensor, valid_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    T, K, H = y_TKH.shape
+    dw = torch.empty(T, K, device=y_TKH.device, dtype=dtype)
+    if T == 0:
+        return dw
+    valid = valid_TK.to(torch.int8).contiguous()
+    _gate_grad_kernel[(T,)](dout_TH.contiguous(), y_TKH, valid, dw, H, K=K, BH=_block_h(y_TKH.device))
+    return dw
+
+
 # ---------------------------------------------------------------------------------------------------------
 # plans
 
@@ -671,8 +731,8 @@ def dispatch_gemm_forward(buf: EPBuffers, x_TH: torch.Tensor, idx_TK: torch.Tens
 def gemm_combine_forward(buf: EPBuffers, a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor, plan: Plan):
     """-> (out_TH, y_TKH: every slot's expert output, kept for the gate gradient)."""
     comb = yield from _gemm_scatter(buf, a_SF, w2_EKN, plan, COMB)
-    y_TKH = torch.where(plan.valid_TK[..., None], comb, 0.0)  # slots routed nowhere hold stale rows
-    out = (y_TKH.float() * w_TK.float()[..., None]).sum(1).to(a_SF.dtype)
+    out = combine_slots(comb, plan.valid_TK, w_TK)
+    y_TKH = comb.clone()  # kept for the gate gradient (the buffer is reused by the next call)
     COUNTERS["gemm_combine.forward"] += 1
     return out, y_TKH
 
@@ -682,7 +742,7 @@ def gemm_combine_backward(
     y_TKH: torch.Tensor, plan: Plan,
 ) -> Flow:  # fmt: skip
     """-> (da_SF, dw2_EKN, dw_TK). dout travels like x did (gates alongside); dX GEMM gathers and scales."""
-    dw_TK = torch.where(plan.valid_TK, (dout_TH.float()[:, None, :] * y_TKH.float()).sum(-1), 0.0).to(w_TK.dtype)
+    dw_TK = gate_grad(dout_TH, y_TKH, plan.valid_TK, w_TK.dtype)
     gates_J = w_TK.reshape(-1).float()[plan.slot_J].contiguous()
     da_SF, dy_SH = yield from _dispatch_gemm(buf, dout_TH, plan, w2_EKN.transpose(1, 2), GDATA, gates_J, save_a=True)
     dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l, w2_EKN)
@@ -695,6 +755,6 @@ def dispatch_gemm_backward(buf: EPBuffers, dh_SF: torch.Tensor, x_SH: torch.Tens
     dh_SF = dh_SF.contiguous()
     comb = yield from _gemm_scatter(buf, dh_SF, w1_EKN.transpose(1, 2), plan, GCOMB)
     dw1 = _wgrad(x_SH, dh_SF, plan, buf.ep, buf.E_l, w1_EKN)
-    dx = torch.where(plan.valid_TK[..., None], comb, 0.0).float().sum(1).to(dh_SF.dtype)
+    dx = combine_slots(comb, plan.valid_TK, None)
     COUNTERS["dispatch_gemm.backward"] += 1
     return dx, dw1
