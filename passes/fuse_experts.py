@@ -20,6 +20,7 @@ pass a test.
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 import torch.fx as fx
@@ -30,6 +31,7 @@ from moecc.passes.lift_moe import _GraphEmitter
 from moecc.passes.lower_backend import graph_device, resolve_backend
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FUSED_EP_ENV = "MOECC_FUSED_EP"
 
 
 def _val(n: object) -> torch.Tensor | None:
@@ -105,6 +107,11 @@ def fusion_refusal(backend: str, device: torch.device, ep: int) -> str | None:
         return "the torch backend has no fused dispatch/combine kernels"
     if ep > 1 and device.type != "cuda":
         return f"expert parallelism over {ep} ranks needs symmetric memory (CUDA devices); this graph runs on {device}"
+    if ep > 1 and os.environ.get(FUSED_EP_ENV) != "1":
+        return (
+            f"fusion across {ep} ranks over symmetric memory is opt-in until it has been validated on multi-GPU "
+            f"nodes: set {FUSED_EP_ENV}=1 to use it (the kernels are tested in a simulated world)"
+        )
     return None
 
 

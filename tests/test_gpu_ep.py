@@ -4,6 +4,8 @@ eager's losses and gradients (the DDP contract), over several steps that reuse t
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -25,6 +27,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def _train(rank: int, world: int, build_name: str) -> None:
+    os.environ["MOECC_FUSED_EP"] = "1"  # opt in to fusion across ranks (what this test validates)
     build = {"mixtral": mixtral_style.build, "deepseek": deepseek_style.build}[build_name]
     torch.manual_seed(0)
     model, (ids,) = build(tokens=64)

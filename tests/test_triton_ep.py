@@ -180,3 +180,16 @@ def test_fused_ops_opcheck():
     torch.library.opcheck(ops.ep_dispatch_gemm_backward, (dh, x_SH, w1.detach(), plan, T, K, ""), test_utils=utils[:2])
     _, dw1 = ops.ep_dispatch_gemm_backward(dh, x_SH, w1.detach(), plan, T, K, "")
     assert dw1.transpose(1, 2).is_contiguous(), "the weight gradient is laid out like the [E, F, H] parameter"
+
+
+def test_fusion_refusal_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moecc.passes.fuse_experts import FUSED_EP_ENV, fusion_refusal
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert "torch backend has no fused" in fusion_refusal("torch", cpu, 1)
+    assert fusion_refusal("triton", cpu, 1) is None  # one rank: the same kernels on a one-rank world
+    assert "needs symmetric memory" in fusion_refusal("triton", cpu, 2)
+    monkeypatch.delenv(FUSED_EP_ENV, raising=False)
+    assert f"set {FUSED_EP_ENV}=1" in fusion_refusal("triton", cuda, 4)
+    monkeypatch.setenv(FUSED_EP_ENV, "1")
+    assert fusion_refusal("triton", cuda, 4) is None
