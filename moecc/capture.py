@@ -217,6 +217,9 @@ class Session:
         ctx.plan["graph_inputs"] = [self._input_source(n) for n in gm.graph.nodes if n.op == "placeholder"]
         ctx.plan["num_outputs"] = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
         gm = run_stage(gm, ctx, "dynamo", "dynamo")
+        from moecc.passes.schedule_overlap import check_collective_order
+
+        check_collective_order(gm, ctx)
         for r in ctx.regions:
             if r.kind == "hf_experts" and not r.top_k:
                 r.top_k = _top_k_from_graph(gm, r.path)

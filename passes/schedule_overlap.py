@@ -12,7 +12,10 @@ as its last gradient is ready and is waited on just before the graph returns.
     ... wait_tensor(ar_a) ... wait_tensor(ar_b)  a, b = split(wait_tensor(ar), [n_a, n_b]); view each back
 
 The order of the collectives is a function of the graph alone, so it is the same on every rank; it is
-recorded in the plan (`collective_order`) and checked across ranks at compile time. The predicted timeline
+recorded in the plan (`collective_order`). The Dynamo graph's collective order is checked across ranks when
+its passes are done (`check_collective_order`); the forward and backward graphs are deterministic functions
+of it, and no collective runs during AOTAutograd's compilation (a rank that finds a graph in a cache would
+not take part). The predicted timeline
 (a list schedule over a compute and a comm stream, in graph order; collectives that block the host, like the
 row all-to-all, hold both streams) is dumped as a Chrome trace.
 
@@ -154,6 +157,13 @@ def collective_order(gm: fx.GraphModule, mesh: Any) -> list[str]:
     return out
 
 
+def check_collective_order(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """Every rank's Dynamo graph issues the same collectives in the same order (raises naming the ranks)."""
+    order = collective_order(gm, ctx.mesh)
+    ctx.plan.setdefault("collective_order", {})["dynamo"] = order
+    mdist.check_same_on_all_ranks(f"the collective order of graph {ctx.graph_id}", order)
+
+
 def _top_k(ctx: CompileContext, n: fx.Node) -> int:
     path = ir.facts(n).get("region")
     for r in ctx.regions:
@@ -174,7 +184,6 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
     order = collective_order(gm, ctx.mesh)
     ctx.plan.setdefault("collective_order", {})[ctx.graph_kind] = order
-    mdist.check_same_on_all_ranks(f"the {ctx.graph_kind} graph's collective order", order)
     events, total = predicted_timeline(gm)
     ctx.plan.setdefault("predicted_us", {})[ctx.graph_kind] = total
     bucket_note = f", {grads} gradient all-reduces in {buckets} bucket(s)" if buckets else ""

@@ -155,3 +155,19 @@ def test_profile_step_compares_every_node_with_its_prediction(tmp_path: Path) ->
     plain = moecc.compile(copy.deepcopy(model))
     with pytest.raises(ValueError, match="profile_nodes=True"):
         moecc.profile_step(plain, step)
+
+
+def _order_differs(rank: int, world: int) -> None:
+    import moecc.passes.schedule_overlap as so
+
+    if rank == 1:  # as if this rank's graph issued its collectives in another order
+        real = so.collective_order
+        so.collective_order = lambda gm, mesh: list(reversed(real(gm, mesh)))
+    model, (ids,) = mixtral_style.build(seed=0)
+    cm = moecc.compile(model, ep=world)
+    with pytest.raises(MoeccError, match=r"collective order of graph 0 differs across ranks: rank\(s\) \[1\]"):
+        cm(ids)
+
+
+def test_a_rank_with_another_collective_order_is_named() -> None:
+    testing.spawn(_order_differs, 2)
