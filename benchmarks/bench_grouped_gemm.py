@@ -53,7 +53,7 @@ def time_ms(fn, iters: int = 30, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_shape(shape: str, dev: torch.device, gen: torch.Generator) -> list[dict]:
+def bench_shape(shape: str, dev: torch.device, gen: torch.Generator, only: list[str] | None = None) -> list[dict]:
     H, F, E, K, T = SHAPES[shape]
     S = T * K
     idx = torch.randint(0, E, (S,), device=dev, generator=gen)
@@ -75,6 +75,8 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator) -> list[dic
     }  # fmt: skip
     records = []
     for name, (native, triton_fn, flops) in gemms.items():
+        if only and name not in only:
+            continue
         ref = native().reshape(-1)[: 1 << 24].float()  # a sample: the full fp32 copies would not fit
         kernel = "grouped_mm_wgrad" if name.startswith("dw") else "grouped_mm"
         native_ms = time_ms(native)
@@ -110,12 +112,13 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--tag", default="", help="suffix of the results file name (several runs a day)")
+    parser.add_argument("--gemms", nargs="*", default=None, help="a subset of gemm1 gemm2 dx1 dw1")
     args = parser.parse_args()
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     records = []
     for shape in args.shapes:
-        records += bench_shape(shape, dev, gen)
+        records += bench_shape(shape, dev, gen, args.gemms)
         torch.cuda.empty_cache()
     # MOECC_COMMIT first: a copy of the tree may carry a .git that is not the tree's
     commit = os.environ.get("MOECC_COMMIT", "")
