@@ -49,6 +49,12 @@ def _segments(offs_E: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends, strict=True))
 
 
+def transposed_weight(w_EKN: torch.Tensor) -> bool:
+    """w is the transposed view of an [E, N, K] parameter (nn.Linear layout): its weight gradient is best
+    computed as dw^T, so that it lands in the parameter's own layout."""
+    return w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1
+
+
 def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ w[e]; rows past offs[-1] are zero."""
     S, N = x_SK.shape[0], w_EKN.shape[2]

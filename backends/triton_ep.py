@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moecc.backends import triton_backend
+from moecc.backends import torch_backend, triton_backend
 
 COUNTERS: collections.Counter[str] = collections.Counter()
 # one count per layer call of each fused flow
@@ -311,6 +311,25 @@ def _push_rows(
 
 
 @triton.jit
+def _segment_tile(cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG,
+                  LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """Tile t of the (source, expert) segment tiles -> its segment, first row, end row, rows and columns (with
+    their masks), source rank, local expert and the rows' positions q in the source's rowmap block."""
+    mt = t // n_tiles_n
+    nt = t % n_tiles_n
+    seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
+    first_mt = tl.where(seg > 0, tl.load(cum_ptr + seg - 1, mask=seg > 0, other=0), 0)
+    lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
+    hi = tl.load(offs_ptr + seg)
+    rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
+    cols = nt * BN + tl.arange(0, BN)
+    s = tl.load(seg_src_ptr + seg)
+    e = tl.load(seg_exp_ptr + seg)
+    q = tl.load(seg_q0_ptr + seg) + (rows - lo)
+    return seg, nt, lo, hi, rows, rows < hi, cols, cols < N, s, e, q
+
+
+@triton.jit
 def _dispatch_gemm_kernel(
     # send side
     src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
@@ -335,22 +354,12 @@ def _dispatch_gemm_kernel(
             n_tiles_n = tl.cdiv(N, BN)
             total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
             for t in range(pid - NSEND, total, NP - NSEND):
-                mt = t // n_tiles_n
-                nt = t % n_tiles_n
-                seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
-                first_mt = tl.where(seg > 0, tl.load(cum_ptr + seg - 1, mask=seg > 0, other=0), 0)
-                lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
-                hi = tl.load(offs_ptr + seg)
-                rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
-                row_ok = rows < hi
-                cols = nt * BN + tl.arange(0, BN)
-                col_ok = cols < N
+                seg, nt, lo, hi, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
+                    cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN
+                )
                 live = seg < NSEG - 1
                 # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
                 # signals, and run no k-steps (the same loop shape as the plain grouped GEMM, no branch around it)
-                s = tl.load(seg_src_ptr + seg)
-                e = tl.load(seg_exp_ptr + seg)
-                q = tl.load(seg_q0_ptr + seg) + (rows - lo)
                 _wait_signal(sig_ptr + SLOT * EP + s, target)
                 mi = (s * TK + q).to(tl.int64)
                 live_rows = rows < tl.where(live, hi, lo)
@@ -396,19 +405,9 @@ def _gemm_scatter_kernel(
     n_tiles_n = tl.cdiv(N, BN)
     total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment (NSEG - 1): no rows there
     for t in range(pid, total, NP):
-        mt = t // n_tiles_n
-        nt = t % n_tiles_n
-        seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
-        first_mt = tl.where(seg > 0, tl.load(cum_ptr + seg - 1, mask=seg > 0, other=0), 0)
-        lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
-        hi = tl.load(offs_ptr + seg)
-        rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
-        row_ok = rows < hi
-        cols = nt * BN + tl.arange(0, BN)
-        col_ok = cols < N
-        s = tl.load(seg_src_ptr + seg)
-        e = tl.load(seg_exp_ptr + seg)
-        q = tl.load(seg_q0_ptr + seg) + (rows - lo)
+        _, _, _, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
+            cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN
+        )
         slot = tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0).to(tl.int64)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, Kd, BK):
@@ -539,6 +538,11 @@ class Plan:
         )
 
 
+def unpack_plan(buf: EPBuffers, packed: torch.Tensor, dtype: torch.dtype) -> Plan:
+    """The plan a forward call packed, for tiles of the height this device and dtype use."""
+    return Plan.unpack(packed, buf.ep, buf.T, buf.K, buf.E_l, _gemm_config(buf.device, dtype)[0])
+
+
 def plan_numel(ep: int, T: int, K: int, E_l: int) -> int:
     return sum(Plan.sizes(ep, T, K, E_l))
 
@@ -551,7 +555,7 @@ def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor) -> dict[str, torch.Tensor
     valid = (flat >= 0) & (flat < E)
     key = torch.where(valid, flat, E)
     key_sorted, order = torch.sort(key, stable=True)
-    counts_E = torch.zeros(E + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E]
+    counts_E = torch_backend._histogram(key, E + 1)[:E]
     dest_TK = torch.where(valid, flat // E_l, -1).view(T, K)
     hit_PT = (dest_TK.unsqueeze(0) == torch.arange(ep, device=dev)[:, None, None]).any(-1)
     pos_PT = torch.where(hit_PT, torch.cumsum(hit_PT, 1) - 1, -1)
@@ -686,16 +690,11 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
 
 
-def transposed_weight(w_EKN: torch.Tensor) -> bool:
-    """w is the transposed view of an [E, N, K] parameter (nn.Linear layout)."""
-    return w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1
-
-
 def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: int, w_EKN: torch.Tensor):
     """dw[e] = sum over sources s of a[rows of (s, e)]^T @ dy[rows of (s, e)], laid out like w's parameter
     (dw^T = dy^T a where w is a transposed view), so that no strided copy of the weight gradient follows."""
     offs = plan.offs[: ep * E_l]
-    if transposed_weight(w_EKN):
+    if torch_backend.transposed_weight(w_EKN):
         return triton_backend.grouped_mm_wgrad_segments(dy_SN, a_SK, offs, ep, E_l).transpose(1, 2)
     return triton_backend.grouped_mm_wgrad_segments(a_SK, dy_SN, offs, ep, E_l)
 

@@ -115,14 +115,15 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
     rates = measure_compute(dev, quick)
     curves = measure_collectives(world_size, quick) if world_size > 1 else {}
     a2a = curves.get("all_to_all", [])
+    builtin = cost.PROFILES["cpu" if dev.type == "cpu" else "h200"]  # for what one process cannot measure
     key = cost.device_key(dev)
     profile = cost.HardwareProfile.from_json(
         {
             "name": f"calibrated:{key}:{world_size}",
             **rates,
             # the largest probe's rate and the smallest probe's time stand for bandwidth and latency
-            "a2a_bw": a2a[-1][0] / a2a[-1][1] if a2a else cost.PROFILES["cpu" if dev.type == "cpu" else "h200"].a2a_bw,
-            "a2a_latency": a2a[0][1] if a2a else cost.PROFILES["cpu" if dev.type == "cpu" else "h200"].a2a_latency,
+            "a2a_bw": a2a[-1][0] / a2a[-1][1] if a2a else builtin.a2a_bw,
+            "a2a_latency": a2a[0][1] if a2a else builtin.a2a_latency,
             "curves": curves,
         },
         source="measured",

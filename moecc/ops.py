@@ -105,7 +105,7 @@ def weight_grad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, w
     """dw[e] = x[rows of e]^T @ dy[rows of e], laid out like w: where w is the transposed view of an [E, N, K]
     parameter (nn.Linear layout), dw^T = dy^T x is computed instead, so that the gradient reaches the
     parameter without a strided copy of the whole weight."""
-    if w_EKN.stride(1) == 1 and w_EKN.stride(2) != 1:
+    if torch_backend.transposed_weight(w_EKN):
         return torch.ops.moecc.grouped_mm_wgrad(dy_SN, x_SK, offs_E).transpose(1, 2)
     return torch.ops.moecc.grouped_mm_wgrad(x_SK, dy_SN, offs_E)
 
@@ -253,13 +253,6 @@ def _ep_buffers(x: torch.Tensor, T: int, K: int, E_l: int, group_name: str):
     return triton_ep.group_buffers(group_name, T, K, x.shape[-1], E_l, x.dtype, x.device)
 
 
-def _ep_plan(buf: Any, plan: torch.Tensor, dtype: torch.dtype):
-    from moecc.backends import triton_backend, triton_ep
-
-    bm = triton_backend._config("grouped_mm", buf.device, dtype)[0]
-    return triton_ep.Plan.unpack(plan, buf.ep, buf.T, buf.K, buf.E_l, bm)
-
-
 @torch.library.custom_op("moecc::ep_dispatch_gemm", mutates_args=())
 def ep_dispatch_gemm(
     x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor, ep: int, group_name: str
@@ -292,15 +285,13 @@ def ep_dispatch_gemm_backward(
     from moecc.backends import triton_ep
 
     buf = _ep_buffers(x_SH, T, K, w1_EKN.shape[0], group_name)
-    p = _ep_plan(buf, plan, x_SH.dtype)
+    p = triton_ep.unpack_plan(buf, plan, x_SH.dtype)
     return triton_ep.run_flow(triton_ep.dispatch_gemm_backward(buf, dh_SF, x_SH, w1_EKN, p))
 
 
 def _grad_like(w_EKN: torch.Tensor) -> torch.Tensor:
-    """An empty weight gradient laid out as the fused backward produces it (see triton_ep.transposed_weight)."""
-    from moecc.backends import triton_ep
-
-    if triton_ep.transposed_weight(w_EKN):
+    """An empty weight gradient laid out as the fused backward produces it (see torch_backend.transposed_weight)."""
+    if torch_backend.transposed_weight(w_EKN):
         return w_EKN.new_empty(w_EKN.shape[0], w_EKN.shape[2], w_EKN.shape[1]).transpose(1, 2)
     return w_EKN.new_empty(w_EKN.shape)
 
@@ -339,7 +330,7 @@ def ep_gemm_combine(
     T, K = w_TK.shape
     buf = _ep_buffers(a_SF.new_empty(0, w2_EKN.shape[2]), T, K, w2_EKN.shape[0], group_name)
     out, y_TKH = triton_ep.run_flow(
-        triton_ep.gemm_combine_forward(buf, a_SF, w2_EKN, w_TK, _ep_plan(buf, plan, a_SF.dtype))
+        triton_ep.gemm_combine_forward(buf, a_SF, w2_EKN, w_TK, triton_ep.unpack_plan(buf, plan, a_SF.dtype))
     )
     return out, y_TKH
 
@@ -365,7 +356,7 @@ def ep_gemm_combine_backward(
 
     T, K = w_TK.shape
     buf = _ep_buffers(y_TKH, T, K, w2_EKN.shape[0], group_name)
-    p = _ep_plan(buf, plan, a_SF.dtype)
+    p = triton_ep.unpack_plan(buf, plan, a_SF.dtype)
     return triton_ep.run_flow(triton_ep.gemm_combine_backward(buf, dout_TH, a_SF, w2_EKN, w_TK, y_TKH, p))
 
 

@@ -25,20 +25,13 @@ import os
 import torch
 import torch.fx as fx
 
-from moecc import ir, ops
+from moecc import cost, ir, ops
 from moecc.pass_manager import CompileContext
 from moecc.passes.lift_moe import _GraphEmitter
 from moecc.passes.lower_backend import graph_device, resolve_backend
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FUSED_EP_ENV = "MOECC_FUSED_EP"
-
-
-def _val(n: object) -> torch.Tensor | None:
-    if isinstance(n, fx.Node):
-        v = n.meta.get("example_value", n.meta.get("val"))
-        return v if isinstance(v, torch.Tensor) else None
-    return None
 
 
 def _outputs(rp: fx.Node) -> dict[int, fx.Node]:
@@ -96,8 +89,8 @@ class _Match:
         else:
             self.x, self.idx = self.rp.args[0], self.rp.args[1]
             self.w, self.out = self.uc.args[3], self.uc
-        xv = _val(self.x)
-        if xv is not None and xv.dtype not in FUSED_DTYPES:
+        xv = cost._val(self.x)
+        if isinstance(xv, torch.Tensor) and xv.dtype not in FUSED_DTYPES:
             self.reason = f"tokens of dtype {xv.dtype}; the fused kernels take {', '.join(map(str, FUSED_DTYPES))}"
 
 

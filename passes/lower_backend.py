@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from moecc import ir
+from moecc import cost, ir
 from moecc.backends import triton_backend
 from moecc.options import MoeccError
 from moecc.pass_manager import CompileContext
@@ -30,7 +30,7 @@ TRITON_KERNELS = {
 
 def graph_device(gm: fx.GraphModule) -> torch.device:
     for n in gm.graph.nodes:
-        v = n.meta.get("val", n.meta.get("example_value"))  # AOT graphs / Dynamo graphs
+        v = cost._val(n)  # AOT graphs (val) and Dynamo graphs (example_value)
         if isinstance(v, torch.Tensor):
             return v.device
     return torch.device("cpu")

@@ -73,11 +73,6 @@ def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
     return events, max(done.values(), default=0.0)
 
 
-def _bytes(n: fx.Node) -> int:
-    v = n.meta.get("val")
-    return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
-
-
 def bucket_gradients(gm: fx.GraphModule, ctx: CompileContext) -> tuple[int, int]:
     """Pack the per-gradient all-reduces of sync_grads into buckets; returns (buckets, gradients in them)."""
     limit = ctx.options.bucket_mb * 2**20 if ctx.options.bucket_mb is not None else ctx.profile.bucket_bytes()
@@ -93,7 +88,7 @@ def bucket_gradients(gm: fx.GraphModule, ctx: CompileContext) -> tuple[int, int]
         size = 0
         for s in members:
             cur.append(s)
-            size += _bytes(s.args[0])  # type: ignore[arg-type]
+            size += cost._nbytes(cost._val(s.args[0]))
             if size >= limit:
                 buckets.append(cur)
                 cur, size = [], 0
@@ -164,23 +159,17 @@ def check_collective_order(gm: fx.GraphModule, ctx: CompileContext) -> None:
     mdist.check_same_on_all_ranks(f"the collective order of graph {ctx.graph_id}", order)
 
 
-def _top_k(ctx: CompileContext, n: fx.Node) -> int:
-    path = ir.facts(n).get("region")
-    for r in ctx.regions:
-        if r.path == path:
-            return max(r.top_k, 1)
-    return 2
-
-
 def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     buckets = grads = 0
     if ctx.graph_kind == "backward" and ctx.mesh.world > 1:
         buckets, grads = bucket_gradients(gm, ctx)
         ctx.counters["schedule.buckets"] += buckets
         ctx.counters["schedule.bucketed_grads"] += grads
+    top_k: dict[Any, int] = {r.path: max(r.top_k, 1) for r in ctx.regions}  # outside any region: top-2
     for n in gm.graph.nodes:
         if n.op == "call_function":
-            ir.set_facts(n, cost_us=cost.estimate_us(n, ctx.profile, top_k=_top_k(ctx, n), ep=ctx.mesh.ep))
+            k = top_k.get(ir.facts(n).get("region"), 2)
+            ir.set_facts(n, cost_us=cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep))
             ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
     order = collective_order(gm, ctx.mesh)
     ctx.plan.setdefault("collective_order", {})[ctx.graph_kind] = order
