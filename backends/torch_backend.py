@@ -10,6 +10,7 @@ Shape suffixes: T tokens, K top-k slots, S = T*K routed rows, H hidden, E expert
 from __future__ import annotations
 
 import collections
+from typing import Any
 
 import torch
 
@@ -172,7 +173,9 @@ def ep_plan(
 
     Returns send_tok_R (token of each send row, grouped by destination rank; padding rows point at token 0),
     send_idx_RK (the row's top-k slots as expert ids local to the destination, -1 where the slot's expert
-    lives elsewhere), send_sel_RK (those slots as a mask), send_counts_P and recv_counts_P (rows per peer).
+    lives elsewhere), send_sel_RK (those slots as a mask), send_counts_P and recv_counts_P (rows per peer,
+    on the host: the one host synchronisation of a dispatch is here, so that the row all-to-alls that use
+    these counts as split sizes can be issued without waiting for the device).
     """
     import torch.distributed as dist
 
@@ -199,7 +202,8 @@ def ep_plan(
         "the routing-count exchange", dist.all_to_all_single, recv_counts_P, send_counts_P, group=_group(group_name)
     )
     COUNTERS["ep.plans"] += 1
-    return send_tok_R, send_idx_RK, send_sel_RK, send_counts_P, recv_counts_P
+    counts = torch.stack([send_counts_P, recv_counts_P]).cpu()
+    return send_tok_R, send_idx_RK, send_sel_RK, counts[0].clone(), counts[1].clone()  # one copy, unaliased
 
 
 def all_to_all_rows(
@@ -207,17 +211,36 @@ def all_to_all_rows(
 ) -> torch.Tensor:
     """Send rows [0, sum(in_counts)) of x, in_counts[p] of them to peer p; receive out_counts[p] rows from
     each peer into the front of a zero buffer shaped like x. Counts rows and bytes sent to other ranks."""
+    out, work = _start_rows(x_R, in_counts_P, out_counts_P, group_name)
+    _collective("an all-to-all of token rows", work.wait)
+    return out
+
+
+def all_to_all_rows_start(
+    x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str
+) -> torch.Tensor:
+    """`all_to_all_rows`, issued and not waited for: returns the receive buffer, which holds the rows once
+    `torch.ops._c10d_functional.wait_tensor` has been called on it (the schedule pass places that wait just
+    before the first use, so that independent compute runs meanwhile)."""
+    out, work = _start_rows(x_R, in_counts_P, out_counts_P, group_name)
+    torch._C._distributed_c10d._register_work(out, work)
+    return out
+
+
+def _start_rows(
+    x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str
+) -> tuple[torch.Tensor, Any]:
     import torch.distributed as dist
 
     group = _group(group_name)
-    ins, outs = in_counts_P.tolist(), out_counts_P.tolist()
+    ins, outs = in_counts_P.tolist(), out_counts_P.tolist()  # host tensors (ep_plan): no device sync
     out = torch.zeros_like(x_R)
     n_in, n_out = sum(ins), sum(outs)
     if n_in > x_R.shape[0] or n_out > x_R.shape[0]:
         raise RuntimeError(
             f"moecc: all_to_all_rows: {n_in} rows to send / {n_out} to receive exceed the buffer of {x_R.shape[0]} rows"
         )
-    _collective(
+    work = _collective(
         "an all-to-all of token rows",
         dist.all_to_all_single,
         out[:n_out],
@@ -225,6 +248,7 @@ def all_to_all_rows(
         outs,
         ins,
         group=group,
+        async_op=True,
     )
     me = dist.get_rank(group)
     row_bytes = x_R[0].numel() * x_R.element_size() if x_R.shape[0] else 0
@@ -233,4 +257,4 @@ def all_to_all_rows(
     COUNTERS["a2a.rows_remote"] += remote
     COUNTERS["a2a.rows_local"] += ins[me]
     COUNTERS["a2a.bytes_remote"] += remote * row_bytes
-    return out
+    return out, work

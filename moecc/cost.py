@@ -229,6 +229,7 @@ def expected_destinations(ep: int, top_k: int) -> float:
 
 COLLECTIVE_KIND = {
     "moecc.all_to_all_rows.default": "all_to_all",
+    "moecc.all_to_all_rows_start.default": "all_to_all",
     "moecc.ep_plan.default": "all_to_all",
     "_c10d_functional.all_reduce.default": "all_reduce",
 }
@@ -239,7 +240,7 @@ def comm_bytes(node: fx.Node, top_k: int) -> float:
     name = str(node.target)
     if name == "moecc.ep_plan.default":
         return 8.0 * _size(node.args[2]) if isinstance(node.args[2], int) else 64.0  # one count per peer
-    if name == "moecc.all_to_all_rows.default":
+    if name in ("moecc.all_to_all_rows.default", "moecc.all_to_all_rows_start.default"):
         x = _val(node.args[0])
         ep = _size(_val(node.args[1]).shape[0])
         rows = x.shape[0]  # the buffer holds ep * T rows, the most a rank can send or receive

@@ -171,8 +171,8 @@ def _(idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str):
         idx_TK.new_empty(R, dtype=torch.int64),
         idx_TK.new_empty(R, K, dtype=torch.int64),
         idx_TK.new_empty(R, K, dtype=torch.bool),
-        idx_TK.new_empty(ep, dtype=torch.int64),
-        idx_TK.new_empty(ep, dtype=torch.int64),
+        torch.empty(ep, dtype=torch.int64, device="cpu"),  # the counts are on the host (split sizes)
+        torch.empty(ep, dtype=torch.int64, device="cpu"),
     )
 
 
@@ -206,6 +206,20 @@ def _a2a_backward(ctx: Any, g_R: torch.Tensor):
 
 
 all_to_all_rows.register_autograd(_a2a_backward, setup_context=_a2a_setup)
+
+
+# what the schedule pass splits all_to_all_rows into, after the autograd split: the start, then
+# torch.ops._c10d_functional.wait_tensor on its result where the rows are first needed
+@torch.library.custom_op("moecc::all_to_all_rows_start", mutates_args=())
+def all_to_all_rows_start(
+    x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str
+) -> torch.Tensor:
+    return torch_backend.all_to_all_rows_start(x_R, in_counts_P, out_counts_P, group_name)
+
+
+@all_to_all_rows_start.register_fake
+def _(x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str):
+    return torch.empty_like(x_R)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -398,6 +412,7 @@ MOE_OPS = {
     torch.ops.moecc.unpermute_combine.default,
     torch.ops.moecc.ep_plan.default,
     torch.ops.moecc.all_to_all_rows.default,
+    torch.ops.moecc.all_to_all_rows_start.default,
     torch.ops.moecc.triton_grouped_mm.default,
     torch.ops.moecc.triton_grouped_mm_wgrad.default,
     torch.ops.moecc.ep_dispatch_gemm.default,

@@ -167,6 +167,15 @@ def dispatch_traffic_is_deduplicated(rank: int, world: int) -> None:
     # fake implementations and the autograd formula agree with the real ops (every rank runs the same checks)
     torch.library.opcheck(ops.ep_plan, (idx, E, world, group))
     torch.library.opcheck(ops.all_to_all_rows, (x.index_select(0, tok_R).requires_grad_(), n_P, m_P, group))
+    # the split sizes live on the host: issuing an all-to-all never waits for the device
+    assert n_P.device.type == "cpu" and m_P.device.type == "cpu"
+    # the schedule pass's start / wait pair gives what the blocking all-to-all gives
+    started = ops.all_to_all_rows_start(x.index_select(0, tok_R), n_P, m_P, group)
+    torch.testing.assert_close(torch.ops._c10d_functional.wait_tensor(started), recv, rtol=0, atol=0)
+    send = x.index_select(0, tok_R)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = ops.all_to_all_rows_start(mode.from_tensor(send), mode.from_tensor(n_P), mode.from_tensor(m_P), group)
+    assert fake.shape == recv.shape and fake.dtype == recv.dtype
 
 
 def test_dispatch_traffic_matches_dedup_bound() -> None:
