@@ -229,11 +229,11 @@ class Session:
                 out = run_stage(g, ctx, "aot", kind)
                 if ctx.dumper is not None:
                     ctx.dumper.write_index(ctx)
-                if ctx.options.profile_nodes:
-                    from moecc.profile import NodeTimer
+                from moecc.profile import NodeTimer, measured
 
-                    return make_boxed_func(NodeTimer(out, ctx.graph_id, kind))
-                return make_boxed_func(out)
+                if ctx.options.profile_nodes:
+                    return make_boxed_func(measured(NodeTimer(out, ctx.graph_id, kind)))
+                return make_boxed_func(measured(out))
 
             return compiler
 

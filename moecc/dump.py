@@ -17,10 +17,12 @@ from moecc import ir
 _SUFFIX = {"dynamo": "", "forward": ".fwd", "backward": ".bwd"}
 
 
-def _pass_number(name: str) -> int:
-    from moecc.passes import PASS_NAMES
+def _pass_number(name: str, graph_kind: str) -> int:
+    """The pass's position in the pipeline (a pass name can run in both stages: schedule)."""
+    from moecc.passes import PIPELINE
 
-    return PASS_NAMES.index(name) + 1
+    stage = "dynamo" if graph_kind == "dynamo" else "aot"
+    return next(i for i, p in enumerate(PIPELINE) if p.name == name and p.stage == stage) + 1
 
 
 class Dumper:
@@ -29,7 +31,7 @@ class Dumper:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def write_graph(self, gm: fx.GraphModule, pass_name: str, graph_kind: str, took_ms: float) -> None:
-        num = 0 if pass_name == "capture" else _pass_number(pass_name)
+        num = 0 if pass_name == "capture" else _pass_number(pass_name, graph_kind)
         path = self.dir / f"{num:02d}_{pass_name}{_SUFFIX[graph_kind]}.py"
         header = f"# Constructed by {pass_name} (took {took_ms:.1f} ms) -- {graph_kind} graph"
         path.write_text(ir.readable(gm, header))

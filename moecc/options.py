@@ -46,6 +46,8 @@ class CompileOptions:
         bucket_mb: gradient all-reduce bucket size in MiB; None lets the cost model choose.
         profile_nodes: run compiled graphs node by node inside profiler ranges, so that
             `moecc.profile_step` can compare each node's measured time with its prediction (slower).
+        chunks: token chunks per sharded MoE region (1 to 8), so that one chunk's all-to-alls overlap
+            another's expert compute; None lets the cost model choose. Sizes differ by at most one token.
     """
 
     ep: int | None = None
@@ -60,6 +62,7 @@ class CompileOptions:
     profile: str | None = None
     bucket_mb: float | None = None
     profile_nodes: bool = False
+    chunks: int | None = None
 
     @staticmethod
     def make(
@@ -76,6 +79,7 @@ class CompileOptions:
         profile: str | os.PathLike | None = None,
         bucket_mb: float | None = None,
         profile_nodes: bool = False,
+        chunks: int | None = None,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
@@ -95,6 +99,10 @@ class CompileOptions:
             )
         if bucket_mb is not None and not bucket_mb > 0:
             raise MoeccError(f"moecc.compile: bucket_mb={bucket_mb!r} must be > 0 (or None: the cost model's choice)")
+        if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 8):
+            raise MoeccError(
+                f"moecc.compile: chunks={chunks!r} must be an integer from 1 to 8 (or None: the cost model's choice)"
+            )
         if profile is not None:
             from moecc import cost
 
@@ -116,6 +124,7 @@ class CompileOptions:
             profile=os.fspath(profile) if profile is not None else None,
             bucket_mb=bucket_mb,
             profile_nodes=profile_nodes,
+            chunks=chunks,
         )
 
     def enabled(self, pass_name: str) -> bool:

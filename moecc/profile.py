@@ -16,13 +16,17 @@ Running node by node costs some host overhead per node, which the measured figur
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 from moecc import ir
 
@@ -44,6 +48,73 @@ class NodeTimer(fx.Interpreter):
 
     def __call__(self, *args: Any) -> Any:
         return self.run(*args)
+
+
+class PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """Measures the peak of the bytes held by tensors that ops create while it is active (on any device).
+
+    Every op's outputs are seen as they are made; a storage counts from its first appearance until it is
+    freed (a finalizer on the storage), whether that is inside the mode or after. Storages that existed
+    before (parameters, inputs) are not counted, nor are temporaries that live only inside one op. `peak`
+    is in bytes. Compiled graphs run under it through `graph_memory`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.is_meta:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.live or storage.nbytes() == 0:
+                continue
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+_MEASURING: list[PeakMemory] = []
+
+
+@contextlib.contextmanager
+def graph_memory() -> Iterator[PeakMemory]:
+    """Measure the peak memory of moecc's compiled graphs (forward and backward) run meanwhile: what their
+    ops allocate, including saved activations held from forward to backward; not the parameters, nor what
+    runs outside the compiled graphs.
+
+        with moecc.profile.graph_memory() as mem:
+            model(x).sum().backward()
+        print(mem.peak)
+    """
+    mem = PeakMemory()
+    _MEASURING.append(mem)
+    try:
+        yield mem
+    finally:
+        _MEASURING.remove(mem)
+
+
+def measured(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A compiled graph's runner: under the active `graph_memory`, if any."""
+
+    def run(*args: Any) -> Any:
+        if not _MEASURING:
+            return fn(*args)
+        with _MEASURING[-1]:
+            return fn(*args)
+
+    return run
 
 
 def _predicted(cm: Any) -> dict[str, tuple[str, float]]:

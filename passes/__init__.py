@@ -7,7 +7,8 @@
 | shard    | lifted regions, the plan                      | SPMD program: local experts, dispatch/combine      |
 | fuse     | sharded graphs                                | each region fused or refused with a reason         |
 | sync_grads | the backward graph                          | gradients synchronised over the mesh               |
-| schedule | graphs whose collectives are explicit         | costs on nodes; collective order fixed             |
+| schedule | sharded regions (Dynamo graph); explicit      | token chunks; collectives as start/wait, reordered |
+|          | collectives (forward and backward graphs)     | for overlap, buckets; costs; deterministic order   |
 | lower    | a scheduled graph                             | a callable for the chosen backend                  |
 """
 
@@ -55,6 +56,15 @@ PIPELINE = [
         "each region fused or refused with a reason",
         fuse_experts.check_fused,
     ),
+    # the schedule pass's first half, on the Dynamo graph so that the backward is chunked too: token chunks of
+    # sharded, unfused MoE regions (after fuse: fused regions overlap their own transfers)
+    Pass(
+        "schedule",
+        "dynamo",
+        schedule_overlap.chunk_moe,
+        "sharded, fused-or-refused regions",
+        "each region in n token chunks (cost model)",
+    ),
     # on the backward graph: gradient all-reduces as graph collectives the scheduler can move
     Pass("sync_grads", "aot", sync_grads.sync_grads, "the backward graph", "gradients synchronised over the mesh"),
     # after fuse: it schedules the kernels that will actually run
@@ -63,10 +73,10 @@ PIPELINE = [
         "aot",
         schedule_overlap.schedule_overlap,
         "explicit collectives",
-        "costs on nodes, deterministic order",
+        "start/wait collectives, overlap order, buckets, costs, deterministic order",
     ),
     # last: turns the graph into what runs
     Pass("lower", "aot", lower_backend.lower_backend, "a scheduled graph", "a callable for the backend"),
 ]
 
-PASS_NAMES = [p.name for p in PIPELINE]
+PASS_NAMES = list(dict.fromkeys(p.name for p in PIPELINE))  # schedule runs in both stages

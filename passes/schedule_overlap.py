@@ -1,31 +1,41 @@
 """schedule: order compute and communication for overlap, using the cost model.
 
-Every node gets its predicted time (`cost_us`) and a stream. On the backward graph, the gradient all-reduces
-sync_grads inserted (one per gradient) are bucketed: gradients of one process group and dtype are packed, in
-the order they are produced, into buckets of about the size the cost model says hides the collective's
-latency (`HardwareProfile.bucket_bytes`, or the `bucket_mb` option); each bucket's all-reduce starts as soon
-as its last gradient is ready and is waited on just before the graph returns.
+It runs twice. On the Dynamo graph (before the autograd split, so that the backward is chunked too) it splits
+each sharded, unfused MoE region into n token chunks (n from the cost model, 1 to 8, or the `chunks`
+option): chunk i's tokens are dispatched, computed and combined by a copy of the region, and the outputs are
+concatenated. On the forward and backward graphs it then
 
-    before (sync_grads)                          after
-    ar_a = all_reduce(g_a, "sum", world)         flat = cat([g_a.reshape(-1), g_b.reshape(-1)])   # after g_b
-    ar_b = all_reduce(g_b, "sum", world)         ar = all_reduce(flat, "sum", world)
-    ... wait_tensor(ar_a) ... wait_tensor(ar_b)  a, b = split(wait_tensor(ar), [n_a, n_b]); view each back
+1. splits every row all-to-all into a start and a wait (`moecc.all_to_all_rows_start`, then
+   `_c10d_functional.wait_tensor` on its result), so that compute can run while the rows travel;
+2. packs the per-gradient all-reduces sync_grads inserted into buckets (per group and dtype, in the order the
+   gradients are produced, of the size the cost model says hides an all-reduce's latency:
+   `HardwareProfile.bucket_bytes`, or `bucket_mb`);
+3. reorders the graph with a list schedule over a compute and a communication stream (`reorder`). It issues
+   each all-to-all as early as its inputs allow and pulls forward the cheap work that feeds one (the next
+   chunk's routing plan and row gather); it waits for the rows only where they are needed, and in the
+   meantime runs whatever is ready and independent, in the original order: the shared expert, another
+   chunk's experts, weight-gradient GEMMs. A gradient bucket's all-reduce waits while an all-to-all is
+   in flight (all-to-alls have priority).
 
-The order of the collectives is a function of the graph alone, so it is the same on every rank; it is
-recorded in the plan (`collective_order`). The Dynamo graph's collective order is checked across ranks when
-its passes are done (`check_collective_order`); the forward and backward graphs are deterministic functions
-of it, and no collective runs during AOTAutograd's compilation (a rank that finds a graph in a cache would
-not take part). The predicted timeline
-(a list schedule over a compute and a comm stream, in graph order; collectives that block the host, like the
-row all-to-all, hold both streams) is dumped as a Chrome trace.
+    before (one chunk, after shard)              after
+    plan = ep_plan(idx)                          plan0 = ep_plan(idx[:T0]); plan1 = ep_plan(idx[T0:])
+    rx = all_to_all_rows(x[tok], ...)            s0 = a2a_start(x[:T0][tok0]); s1 = a2a_start(x[T0:][tok1])
+    h = experts(rx) ...                          sh = shared_expert(x)            # while s0, s1 travel
+    out = combine(all_to_all_rows(h, ...))       h0 = experts(wait(s0)); c0 = a2a_start(h0)
+    y = out + shared_expert(x)                   h1 = experts(wait(s1)); c1 = a2a_start(h1)
+                                                 y = cat([combine(wait(c0)), combine(wait(c1))]) + sh
 
-Not done yet (the rest of the schedule work): token chunking of MoE layers, moving independent compute
-(shared experts, weight-gradient GEMMs) across all-to-alls, and giving all-to-all priority over gradient
-buckets.
+The order is a function of the graph and the profile alone, so it is the same on every rank; it is recorded
+in the plan (`collective_order`, by group role). The Dynamo graph's collective order is checked across ranks
+when its passes are done (`check_collective_order`); the forward and backward graphs are deterministic
+functions of it, and no collective runs during AOTAutograd's compilation (a rank that finds a graph in a
+cache would not take part). The predicted timeline of the final order is dumped as a Chrome trace.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import operator
 from typing import Any
 
@@ -38,43 +48,196 @@ from moecc.pass_manager import CompileContext
 
 _AR = torch.ops._c10d_functional.all_reduce.default
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
+_A2A = torch.ops.moecc.all_to_all_rows.default
+_A2A_START = torch.ops.moecc.all_to_all_rows_start.default
+_PLAN = torch.ops.moecc.ep_plan.default
 # collectives that hold the host until done (nothing else is issued meanwhile)
 BLOCKING = {"moecc.all_to_all_rows.default", "moecc.ep_plan.default"}
+MAX_CHUNKS = 8
 
 
-def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
-    """Chrome-trace events of a list schedule in graph order; a node starts when its inputs are done and
-    its stream is free (a blocking collective waits for, and holds, both streams)."""
-    done: dict[fx.Node, float] = {}
-    free = {"compute": 0.0, "comm": 0.0}
-    events = []
-    for n in gm.graph.nodes:
-        f = n.meta.get("moecc") or {}
-        dur = f.get("cost_us", 0.0)
-        stream = f.get("stream", "compute")
-        blocking = str(n.target) in BLOCKING
-        ready = max([0.0, *(done.get(a, 0.0) for a in n.all_input_nodes)])
-        start = max(ready, *free.values()) if blocking else max(ready, free[stream])
-        done[n] = start + dur
-        if dur > 0:
-            for s in free if blocking else (stream,):
-                free[s] = done[n]
-            events.append(
-                {
-                    "name": n.name,
-                    "cat": ir.op_name(n),
-                    "ph": "X",
-                    "ts": start,
-                    "dur": dur,
-                    "pid": 0,
-                    "tid": 0 if stream == "compute" else 1,
-                }
-            )
-    return events, max(done.values(), default=0.0)
+# ---------------------------------------------------------------------------------------------------------
+# token chunks (Dynamo graph)
+
+
+def pipeline_us(profile: cost.HardwareProfile, *, ep: int, T: int, H: int, K: int, elt: int, gemm_flops: float,
+                nodes: int, n: int) -> float:  # fmt: skip
+    """Predicted forward + backward time of one MoE region in n token chunks: per chunk a dispatch d, expert
+    compute x (2x in backward) and a combine b, the all-to-alls sharing one stream; n chunks pipeline as
+    d + x + b + (n - 1) max(x, d + b), and each chunk pays the region's per-op overheads again."""
+    moved = T / n * cost.expected_destinations(ep, K) * (ep - 1) / ep * H * elt
+    d = b = 1e6 * profile.comm_s("all_to_all", moved)
+    x = 1e6 * (gemm_flops / n / profile.grouped_gemm_flops + profile.op_overhead * nodes)
+    fwd = d + x + b + (n - 1) * max(x, d + b)
+    bwd = d + 2 * x + b + (n - 1) * max(2 * x, d + b)
+    return fwd + bwd
+
+
+def choose_chunks(profile: cost.HardwareProfile, **shape: Any) -> tuple[int, float, float]:
+    """The chunk count in 1..MAX_CHUNKS with the least predicted time (1 unless another saves >= 2%);
+    returns (n, predicted us at 1 chunk, predicted us at n)."""
+    times = {n: pipeline_us(profile, n=n, **shape) for n in range(1, MAX_CHUNKS + 1)}
+    best = min(times, key=lambda n: (times[n], n))
+    if times[best] > 0.98 * times[1]:
+        best = 1
+    return best, times[1], times[best]
+
+
+def _by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _closure(start: list[fx.Node], step: Any) -> set[fx.Node]:
+    seen: set[fx.Node] = set(start)
+    todo = list(start)
+    while todo:
+        for m in step(todo.pop()):
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def region_body(inputs: list[fx.Node], out: fx.Node) -> list[fx.Node]:
+    """The nodes on a path from the region's inputs to its output, in graph order (the output included; the
+    inputs, and what they are computed from, excluded: one input may be computed from another)."""
+    below = _closure(inputs, lambda n: n.users)
+    above = _closure([out], lambda n: n.all_input_nodes)
+    upstream = _closure(inputs, lambda n: n.all_input_nodes)
+    body = (below & above) - upstream
+    return [n for n in out.graph.nodes if n in body]
+
+
+def _gemm_flops(body: list[fx.Node], rows: int) -> float:
+    """FLOPs of the region's grouped GEMMs when `rows` (token, slot) rows go through them."""
+    flops = 0.0
+    for n in body:
+        if n.target is torch.ops.moecc.grouped_mm.default:
+            w = cost._val(n.args[1])
+            if isinstance(w, torch.Tensor) and w.dim() == 3:
+                flops += 2.0 * rows * cost._size(w.shape[1]) * cost._size(w.shape[2])
+    return flops
+
+
+def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tuple[int, str, Any]:
+    """(n, why, (x, idx, w, out, body)) for one region."""
+    if ctx.mesh.ep == 1:
+        return 1, "ep = 1: no all-to-all to overlap", None
+    if not any(n.target is _PLAN and ir.facts(n).get("region") == r.path for n in gm.graph.nodes):
+        return 1, "fused: its kernels overlap their own transfers", None
+    if ctx.options.capacity_factor is not None:
+        return 1, "capacity-limited routing (chunks would change which pairs are dropped)", None
+    io = ctx.plan["sharded_io"][r.path]
+    nodes = _by_name(gm)
+    x, idx, w, out = (nodes[io[k]] for k in ("x", "idx", "w", "out"))
+    for n in list(gm.graph.nodes):  # unused outputs of the region's ops (route_permute's expert ids, ...)
+        if n.target is operator.getitem and not n.users:
+            gm.graph.erase_node(n)
+    body = region_body([x, idx, w], out)
+    inside = set(body)
+    for n in body:
+        escaped = [u.name for u in n.users if u not in inside] if n is not out else []
+        if escaped:
+            return 1, f"{n.name}, inside the region, is also used by {escaped} outside it", None
+    xv, iv = cost._val(x), cost._val(idx)
+    T, H, K = int(xv.shape[0]), int(xv.shape[1]), int(iv.shape[1])
+    if ctx.options.chunks is not None:
+        n = min(ctx.options.chunks, T)
+        why = f"chunks={ctx.options.chunks} (option)" + (
+            f", at most one per token ({T})" if n < ctx.options.chunks else ""
+        )
+        return n, why, (x, idx, w, out, body)
+    shape = dict(ep=ctx.mesh.ep, T=T, H=H, K=K, elt=xv.element_size(), gemm_flops=_gemm_flops(body, T * K),
+                 nodes=len(body))  # fmt: skip
+    n, one, best = choose_chunks(ctx.profile, **shape)
+    n = min(n, T)
+    return n, f"cost model: {one:.0f} us forward + backward in 1 chunk, {best:.0f} us in {n}", (x, idx, w, out, body)
+
+
+def split_region(gm: fx.GraphModule, r: ir.MoERegion, n: int, found: Any) -> fx.Node:
+    """Replace the region by n copies over consecutive token ranges (sizes differ by at most one), and
+    concatenate their outputs; returns the concatenation."""
+    x, idx, w, out, body = found
+    T = int(cost._val(x).shape[0])
+    sizes = [T // n + (1 if i < T % n else 0) for i in range(n)]
+    g = gm.graph
+    outs = []
+    created = []
+    with g.inserting_before(out.next):  # in creation order
+        start = 0
+        for i, size in enumerate(sizes):
+            env: dict[fx.Node, fx.Node] = {}
+            for src in (x, idx, w):
+                env[src] = g.call_function(torch.narrow, (src, 0, start, size))
+                created.append(env[src])
+            for node in body:
+                c = g.node_copy(node, lambda a, env=env: env.get(a, a))
+                # per-chunk facts; the Dynamo example values have the whole region's shapes: dropped
+                c.meta = {k: v for k, v in node.meta.items() if k not in ("example_value", "val")}
+                c.meta["moecc"] = {**node.meta.get("moecc", {}), "chunk": i}
+                c.meta["custom"] = {**node.meta.get("custom", {}), "moecc_chunk": i}
+                env[node] = c
+            outs.append(env[out])
+            start += size
+        cat = g.call_function(torch.cat, (outs, 0))
+        created.append(cat)
+    for c in created:
+        ir.tag_region(c, r.path, "schedule")
+    out.replace_all_uses_with(cat)
+    for node in reversed(body):
+        g.erase_node(node)
+    return cat
+
+
+def chunk_moe(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Dynamo-graph half of the schedule pass: token chunks of every sharded, unfused MoE region."""
+    chunks = ctx.plan.setdefault("chunks", {})
+    for r in ctx.regions:
+        if r.status != "lifted":
+            continue
+        n, why, found = _chunk_count(gm, ctx, r)
+        if n > 1:
+            cat = split_region(gm, r, n, found)
+            ctx.plan["sharded_io"][r.path]["out"] = cat.name
+            ctx.counters["schedule.chunked_regions"] += 1
+        chunks[r.path] = n
+        ctx.note(f"{r.path}: {n} token chunk(s) ({why})")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ---------------------------------------------------------------------------------------------------------
+# start / wait, buckets (forward and backward graphs)
+
+
+def split_collectives(gm: fx.GraphModule) -> int:
+    """Each row all-to-all becomes a start and a wait, the wait right after it (reorder moves them apart)."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.target is not _A2A:
+            continue
+        with gm.graph.inserting_before(n):
+            start = gm.graph.call_function(_A2A_START, n.args, n.kwargs)
+            done = gm.graph.call_function(_WAIT, (start,))
+        for new in (start, done):
+            new.meta = {**n.meta, "moecc": {**n.meta.get("moecc", {}), "created_by": "schedule"}}
+        ir.set_facts(start, stream="comm", collective="all_to_all_rows")
+        ir.set_facts(done, stream="comm")
+        n.replace_all_uses_with(done)
+        gm.graph.erase_node(n)
+        count += 1
+    return count
 
 
 def bucket_gradients(gm: fx.GraphModule, ctx: CompileContext) -> tuple[int, int]:
-    """Pack the per-gradient all-reduces of sync_grads into buckets; returns (buckets, gradients in them)."""
+    """Pack the per-gradient all-reduces of sync_grads into buckets; returns (buckets, gradients in them).
+
+    before (sync_grads)                          after
+    ar_a = all_reduce(g_a, "sum", world)         flat = cat([g_a.reshape(-1), g_b.reshape(-1)])   # after g_b
+    ar_b = all_reduce(g_b, "sum", world)         ar = all_reduce(flat, "sum", world)
+    ... wait_tensor(ar_a) ... wait_tensor(ar_b)  a, b = split(wait_tensor(ar), [n_a, n_b]); view each back
+    """
     limit = ctx.options.bucket_mb * 2**20 if ctx.options.bucket_mb is not None else ctx.profile.bucket_bytes()
     starts = [n for n in gm.graph.nodes if n.target is _AR and ir.facts(n).get("created_by") == "sync_grads"]
     groups: dict[tuple, list[fx.Node]] = {}
@@ -137,6 +300,170 @@ def bucket_gradients(gm: fx.GraphModule, ctx: CompileContext) -> tuple[int, int]
     return n_buckets, n_grads
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the time model and the list schedule
+
+
+def _kind(n: fx.Node) -> str:
+    if n.target is _A2A_START:
+        return "a2a"
+    if n.target is _AR:
+        return "all_reduce"
+    if n.target is _WAIT:
+        return "wait"
+    if str(n.target) in BLOCKING:
+        return "blocking"
+    return "compute"
+
+
+class Streams:
+    """Predicted time on a compute stream and a communication stream, as the graph issues its nodes.
+
+    compute   starts when the compute stream is free;
+    a start   (all-to-all, all-reduce) starts when the comm stream is free and everything issued on the
+              compute stream before it is done (what NCCL's stream waits for), and holds the comm stream;
+    a wait    holds the compute stream until its collective is done;
+    blocking  (ep_plan's count exchange and host copy, an unsplit all-to-all) waits for both streams and
+              holds both.
+    """
+
+    def __init__(self) -> None:
+        self.compute = 0.0
+        self.comm = 0.0
+        self.done: dict[fx.Node, float] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def issue(self, n: fx.Node) -> None:
+        dur = ir.facts(n).get("cost_us", 0.0)
+        kind = _kind(n)
+        if kind in ("a2a", "all_reduce"):
+            start = max(self.comm, self.compute)
+            self.comm = start + dur
+            end, lane = self.comm, 1
+        elif kind == "wait":
+            src = n.args[0]
+            start = self.compute
+            self.compute = max(self.compute, self.done.get(src, 0.0))  # type: ignore[arg-type]
+            end, lane = self.compute, 0
+            dur = end - start  # a stall, if any
+        elif kind == "blocking":
+            start = max(self.compute, self.comm)
+            self.compute = self.comm = start + dur
+            end, lane = self.compute, 1
+        else:
+            start = self.compute
+            self.compute = start + dur
+            end, lane = self.compute, 0
+        self.done[n] = end
+        if dur > 0:
+            self.events.append(
+                {"name": n.name, "cat": ir.op_name(n), "ph": "X", "ts": start, "dur": dur, "pid": 0, "tid": lane}
+            )
+
+    @property
+    def total(self) -> float:
+        return max(self.compute, self.comm)
+
+
+def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
+    """Chrome-trace events of the graph's nodes issued in graph order, and the predicted end."""
+    s = Streams()
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            s.issue(n)
+    return s.events, s.total
+
+
+def _comm_distance(body: list[fx.Node]) -> dict[fx.Node, tuple[float, float]]:
+    """Per node: (compute time from it to the nearest all-to-all start or blocking op it feeds, the predicted
+    time of that collective); (inf, 0) where it feeds none."""
+    dist: dict[fx.Node, tuple[float, float]] = {}
+    for n in reversed(body):
+        kind = _kind(n)
+        if kind in ("a2a", "blocking"):
+            dist[n] = (0.0, ir.facts(n).get("cost_us", 0.0))
+            continue
+        best = (math.inf, 0.0)
+        for u in n.users:
+            if u in dist and dist[u][0] < best[0]:
+                best = dist[u]
+        own = ir.facts(n).get("cost_us", 0.0) if kind == "compute" else 0.0
+        dist[n] = (best[0] + own, best[1])
+    return dist
+
+
+def reorder(gm: fx.GraphModule) -> int:
+    """List-schedule the graph (see the module docstring); returns how many nodes changed position.
+
+    Among the nodes whose inputs are issued, in this priority: blocking ops; all-to-all starts; an
+    all-reduce start when the comm stream is idle; a wait whose collective is predicted done; compute that
+    feeds an all-to-all at a cost no larger than that all-to-all's time; other compute, in original order;
+    then a pending all-reduce; then the wait that is done first."""
+    nodes = list(gm.graph.nodes)
+    body = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
+    inside = set(body)
+    pos = {n: i for i, n in enumerate(body)}
+    missing = {n: sum(1 for a in n.all_input_nodes if a in inside) for n in body}
+    dist = _comm_distance(body)
+    queues: dict[str, list] = {k: [] for k in ("blocking", "a2a", "all_reduce", "wait", "feeds", "compute")}
+
+    def push(n: fx.Node) -> None:
+        kind = _kind(n)
+        if kind == "compute" and dist[n][0] <= dist[n][1]:
+            kind = "feeds"
+        heapq.heappush(queues[kind], (pos[n], n.name, n))
+
+    for n in body:
+        if missing[n] == 0:
+            push(n)
+    s = Streams()
+    order: list[fx.Node] = []
+
+    def take(kind: str) -> fx.Node:
+        return heapq.heappop(queues[kind])[2]
+
+    while len(order) < len(body):
+        q = queues
+        done_wait = next((i for i, (_, _, w) in enumerate(q["wait"]) if s.done[w.args[0]] <= s.compute), None)
+        if q["blocking"]:
+            n = take("blocking")
+        elif q["a2a"]:
+            n = take("a2a")
+        elif q["all_reduce"] and s.comm <= s.compute:
+            n = take("all_reduce")
+        elif done_wait is not None:
+            n = q["wait"].pop(done_wait)[2]
+            heapq.heapify(q["wait"])
+        elif q["feeds"]:
+            n = take("feeds")
+        elif q["compute"]:
+            n = take("compute")
+        elif q["all_reduce"]:
+            n = take("all_reduce")
+        else:
+            first = min(range(len(q["wait"])), key=lambda i: (s.done[q["wait"][i][2].args[0]], q["wait"][i][0]))
+            n = q["wait"].pop(first)[2]
+            heapq.heapify(q["wait"])
+        s.issue(n)
+        order.append(n)
+        for u in n.users:
+            if u in inside:
+                missing[u] -= 1
+                if missing[u] == 0:
+                    push(u)
+    moved = sum(1 for i, n in enumerate(order) if body[i] is not n)
+    out = nodes[-1]
+    for n in order:
+        out.prepend(n)
+    gm.graph.lint()
+    gm.recompile()
+    return moved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the collective order
+
+
 def collective_order(gm: fx.GraphModule, mesh: Any) -> list[str]:
     """The collectives of a graph in issue order, with their group's role and size: what every rank must agree
     on (group names differ between replicas; their roles do not)."""
@@ -160,25 +487,35 @@ def check_collective_order(gm: fx.GraphModule, ctx: CompileContext) -> None:
 
 
 def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Forward/backward-graph half of the schedule pass."""
+    split = split_collectives(gm)
     buckets = grads = 0
     if ctx.graph_kind == "backward" and ctx.mesh.world > 1:
         buckets, grads = bucket_gradients(gm, ctx)
         ctx.counters["schedule.buckets"] += buckets
         ctx.counters["schedule.bucketed_grads"] += grads
+    ctx.counters["schedule.split_all_to_alls"] += split
     top_k: dict[Any, int] = {r.path: max(r.top_k, 1) for r in ctx.regions}  # outside any region: top-2
     for n in gm.graph.nodes:
         if n.op == "call_function":
             k = top_k.get(ir.facts(n).get("region"), 2)
             ir.set_facts(n, cost_us=cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep))
             ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
+    _, before = predicted_timeline(gm)
+    moved = reorder(gm)
+    ctx.counters["schedule.moved_nodes"] += moved
     order = collective_order(gm, ctx.mesh)
     ctx.plan.setdefault("collective_order", {})[ctx.graph_kind] = order
     events, total = predicted_timeline(gm)
     ctx.plan.setdefault("predicted_us", {})[ctx.graph_kind] = total
+    ctx.plan.setdefault("predicted_unscheduled_us", {})[ctx.graph_kind] = before
+    chunks = ctx.plan.get("chunks", {})
+    chunk_note = ", ".join(f"{p}: {c}" for p, c in chunks.items()) or "none"
     bucket_note = f", {grads} gradient all-reduces in {buckets} bucket(s)" if buckets else ""
     ctx.note(
-        f"1 token chunk; {len(order)} collective(s){bucket_note}; predicted {total:.1f} us on profile "
-        f"{ctx.profile.name} ({ctx.profile.source})"
+        f"token chunks {chunk_note}; {split} all-to-all(s) split into start/wait, {moved} node(s) moved; "
+        f"{len(order)} collective(s){bucket_note}; predicted {total:.1f} us (graph order: {before:.1f} us) on "
+        f"profile {ctx.profile.name} ({ctx.profile.source})"
     )
     if ctx.dumper is not None:
         meta: list[dict[str, Any]] = [

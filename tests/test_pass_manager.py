@@ -16,8 +16,9 @@ from moecc.pass_manager import CompileContext, PassCheckError
 
 
 def test_pipeline_order() -> None:
-    assert passes.PASS_NAMES == ["lift_moe", "plan", "shard", "fuse", "sync_grads", "schedule", "lower"]
-    assert [p.stage for p in passes.PIPELINE] == ["dynamo", "dynamo", "dynamo", "dynamo", "aot", "aot", "aot"]
+    assert passes.PASS_NAMES == ["lift_moe", "plan", "shard", "fuse", "schedule", "sync_grads", "lower"]
+    assert [p.name for p in passes.PIPELINE if p.stage == "aot"] == ["sync_grads", "schedule", "lower"]
+    assert [p.stage for p in passes.PIPELINE] == ["dynamo"] * 5 + ["aot"] * 3
 
 
 def _drop_moe_ops(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -55,12 +56,13 @@ def test_dumps_show_every_pass(tmp_path: Path) -> None:
             "02_plan.py",
             "03_shard.py",
             "04_fuse.py",
-            "05_sync_grads.fwd.py",
-            "05_sync_grads.bwd.py",
-            "06_schedule.fwd.py",
-            "06_schedule.bwd.py",
-            "07_lower.fwd.py",
-            "07_lower.bwd.py",
+            "05_schedule.py",
+            "06_sync_grads.fwd.py",
+            "06_sync_grads.bwd.py",
+            "07_schedule.fwd.py",
+            "07_schedule.bwd.py",
+            "08_lower.fwd.py",
+            "08_lower.bwd.py",
             "index.json",
             "index.md",
             "plan.md",
@@ -72,7 +74,7 @@ def test_dumps_show_every_pass(tmp_path: Path) -> None:
     assert lifted.startswith("# Constructed by lift_moe (took ")
     assert "torch.ops.moecc.route_permute" in lifted and "# moecc: region=layers.0.moe.experts" in lifted
     assert "index_add_" not in lifted and "index_add_" in (g / "00_capture.py").read_text()
-    bwd = (g / "07_lower.bwd.py").read_text()
+    bwd = (g / "08_lower.bwd.py").read_text()
     assert "moecc.grouped_mm_wgrad" in bwd, "the backward graph carries the moecc weight-gradient op"
     index = (g / "index.md").read_text()
     assert "+2 moecc.route_permute" in index and "-8 method.index_add_" in index
@@ -88,9 +90,11 @@ def test_disabled_pass_is_skipped_and_reported(tmp_path: Path) -> None:
     torch.testing.assert_close(out, model(ids))
     out.sum().backward()
     g = cm.dump_root / "graph_0"
-    assert not (g / "06_schedule.fwd.py").exists() and not (g / "timeline.forward.json").exists()
+    assert not (g / "07_schedule.fwd.py").exists() and not (g / "timeline.forward.json").exists()
+    assert not (g / "05_schedule.py").exists()
     rows = [r.split("|")[1:4] for r in (g / "index.md").read_text().splitlines() if r.startswith("| schedule")]
     assert [[c.strip() for c in r] for r in rows] == [
+        ["schedule", "dynamo", "disabled"],
         ["schedule", "forward", "disabled"],
         ["schedule", "backward", "disabled"],
     ]
@@ -100,6 +104,6 @@ def test_lift_disabled_leaves_model_code(tmp_path: Path) -> None:
     model, (ids,) = switch_style.build()
     cm = moecc.compile(model, dump_dir=tmp_path, disable_passes=["lift_moe"])
     torch.testing.assert_close(cm(ids), model(ids))
-    lowered = (cm.dump_root / "graph_0" / "07_lower.fwd.py").read_text()
+    lowered = (cm.dump_root / "graph_0" / "08_lower.fwd.py").read_text()
     assert "torch.ops.moecc" not in lowered
     assert cm.regions == []

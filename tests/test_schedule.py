@@ -4,6 +4,7 @@ compile), and the predicted timeline."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import moecc
-from moecc import cost, testing
+from moecc import cost, ir, testing
 from moecc.examples import deepseek_style, mixtral_style
 from moecc.options import MoeccError
 
@@ -74,6 +75,133 @@ def _bucketed_like_unscheduled(rank: int, world: int) -> None:
 
 def test_gradient_buckets_give_the_unscheduled_gradients() -> None:
     testing.spawn(_bucketed_like_unscheduled, 2)
+
+
+def _step(cm, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """A training step's loss, gradients and the peak memory of its compiled graphs."""
+    from moecc.profile import graph_memory
+
+    with graph_memory() as mem:
+        loss, grads = _grads(cm, ids)
+    return loss, grads, mem.peak
+
+
+def _positions(gm: torch.fx.GraphModule) -> dict[str, int]:
+    return {n.name: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _op_counts(cm) -> collections.Counter[str]:
+    """Ops of the forward and backward graphs that run."""
+    graphs = [c.final_graphs[k] for c in cm.session.contexts for k in ("forward", "backward")]
+    return collections.Counter(ir.op_name(n) for g in graphs for n in g.graph.nodes)
+
+
+def _overlaps(gm: torch.fx.GraphModule, pred) -> list[str]:
+    """Nodes matching pred that run between an all-to-all start and its wait."""
+    pos = _positions(gm)
+    spans = [
+        (pos[n.name], pos[w.name])
+        for n in gm.graph.nodes
+        if n.target is torch.ops.moecc.all_to_all_rows_start.default
+        for w in n.users
+    ]
+    return [n.name for n in gm.graph.nodes if pred(n) and any(a < pos[n.name] < b for a, b in spans)]
+
+
+def _chunked_like_unscheduled(rank: int, world: int) -> None:
+
+    T = 22  # tokens per rank: 3 chunks of 8, 7 and 7
+    model, (ids,) = deepseek_style.build(seed=0, tokens=T)
+    gen = torch.Generator().manual_seed(11)
+    batch = [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)][rank]
+    skewed = copy.deepcopy(model)
+    for m in skewed.modules():  # every token picks rank 0's experts: rank 1 receives nothing in any chunk
+        if isinstance(m, deepseek_style.DeepSeekStyleMoE):
+            m.e_score_correction_bias[: m.num_experts // world] = 10.0
+    for routing, base_model in (("uniform", model), ("skewed", skewed)):
+        variants = {
+            "unscheduled": {"disable_passes": ["schedule"]},
+            "cost model": {},
+            "3 chunks": {"chunks": 3},
+        }
+        out = {}
+        for name, opts in variants.items():
+            cm = moecc.compile(copy.deepcopy(base_model), ep=world, **opts)
+            _grads(cm, batch)  # compiles
+            out[name] = (cm, *_step(cm, batch))
+        base_cm, base_loss, base_grads, base_peak = out["unscheduled"]
+        assert base_peak >= batch.numel() * 64 * 4, base_peak  # at least the logits the graph returns
+        for name in ("cost model", "3 chunks"):
+            cm, loss, grads, peak = out[name]
+            msg = f"{routing} routing, {name}"
+            torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=0, msg=msg)
+            assert grads.keys() == base_grads.keys(), msg
+            for k in base_grads:  # chunks sum expert gradients in another order: equal up to rounding
+                torch.testing.assert_close(
+                    grads[k], base_grads[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k, msg=msg: f"{msg} {k}: {m}"
+                )
+            # the memory bound: at most 10% above the unscheduled program
+            assert peak <= 1.10 * base_peak, (msg, peak, base_peak)
+        # the unscheduled program is the one before this pass; the scheduled one splits every all-to-all
+        ops = {name: _op_counts(cm) for name, (cm, *_) in out.items()}
+        assert ops["unscheduled"]["moecc.all_to_all_rows"] > 0 and not ops["unscheduled"]["moecc.all_to_all_rows_start"]
+        for name in ("cost model", "3 chunks"):
+            assert ops[name]["moecc.all_to_all_rows_start"] > 0 and not ops[name]["moecc.all_to_all_rows"], name
+        chunked = out["3 chunks"][0]
+        assert chunked.session.counters()["schedule.chunked_regions"] == 2
+        assert ops["3 chunks"]["moecc.ep_plan"] == 3 * ops["unscheduled"]["moecc.ep_plan"]
+        (ctx,) = chunked.session.contexts
+        assert set(ctx.plan["chunks"].values()) == {3}
+        fwd, bwd = ctx.final_graphs["forward"], ctx.final_graphs["backward"]
+        # overlap: the shared expert runs while rows travel; chunk 1 is dispatched before chunk 0 computes;
+        # weight-gradient GEMMs run while an all-to-all is in flight
+        shared = [
+            n
+            for n in fwd.graph.nodes
+            if n.target is torch.ops.aten.mm.default
+            and "shared" in str(n.meta.get("stack_trace", "")) + str(n.meta.get("nn_module_stack", ""))
+        ]
+        assert shared and _overlaps(fwd, lambda n, shared=shared: n in shared), (
+            "the shared expert does not overlap an all-to-all"
+        )
+        pos = _positions(fwd)
+        starts = [n for n in fwd.graph.nodes if n.target is torch.ops.moecc.all_to_all_rows_start.default]
+        first_gemm = next(n for n in fwd.graph.nodes if n.target is torch.ops.moecc.grouped_mm.default)
+        chunk_of = lambda n: (n.meta.get("custom") or {}).get("moecc_chunk")  # noqa: E731
+        assert any(chunk_of(n) == 1 and pos[n.name] < pos[first_gemm.name] for n in starts), "chunk 1 dispatched late"
+        assert _overlaps(bwd, lambda n: n.target is torch.ops.moecc.grouped_mm_wgrad.default)
+        # the same order on every rank
+        orders = [c.plan["collective_order"] for c in chunked.session.contexts]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, orders)
+        assert all(g == gathered[0] for g in gathered), gathered
+        torch._dynamo.reset()
+    # at most one chunk per token
+    few = moecc.compile(deepseek_style.build(seed=0, tokens=6)[0], ep=world, chunks=8)
+    few_ids = batch[:, :3]  # 6 tokens per rank
+    _grads(few, few_ids)
+    (ctx,) = few.session.contexts
+    assert set(ctx.plan["chunks"].values()) == {6}, ctx.plan["chunks"]
+    assert any("chunks=8 (option), at most one per token (6)" in note for note in ctx.notes), ctx.notes
+
+
+def test_token_chunks_and_overlap_keep_gradients_and_memory() -> None:
+    testing.spawn(_chunked_like_unscheduled, 2, timeout_s=300)
+
+
+def test_chunk_count_follows_the_cost_model() -> None:
+    from moecc.passes import schedule_overlap as so
+
+    h200 = cost.PROFILES["h200"]
+    deepseek = dict(T=8192, H=7168, K=8, elt=2, gemm_flops=2 * 8192 * 8 * 3 * 7168 * 2048, nodes=40)
+    n, one, best = so.choose_chunks(h200, ep=4, **deepseek)
+    assert 1 < n <= so.MAX_CHUNKS and best < one  # a layer whose all-to-alls take as long as its GEMMs
+    assert so.choose_chunks(h200, ep=1, **deepseek)[0] == 1  # nothing to overlap
+    tiny = dict(T=16, H=32, K=2, elt=4, gemm_flops=2 * 16 * 2 * 3 * 32 * 16, nodes=40)
+    assert so.choose_chunks(cost.PROFILES["cpu"], ep=2, **tiny)[0] == 1  # per-op overhead dominates
+    for bad in (0, 9, True, 2.0):
+        with pytest.raises(MoeccError, match=r"chunks=.* must be an integer from 1 to 8"):
+            moecc.compile(mixtral_style.build()[0], chunks=bad)
 
 
 def test_profile_curves_interpolate_and_stay_monotone() -> None:
