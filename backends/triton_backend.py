@@ -6,7 +6,9 @@ tile list, which is derived on the device from `offs_E` (no host synchronisation
 receives no rows has no tiles and costs nothing.
 
 - `grouped_mm(x_SK, w_EKN, offs_E)`: y[rows of e] = x[rows of e] @ w[e] (forward, and dX with w transposed);
-- `grouped_mm_wgrad(x_SK, dy_SN, offs_E)`: dw[e] = x[rows of e]^T @ dy[rows of e] (dW).
+- `grouped_mm_wgrad(x_SK, dy_SN, offs_E)`: dw[e] = x[rows of e]^T @ dy[rows of e] (dW). x and dy are read
+  through tensor descriptors (TMA loads on Hopper) where their strides allow, else through pointers; which
+  kernel ran is counted (`grouped_mm_wgrad.descriptor` / `.pointer`).
 
 Rows past offs[-1] (dropped) are zero in the output, as in the torch backend: the forward kernel treats
 them as one more segment whose tiles store zeros (no separate memset of the output). On the CPU the kernels run
@@ -22,6 +24,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor  # host-side descriptors: TMA loads on Hopper
 
 NAME = "triton"
 COUNTERS: collections.Counter[str] = collections.Counter()
@@ -146,12 +149,64 @@ def _grouped_wgrad_kernel(
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
 
 
+@triton.jit
+def _grouped_wgrad_tma_kernel(
+    x_desc, dy_desc, x_ptr, dy_ptr, dw_ptr, offs_ptr,
+    K, N, E, NSRC,
+    sxm, sym, swe, swk, swn,
+    BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    # `_grouped_wgrad_kernel` with the segment's whole row tiles read through tensor descriptors (TMA on
+    # Hopper), unmasked; its last, partial tile is read through pointers with both operands masked (the rows
+    # past a segment may hold anything, NaN included, in the fused path's buffers)
+    pid = tl.program_id(0)
+    n_tiles_k = tl.cdiv(K, BK)
+    n_tiles_n = tl.cdiv(N, BN)
+    total = E * n_tiles_k * n_tiles_n
+    for t in range(pid, total, NUM_PROGRAMS):
+        e = t // (n_tiles_k * n_tiles_n)
+        rem = t % (n_tiles_k * n_tiles_n)
+        k0 = (rem // n_tiles_n) * BK
+        n0 = (rem % n_tiles_n) * BN
+        ks = k0 + tl.arange(0, BK)
+        cols = n0 + tl.arange(0, BN)
+        acc = tl.zeros((BK, BN), dtype=tl.float32)
+        for src in range(NSRC):
+            seg = src * E + e
+            seg_lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
+            seg_hi = tl.load(offs_ptr + seg)
+            tail = seg_lo + ((seg_hi - seg_lo) // BS) * BS
+            for s0 in range(seg_lo, tail, BS):
+                a = x_desc.load([s0, k0])  # [BS, BK]
+                b = dy_desc.load([s0, n0])  # [BS, BN]
+                acc = _dot(tl.trans(a), b, acc, PRECISION, UPCAST)
+            if tail < seg_hi:
+                rows = (tail + tl.arange(0, BS)).to(tl.int64)
+                r_ok = rows < seg_hi
+                a = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :], mask=r_ok[:, None] & (ks[None, :] < K),
+                            other=0.0)  # fmt: skip
+                b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :], mask=r_ok[:, None] & (cols[None, :] < N),
+                            other=0.0)  # fmt: skip
+                acc = _dot(tl.trans(a), b, acc, PRECISION, UPCAST)
+        dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
+        tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
+                 mask=(ks[:, None] < K) & (cols[None, :] < N))  # fmt: skip
+
+
 # (block rows, block cols, block inner, warps, pipeline stages, m-tiles per L2 group) per kernel; benchmarks/
-# sweeps them (the dW kernel has no grouping)
+# sweeps them (the dW kernels have no grouping)
 CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm": (128, 256, 64, 8, 3, 8),
-    "grouped_mm_wgrad": (128, 128, 64, 8, 3, 1),
+    "grouped_mm_wgrad": (128, 256, 64, 8, 3, 1),  # descriptor loads (TMA)
+    "grouped_mm_wgrad_pointer": (128, 128, 64, 8, 3, 1),
 }
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address this 2-d tensor: unit last stride, 16-byte aligned base and
+    row stride."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 def _upcast(device: torch.device, dtype: torch.dtype) -> bool:
@@ -208,14 +263,25 @@ def grouped_mm_wgrad_segments(
     dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
     if E == 0:
         return dw_EKN
-    BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
     P = _num_programs(x_SK.device)
-    _grouped_wgrad_kernel[(P,)](
-        x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
-        x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
-        dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
-        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype),
-        UPCAST=_upcast(x_SK.device, x_SK.dtype), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    common = dict(NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype), UPCAST=_upcast(x_SK.device, x_SK.dtype))
+    if _descriptor_ok(x_SK) and _descriptor_ok(dy_SN):
+        BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
+        _grouped_wgrad_tma_kernel[(P,)](
+            TensorDescriptor.from_tensor(x_SK, [BS, BK]), TensorDescriptor.from_tensor(dy_SN, [BS, BN]),
+            x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
+            x_SK.stride(0), dy_SN.stride(0), dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
+            BK=BK, BN=BN, BS=BS, num_warps=warps, num_stages=stages, **common,
+        )  # fmt: skip
+        COUNTERS["grouped_mm_wgrad.descriptor"] += 1
+    else:  # strides a descriptor cannot express
+        BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad_pointer", x_SK.device, x_SK.dtype)
+        _grouped_wgrad_kernel[(P,)](
+            x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
+            x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
+            dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
+            BK=BK, BN=BN, BS=BS, num_warps=warps, num_stages=stages, **common,
+        )  # fmt: skip
+        COUNTERS["grouped_mm_wgrad.pointer"] += 1
     COUNTERS["grouped_mm_wgrad"] += 1
     return dw_EKN

@@ -49,7 +49,13 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int) -> None:
     for e, c in enumerate(counts):
         if c == 0:
             assert not dw[e].any(), "an expert with no rows gets a zero gradient"
+    # strides a tensor descriptor cannot address (every other column) take the pointer kernel: the same dW
+    wide = torch.zeros(S, 2 * N, device=dy.device)
+    wide[:, ::2] = dy
+    torch.testing.assert_close(triton_backend.grouped_mm_wgrad(x, wide[:, ::2], offs), dw)
     assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 2
+    for kernel in ("descriptor", "pointer"):
+        assert triton_backend.COUNTERS[f"grouped_mm_wgrad.{kernel}"] == before.get(f"grouped_mm_wgrad.{kernel}", 0) + 1
     torch.library.opcheck(ops.triton_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.triton_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
 
