@@ -67,12 +67,18 @@ def _expert_of_tile(cum_ptr, mt, E, LOG_E: tl.constexpr):
 
 @triton.jit
 def _grouped_mm_kernel(
-    x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr,
+    x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr, x_desc, w_desc,
     N, K, E,
     sxm, sxk, swe, swk, swn, sym, syn,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    PRECISION: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr,
+    W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
+    # DESC: x and w are read through tensor descriptors (TMA on Hopper), x_desc over x [S, K] and w_desc over
+    # the experts' weights as one 2-d tensor: [E*N, K] when K is contiguous (W_KMAJOR, nn.Linear's layout),
+    # else [E*K, N]. A tile that runs past its segment's rows, or past its expert's N (or K) into the next
+    # expert's, reads finite numbers that only reach output rows / columns the store masks off (or meet
+    # x's zero-filled columns past K).
     # segment E (one past the experts) is the tail of dropped rows [offs[E-1], S): its tiles store zeros
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BN)
@@ -97,14 +103,19 @@ def _grouped_mm_kernel(
         col_ok = cols < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, tl.where(e < E, K, 0), BK):
-            ks = k0 + tl.arange(0, BK)
-            k_ok = ks < K
-            a = tl.load(
-                x_ptr + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            w_tile = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
-            b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :],
-                        other=0.0)  # fmt: skip
+            if DESC:
+                a = x_desc.load([seg_lo + (mt - first_mt) * BM, k0])
+                if W_KMAJOR:
+                    b = tl.trans(w_desc.load([e * N + nt * BN, k0]))
+                else:
+                    b = w_desc.load([e * K + k0, nt * BN])
+            else:
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < K
+                a = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :] * sxk, mask=row_ok[:, None] & k_ok[None, :],
+                            other=0.0)  # fmt: skip
+                w_tile = w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
+                b = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, PRECISION, UPCAST)
         tl.store(y_ptr + rows[:, None] * sym + cols[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
@@ -238,16 +249,37 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     counts = torch.diff(offs_ext, prepend=offs_ext.new_zeros(1))
     cum_ext = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
     P = _num_programs(x_SK.device)
+    descs = _grouped_mm_descriptors(x_SK, w_EKN, BM, BN, BK)
     _grouped_mm_kernel[(P,)](
-        x_SK, w_EKN, y_SN, offs_ext, cum_ext, N, K, E,
+        x_SK, w_EKN, y_SN, offs_ext, cum_ext, *(descs[:2] if descs else (None, None)), N, K, E,
         x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_SN.stride(0), y_SN.stride(1),
         BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E + 1)) + 1), NUM_PROGRAMS=P,
         PRECISION=_precision(x_SK.dtype), GROUP_M=group_m, UPCAST=_upcast(x_SK.device, x_SK.dtype),
-        num_warps=warps, num_stages=stages,
+        DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm"] += 1
+    COUNTERS["grouped_mm.descriptor" if descs else "grouped_mm.pointer"] += 1
     return y_SN
+
+
+def _grouped_mm_descriptors(
+    x_SK: torch.Tensor, w_EKN: torch.Tensor, BM: int, BN: int, BK: int
+) -> tuple[TensorDescriptor, TensorDescriptor, bool] | None:
+    """Tensor descriptors for x and for w as one 2-d tensor ([E*N, K] if K is contiguous, else [E*K, N]), and
+    whether w is K-major; None where the strides do not allow them."""
+    E, K, N = w_EKN.shape
+    if not _descriptor_ok(x_SK):
+        return None
+    if w_EKN.transpose(1, 2).is_contiguous():
+        w2, block, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), [BN, BK], True
+    elif w_EKN.is_contiguous():
+        w2, block, k_major = w_EKN.reshape(E * K, N), [BK, BN], False
+    else:
+        return None
+    if not _descriptor_ok(w2):
+        return None
+    return TensorDescriptor.from_tensor(x_SK, [BM, BK]), TensorDescriptor.from_tensor(w2, block), k_major
 
 
 def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

@@ -49,13 +49,18 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int) -> None:
     for e, c in enumerate(counts):
         if c == 0:
             assert not dw[e].any(), "an expert with no rows gets a zero gradient"
-    # strides a tensor descriptor cannot address (every other column) take the pointer kernel: the same dW
+    # strides a tensor descriptor cannot address (every other column) take the pointer kernels: the same results
     wide = torch.zeros(S, 2 * N, device=dy.device)
     wide[:, ::2] = dy
     torch.testing.assert_close(triton_backend.grouped_mm_wgrad(x, wide[:, ::2], offs), dw)
-    assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 2
-    for kernel in ("descriptor", "pointer"):
-        assert triton_backend.COUNTERS[f"grouped_mm_wgrad.{kernel}"] == before.get(f"grouped_mm_wgrad.{kernel}", 0) + 1
+    torch.testing.assert_close(
+        triton_backend.grouped_mm(wide[:, ::2], w.transpose(1, 2), offs),
+        torch_backend.grouped_mm(dy, w.transpose(1, 2), offs),
+    )
+    assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 3
+    for kernel, calls in (("grouped_mm.descriptor", 2), ("grouped_mm.pointer", 1), ("grouped_mm_wgrad.descriptor", 1),
+                          ("grouped_mm_wgrad.pointer", 1)):  # fmt: skip
+        assert triton_backend.COUNTERS[kernel] == before.get(kernel, 0) + calls, kernel
     torch.library.opcheck(ops.triton_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.triton_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
 
