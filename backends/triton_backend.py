@@ -214,6 +214,12 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
+# Descriptor loads in the forward / dX grouped GEMM pay off for long inner dimensions and cost for short ones
+# (1 x H200, grouped_gemm_2026-11-29e.json against 2026-11-28c: K = 4096..28672 gained 3-10%, K = 768..2048
+# lost up to 19%), so they are used from this K on; the dW kernel always uses them.
+DESCRIPTOR_MIN_K = 4096
+
+
 def _descriptor_ok(t: torch.Tensor) -> bool:
     """Whether a tensor descriptor can address this 2-d tensor: unit last stride, 16-byte aligned base and
     row stride."""
@@ -269,7 +275,7 @@ def _grouped_mm_descriptors(
     """Tensor descriptors for x and for w as one 2-d tensor ([E*N, K] if K is contiguous, else [E*K, N]), and
     whether w is K-major; None where the strides do not allow them."""
     E, K, N = w_EKN.shape
-    if not _descriptor_ok(x_SK):
+    if K < DESCRIPTOR_MIN_K or not _descriptor_ok(x_SK):
         return None
     if w_EKN.transpose(1, 2).is_contiguous():
         w2, block, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), [BN, BK], True

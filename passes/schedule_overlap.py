@@ -34,6 +34,7 @@ cache would not take part). The predicted timeline of the final order is dumped 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import operator
@@ -154,6 +155,10 @@ def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tu
     return n, f"cost model: {one:.0f} us forward + backward in 1 chunk, {best:.0f} us in {n}", (x, idx, w, out, body)
 
 
+def _renamed(env: dict[fx.Node, fx.Node], a: fx.Node) -> fx.Node:
+    return env.get(a, a)
+
+
 def split_region(gm: fx.GraphModule, r: ir.MoERegion, n: int, found: Any) -> fx.Node:
     """Replace the region by n copies over consecutive token ranges (sizes differ by at most one), and
     concatenate their outputs; returns the concatenation."""
@@ -171,7 +176,7 @@ def split_region(gm: fx.GraphModule, r: ir.MoERegion, n: int, found: Any) -> fx.
                 env[src] = g.call_function(torch.narrow, (src, 0, start, size))
                 created.append(env[src])
             for node in body:
-                c = g.node_copy(node, lambda a, env=env: env.get(a, a))
+                c = g.node_copy(node, functools.partial(_renamed, env))
                 # per-chunk facts; the Dynamo example values have the whole region's shapes: dropped
                 c.meta = {k: v for k, v in node.meta.items() if k not in ("example_value", "val")}
                 c.meta["moecc"] = {**node.meta.get("moecc", {}), "chunk": i}

@@ -32,7 +32,8 @@ def _segments(counts: list[int]) -> torch.Tensor:
     [([10, 0, 17, 3, 12], 50), ([40, 0, 0, 0], 40), ([0, 0, 0], 8), ([1, 2, 33, 5, 0, 7, 16, 9], 73)],
     ids=["empty-expert-and-dropped-rows", "one-expert", "no-rows", "ragged"],
 )
-def test_grouped_mm_matches_torch_backend(counts: list[int], S: int) -> None:
+def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", 0)  # descriptor loads at these small shapes too
     gen = torch.Generator().manual_seed(sum(counts) + S)
     E, K, N = len(counts), 24, 40
     x = torch.randn(S, K, generator=gen).to(_device())
@@ -57,8 +58,10 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int) -> None:
         triton_backend.grouped_mm(wide[:, ::2], w.transpose(1, 2), offs),
         torch_backend.grouped_mm(dy, w.transpose(1, 2), offs),
     )
-    assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 3
-    for kernel, calls in (("grouped_mm.descriptor", 2), ("grouped_mm.pointer", 1), ("grouped_mm_wgrad.descriptor", 1),
+    monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", K + 1)  # a short inner dimension: pointer loads
+    torch.testing.assert_close(triton_backend.grouped_mm(x, w, offs), torch_backend.grouped_mm(x, w, offs))
+    assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 4
+    for kernel, calls in (("grouped_mm.descriptor", 2), ("grouped_mm.pointer", 2), ("grouped_mm_wgrad.descriptor", 1),
                           ("grouped_mm_wgrad.pointer", 1)):  # fmt: skip
         assert triton_backend.COUNTERS[kernel] == before.get(kernel, 0) + calls, kernel
     torch.library.opcheck(ops.triton_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
