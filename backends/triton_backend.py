@@ -214,9 +214,11 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
-# Descriptor loads in the forward / dX grouped GEMM pay off for long inner dimensions and cost for short ones
-# (1 x H200, grouped_gemm_2026-11-29e.json against 2026-11-28c: K = 4096..28672 gained 3-10%, K = 768..2048
-# lost up to 19%), so they are used from this K on; the dW kernel always uses them.
+# Descriptor loads in the forward / dX grouped GEMM pay off for long inner dimensions and cost for short ones.
+# On 1 x H200, as a fraction of torch._grouped_mm in the same run: K = 4096..28672 (Mixtral, DeepSeek gemm1 /
+# dx1) went from 0.88-1.02 with pointer loads (grouped_gemm_2026-11-28c) to 0.95-1.09 with descriptors
+# (2026-11-29e, f); K = 768..2048 (Qwen3, DeepSeek gemm2) was 3-7% lower with descriptors (29e) than with
+# pointers (29f). So they are used from this K on; the dW kernel always uses them.
 DESCRIPTOR_MIN_K = 4096
 
 
