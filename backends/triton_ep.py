@@ -218,6 +218,17 @@ def group_buffers(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torc
 
 
 @triton.jit
+def _index(x, WIDE: tl.constexpr):
+    """Row indices for address arithmetic: 64-bit only where an operand reaches 2^31 elements (WIDE); 32-bit
+    offsets keep the gathered / scattered tiles' address tensors at half the registers."""
+    if WIDE:  # one return: Triton types every return statement, even one a constexpr rules out
+        y = x.to(tl.int64)
+    else:
+        y = x.to(tl.int32)
+    return y
+
+
+@triton.jit
 def _ptr(table, r, like):
     """The address of rank r's part (from an int64 table) as a pointer of `like`'s element type."""
     return tl.load(table + r).to(tl.pointer_type(like.dtype.element_ty))
@@ -340,7 +351,7 @@ def _dispatch_gemm_kernel(
     swe, swk, swn,
     EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, ROLE: tl.constexpr,
-    SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if pid < NSEND:
@@ -363,7 +374,7 @@ def _dispatch_gemm_kernel(
                 _wait_signal(sig_ptr + SLOT * EP + s, target)
                 mi = (s * TK + q).to(tl.int64)
                 live_rows = rows < tl.where(live, hi, lo)
-                rr = tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0).to(tl.int64)
+                rr = _index(tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0), WIDE)
                 if HAS_GATES:
                     g = tl.load(gates_ptr + mi, mask=live_rows, other=0.0)
                 k_end = tl.where(live, H, 0)
@@ -375,7 +386,7 @@ def _dispatch_gemm_kernel(
                             a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
                             if HAS_GATES:
                                 a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
-                            tl.store(save_ptr + rows[:, None].to(tl.int64) * H + ks[None, :], a, mask=am)
+                            tl.store(save_ptr + _index(rows, WIDE)[:, None] * H + ks[None, :], a, mask=am)
                 acc = tl.zeros((BM, BN), dtype=tl.float32)
                 for k0 in range(0, k_end, BK):
                     ks = k0 + tl.arange(0, BK)
@@ -387,7 +398,7 @@ def _dispatch_gemm_kernel(
                     b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
                     acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
-                tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                tl.store(y_ptr + _index(rows, WIDE)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
 
@@ -398,7 +409,7 @@ def _gemm_scatter_kernel(
     me, TK, Kd, N, NSEG, SLOT,
     sam, sak, swe, swk, swn,
     EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]."""
     pid = tl.program_id(0)
@@ -408,12 +419,12 @@ def _gemm_scatter_kernel(
         _, _, _, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
             cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN
         )
-        slot = tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0).to(tl.int64)
+        slot = _index(tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0), WIDE)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, Kd, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < Kd
-            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * sam + ks[None, :] * sak,
+            a = tl.load(a_ptr + _index(rows, WIDE)[:, None] * sam + ks[None, :] * sak,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
             b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
@@ -620,6 +631,11 @@ def _log(nseg: int) -> int:
     return max(1, math.ceil(math.log2(nseg + 1)) + 1)
 
 
+def _wide(*operands: torch.Tensor) -> bool:
+    """Whether offsets into these operands need 64 bits (every buffer of one rank; peers' are alike)."""
+    return any(t.numel() >= 2**31 for t in operands)
+
+
 def _dispatch_gemm(
     buf: EPBuffers,
     src_TH: torch.Tensor,
@@ -653,7 +669,7 @@ def _dispatch_gemm(
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
             BM=BM, BN=BN, BK=BK, LOG=_log(nseg), ROLE=role, SAVE_A=save_a,
-            PRECISION=triton_backend._precision(src_TH.dtype),
+            WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
             UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
@@ -680,7 +696,7 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
         plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0,
         me, T * K, a_SK.shape[1], N, nseg, slot,
         a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
-        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg),
+        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg), WIDE=_wide(a_SK, buf.local["comb"]),
         PRECISION=triton_backend._precision(a_SK.dtype),
         UPCAST=triton_backend._upcast(buf.device, a_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -75,15 +75,19 @@ def routing(kind: str, T: int, K: int, E: int, gen: torch.Generator) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("ep", "kinds", "dt"),
+    ("ep", "kinds", "dt", "wide"),
     [
-        (1, ["uniform"], torch.float32),
-        (2, ["uniform", "skewed"], torch.float32),
-        (4, ["dropped", "uniform"], torch.float32),
-        (2, ["dropped"], torch.bfloat16),
+        (1, ["uniform"], torch.float32, False),
+        (2, ["uniform", "skewed"], torch.float32, False),
+        (4, ["dropped", "uniform"], torch.float32, False),
+        (2, ["dropped"], torch.bfloat16, False),
+        # 64-bit row offsets, what buffers of 2^31 elements or more take
+        (2, ["skewed"], torch.float32, True),
     ],
 )
-def test_fused_layer_matches_eager(ep, kinds, dt):
+def test_fused_layer_matches_eager(ep, kinds, dt, wide, monkeypatch: pytest.MonkeyPatch):
+    if wide:
+        monkeypatch.setattr(triton_ep, "_wide", lambda *operands: True)
     T, K, H, Fd, E_l = 12, 2, 16, 24, 2
     E = ep * E_l
     gen = torch.Generator().manual_seed(ep)
