@@ -1,7 +1,8 @@
 """`moecc calibrate`: measure this machine's rates and save a hardware profile that compile picks up.
 
 Measured: the dense GEMM rate (a square matmul), the grouped GEMM rate (the torch backend's grouped GEMM over
-8 experts), device memory bandwidth (a large copy), and, over a local world of `world_size` processes
+8 experts), on a GPU the rate of moecc's fused expert-parallel ops (one rank, a SwiGLU MoE layer's forward),
+device memory bandwidth (a large copy), and, over a local world of `world_size` processes
 (gloo on the CPU, NCCL with one GPU per rank), the latency/bandwidth curves of `all_to_all_single` and
 `all_reduce`: the median time per call at message sizes from a few KB to tens of MB per rank.
 
@@ -64,7 +65,33 @@ def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
     bw = 2 * big.numel() / _time_s(lambda: dst.copy_(big), device, iters)
     tiny = torch.ones(8, device=device)
     overhead = _time_s(lambda: tiny.add(1.0), device, iters * 10)  # an op with nothing to do: issue cost
-    return {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
+    rates = {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
+    if device.type == "cuda":
+        rates["fused_gemm_flops"] = measure_fused(device, quick)
+    return rates
+
+
+def measure_fused(device: torch.device, quick: bool) -> float:
+    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU), in one rank:
+    dispatch + expert GEMM 1 and expert GEMM 2 + combine of a SwiGLU MoE layer forward, routing included, in
+    FLOPs of the two GEMMs per second."""
+    from moecc import ops
+
+    T, H, F, E, K = (2048, 2048, 1024, 32, 4) if quick else (8192, 4096, 1536, 64, 6)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
+    idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=-1).indices
+    w_TK = torch.rand(T, K, device=device, generator=gen)
+    w1 = torch.randn(E, H, 2 * F, device=device, dtype=torch.bfloat16, generator=gen) * H**-0.5
+    w2 = torch.randn(E, F, H, device=device, dtype=torch.bfloat16, generator=gen) * F**-0.5
+
+    def layer() -> None:
+        h, _, plan = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
+        a = torch.nn.functional.silu(h[:, :F]) * h[:, F:]
+        ops.ep_gemm_combine(a, w2, w_TK, plan, 1, "")
+
+    flops = 2 * T * K * H * 2 * F + 2 * T * K * F * H
+    return flops / _time_s(layer, device, 5 if quick else 20)
 
 
 def _sizes(quick: bool) -> list[int]:

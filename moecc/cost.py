@@ -34,6 +34,9 @@ class HardwareProfile:
     # where present they replace latency + bytes / bandwidth
     curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     op_overhead: float = 5e-6  # fixed cost of issuing one operation (dispatch, launch), s
+    # rate of moecc's fused expert-parallel ops (gathering / scattering GEMMs, with their routing), FLOP/s;
+    # None: the grouped GEMM rate
+    fused_gemm_flops: float | None = None
     source: str = "built-in"  # where the figures come from (built-in, or the calibrated profile's path)
 
     def comm_s(self, kind: str, nbytes: float) -> float:
@@ -93,7 +96,9 @@ def _interpolate(points: tuple[tuple[float, float], ...], nbytes: float) -> floa
 
 PROFILES = {
     # measured on 4 x H200 (NVLink full mesh), torch 2.11: see shared/DESIGN.md
-    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6, op_overhead=5e-6),
+    # the fused ops' rate: kernel time of the fused ops in one H200's DeepSeek- and Qwen3-shaped layers
+    # (benchmarks/results/moe_layer_2026-11-29c_1gpu_*.json, profile_moe_layer.py), about 320 TFLOP/s
+    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6, op_overhead=5e-6, fused_gemm_flops=320e12),
     # a 2-core CPU machine: rough figures good enough to rank choices
     "cpu": HardwareProfile("cpu", 50e9, 40e9, 10e9, 2e9, 50e-6, op_overhead=10e-6),
 }
@@ -203,12 +208,43 @@ def flops_formula(node: fx.Node) -> sympy.Expr | None:
     if "moecc.grouped_mm" in name:
         x, w = args[:2]
         return 2 * S_e * _size(w.shape[0]) * _size(w.shape[1]) * _size(w.shape[2])
+    if "aten._scaled_dot_product" in name:
+        return attention_flops(node)
     if name in ("aten.mm.default", "aten.addmm.default", "aten.bmm.default"):
         out = _val(node)
         a = args[-2]
         if isinstance(out, torch.Tensor) and isinstance(a, torch.Tensor):
             return sympy.Integer(2 * _numel(out) * _size(a.shape[-1]))
     return None
+
+
+def _schema_args(node: fx.Node) -> dict[str, Any]:
+    """An op node's arguments by their schema names (defaults filled in)."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        else:
+            out[arg.name] = node.kwargs.get(arg.name, arg.default_value if arg.has_default_value() else None)
+    return out
+
+
+def attention_flops(node: fx.Node) -> sympy.Expr | None:
+    """FLOPs of a fused attention node (flash / efficient / cuDNN, forward or backward): the forward's two
+    matmuls are 4 B H Sq Sk D, halved when causal; the backward recomputes the scores and takes three more
+    (2.5x)."""
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    a = _schema_args(node)
+    q, k = _val(a.get("query")), _val(a.get("key"))
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() != 4:
+        return None
+    B, Hh, Sq, D = (_size(s) for s in q.shape)
+    Sk = _size(k.shape[2])
+    flops = 4.0 * B * Hh * Sq * Sk * D * (0.5 if a.get("is_causal") else 1.0)
+    if "backward" in str(node.target):
+        flops *= 2.5
+    return sympy.Float(flops)
 
 
 def expected_rows_per_expert(node: fx.Node) -> float:
@@ -264,6 +300,8 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     f = flops_formula(node)
     grouped = "moecc.grouped" in name or "moecc.ep_" in name
     rate = profile.grouped_gemm_flops if grouped else profile.gemm_flops
+    if "moecc.ep_" in name and profile.fused_gemm_flops:
+        rate = profile.fused_gemm_flops
     flops = 0.0
     if f is not None:
         flops = float(f.subs(S_e, expected_rows_per_expert(node))) if grouped else float(f)

@@ -6,11 +6,12 @@ node inside a `record_function` range named `moecc/<graph>/<forward|backward>/<n
 measures exactly the nodes the schedule pass costed. `profile_step` writes, into the model's dump folder:
 
 - `measured.json`: the profiler's Chrome trace of the step (open it next to `graph_*/timeline.*.json`);
-- `timeline.md`: per operation, the number of nodes, the predicted and measured time, and their ratio; and the
-  step's predicted time (the schedule's critical path summed over graphs) against its measured wall time,
-  with the relative error.
+- `timeline.md`: per operation, the number of nodes, the predicted and measured time (on a GPU the time of the
+  kernels the node launched, on the CPU its CPU time), and their ratio; and the step's predicted time (the
+  schedule's critical path summed over graphs) against its measured wall time, with the relative error.
 
-Running node by node costs some host overhead per node, which the measured figures include.
+Running node by node costs some host overhead per node, which the wall time (and on the CPU the per-node
+figures) include.
 """
 
 from __future__ import annotations
@@ -146,11 +147,7 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
             torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
     predicted = _predicted(cm)
-    measured: dict[str, float] = collections.defaultdict(float)
-    for ev in prof.key_averages():
-        if ev.key.startswith(PREFIX):
-            dev = getattr(ev, "device_time_total", 0.0) if cuda else 0.0
-            measured[ev.key] += dev or ev.cpu_time_total
+    measured = measured_us(prof.events(), cuda)
     rows: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for key, (op, pred) in predicted.items():
         if key in measured:
@@ -171,6 +168,19 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
         prof.export_chrome_trace(str(folder / "measured.json"))
         (folder / "timeline.md").write_text(timeline_table(result))
     return result
+
+
+def measured_us(events: Any, cuda: bool) -> dict[str, float]:
+    """Per node range: the time of the kernels its ops launched (on a GPU), or its CPU time (on the CPU).
+
+    Only the ranges' CPU-side events count: on a GPU the profiler also records each range as an annotation
+    on the device timeline, spanning from its first kernel's start to its last one's end, gaps and the
+    kernels of earlier ranges still queued included, which is not the range's own time."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for ev in events:
+        if ev.name.startswith(PREFIX) and ev.device_type == torch.autograd.DeviceType.CPU:
+            out[ev.name] += ev.device_time_total if cuda else ev.cpu_time_total
+    return out
 
 
 def timeline_table(result: dict[str, Any]) -> str:

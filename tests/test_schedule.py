@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -202,6 +203,38 @@ def test_chunk_count_follows_the_cost_model() -> None:
     for bad in (0, 9, True, 2.0):
         with pytest.raises(MoeccError, match=r"chunks=.* must be an integer from 1 to 8"):
             moecc.compile(mixtral_style.build()[0], chunks=bad)
+
+
+def test_attention_and_fused_op_costs() -> None:
+    import dataclasses
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moecc import ops
+
+    B, H, S, D = 2, 4, 16, 8
+    q = torch.randn(B, H, S, D, requires_grad=True)
+
+    for causal in (False, True):
+
+        def attention(q: torch.Tensor, causal: bool = causal) -> tuple[torch.Tensor, ...]:
+            out = torch.nn.functional.scaled_dot_product_attention(q, q * 2, q * 3, is_causal=causal)
+            return torch.autograd.grad(out.sum(), q)
+
+        g = make_fx(functools.partial(attention, causal=causal))(q)
+        flops = {str(n.target): float(cost.flops_formula(n)) for n in g.graph.nodes if "scaled_dot" in str(n.target)}
+        fwd = 4 * B * H * S * S * D * (0.5 if causal else 1.0)  # QK^T and AV
+        assert sorted(flops.values()) == [fwd, 2.5 * fwd], flops
+    # the fused expert-parallel ops run at the profile's fused rate where it has one
+    g = make_fx(lambda x, i, w: ops.ep_dispatch_gemm(x, i, w, 1, ""), tracing_mode="fake")(
+        torch.randn(4096, 512), torch.randint(0, 8, (4096, 2)), torch.randn(8, 512, 1024)
+    )
+    (node,) = [n for n in g.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default]
+    flops = 2 * 4096 * 2 * 512 * 1024
+    base = dataclasses.replace(cost.PROFILES["h200"], fused_gemm_flops=None, mem_bw=1e30, op_overhead=0.0)
+    slow = dataclasses.replace(base, fused_gemm_flops=base.grouped_gemm_flops / 4)
+    assert cost.estimate_us(node, base) == pytest.approx(1e6 * flops / base.grouped_gemm_flops)
+    assert cost.estimate_us(node, slow) == pytest.approx(4 * cost.estimate_us(node, base))
 
 
 def test_profile_curves_interpolate_and_stay_monotone() -> None:
