@@ -379,6 +379,10 @@ def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
     return s.events, s.total
 
 
+def _mutates(n: fx.Node) -> bool:
+    return isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+
+
 def _comm_distance(body: list[fx.Node]) -> dict[fx.Node, tuple[float, float]]:
     """Per node: (compute time from it to the nearest all-to-all start or blocking op it feeds, the predicted
     time of that collective); (inf, 0) where it feeds none."""
@@ -403,12 +407,32 @@ def reorder(gm: fx.GraphModule) -> int:
     Among the nodes whose inputs are issued, in this priority: blocking ops; all-to-all starts; an
     all-reduce start when the comm stream is idle; a wait whose collective is predicted done; compute that
     feeds an all-to-all at a cost no larger than that all-to-all's time; other compute, in original order;
-    then a pending all-reduce; then the wait that is done first."""
+    then a pending all-reduce; then the wait that is done first.
+
+    Ops that mutate an argument (an input mutation's copy_ at the end of a forward graph) are barriers: what
+    comes before one in the graph stays before it and what comes after stays after, since a read of the
+    mutated tensor does not show as an input of the mutation."""
     nodes = list(gm.graph.nodes)
     body = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
     inside = set(body)
     pos = {n: i for i, n in enumerate(body)}
     missing = {n: sum(1 for a in n.all_input_nodes if a in inside) for n in body}
+    # barriers: segment j is the nodes between barrier j - 1 and barrier j; barrier j waits for its segment,
+    # and the nodes after it for it
+    barriers = [n for n in body if _mutates(n)]
+    segment: dict[fx.Node, int] = {}
+    members: list[list[fx.Node]] = [[] for _ in range(len(barriers) + 1)]
+    j = 0
+    for n in body:
+        segment[n] = j
+        if j < len(barriers) and n is barriers[j]:
+            j += 1
+        else:
+            members[j].append(n)
+    for j, b in enumerate(barriers):
+        missing[b] += len(members[j]) + (1 if j else 0)
+        for n in members[j + 1]:
+            missing[n] += 1
     dist = _comm_distance(body)
     queues: dict[str, list] = {k: [] for k in ("blocking", "a2a", "all_reduce", "wait", "feeds", "compute")}
 
@@ -427,7 +451,7 @@ def reorder(gm: fx.GraphModule) -> int:
     def take(kind: str) -> fx.Node:
         return heapq.heappop(queues[kind])[2]
 
-    while len(order) < len(body):
+    while len(order) < len(body) and any(queues.values()):
         q = queues
         done_wait = next((i for i, (_, _, w) in enumerate(q["wait"]) if s.done[w.args[0]] <= s.compute), None)
         if q["blocking"]:
@@ -451,11 +475,17 @@ def reorder(gm: fx.GraphModule) -> int:
             heapq.heapify(q["wait"])
         s.issue(n)
         order.append(n)
-        for u in n.users:
-            if u in inside:
-                missing[u] -= 1
-                if missing[u] == 0:
-                    push(u)
+        j = segment[n]
+        if j < len(barriers) and n is barriers[j]:  # the barrier: the next segment and barrier may go
+            after = [*members[j + 1], *barriers[j + 1 : j + 2]]
+        else:
+            after = barriers[j : j + 1]
+        for u in [*(u for u in n.users if u in inside), *after]:
+            missing[u] -= 1
+            if missing[u] == 0:
+                push(u)
+    if len(order) < len(body):
+        raise AssertionError(f"schedule: {len(body) - len(order)} node(s) never became ready (a cycle?)")
     moved = sum(1 for i, n in enumerate(order) if body[i] is not n)
     out = nodes[-1]
     for n in order:

@@ -190,6 +190,31 @@ def test_token_chunks_and_overlap_keep_gradients_and_memory() -> None:
     testing.spawn(_chunked_like_unscheduled, 2, timeout_s=300)
 
 
+def test_reorder_overlaps_waits_and_keeps_mutations_in_place() -> None:
+    from moecc.passes import schedule_overlap as so
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x, buf, counts = g.placeholder("x"), g.placeholder("buf"), g.placeholder("counts")
+    start = g.call_function(torch.ops.moecc.all_to_all_rows_start.default, (x, counts, counts, "ep"))
+    rows = g.call_function(torch.ops._c10d_functional.wait_tensor.default, (start,))
+    reads = g.call_function(aten.mul.Tensor, (buf, rows))  # reads buf before it is overwritten
+    shared = g.call_function(aten.mm.default, (x, x))  # independent of the rows: fills the wait
+    copy = g.call_function(aten.copy_.default, (buf, x))  # an input mutation: a barrier
+    after = g.call_function(aten.add.Tensor, (buf, 1))  # independent of the rows, after the mutation
+    g.output((reads, after, shared))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    for n, us in ((start, 100.0), (reads, 1.0), (copy, 1.0), (after, 1.0), (shared, 50.0)):
+        ir.set_facts(n, cost_us=us)
+    so.reorder(gm)
+    order = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert order.index("aten.mm.default") < order.index("_c10d_functional.wait_tensor.default"), order
+    # the mutation stays between what the graph had before and after it
+    assert order.index("aten.mul.Tensor") < order.index("aten.copy_.default") < order.index("aten.add.Tensor"), order
+    _, total = so.predicted_timeline(gm)
+    assert total == pytest.approx(100.0 + 3.0), total  # the GEMM hidden behind the all-to-all
+
+
 def test_chunk_count_follows_the_cost_model() -> None:
     from moecc.passes import schedule_overlap as so
 
