@@ -66,6 +66,22 @@ def _expert_of_tile(cum_ptr, mt, E, LOG_E: tl.constexpr):
 
 
 @triton.jit
+def _wgrad_tile(t, K, N, BK: tl.constexpr, BN: tl.constexpr):
+    """Tile t of a dW tile list (expert-major, then K tiles, then N tiles) -> (expert, first k, first n)."""
+    n_tiles_k = tl.cdiv(K, BK)
+    n_tiles_n = tl.cdiv(N, BN)
+    rem = t % (n_tiles_k * n_tiles_n)
+    return t // (n_tiles_k * n_tiles_n), (rem // n_tiles_n) * BK, (rem % n_tiles_n) * BN
+
+
+@triton.jit
+def _segment_rows(offs_ptr, seg):
+    """[lo, hi) of segment `seg` from the segments' end offsets."""
+    lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
+    return lo, tl.load(offs_ptr + seg)
+
+
+@triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr, x_desc, w_desc,
     N, K, E,
@@ -132,21 +148,16 @@ def _grouped_wgrad_kernel(
     # expert e's rows are the segments s * E + e for s < NSRC (one per source rank in the fused path; NSRC = 1
     # for plain grouped rows)
     pid = tl.program_id(0)
-    n_tiles_k = tl.cdiv(K, BK)
-    n_tiles_n = tl.cdiv(N, BN)
-    total = E * n_tiles_k * n_tiles_n
+    total = E * tl.cdiv(K, BK) * tl.cdiv(N, BN)
     for t in range(pid, total, NUM_PROGRAMS):
-        e = t // (n_tiles_k * n_tiles_n)
-        rem = t % (n_tiles_k * n_tiles_n)
-        ks = (rem // n_tiles_n) * BK + tl.arange(0, BK)
-        cols = (rem % n_tiles_n) * BN + tl.arange(0, BN)
+        e, k0, n0 = _wgrad_tile(t, K, N, BK, BN)
+        ks = k0 + tl.arange(0, BK)
+        cols = n0 + tl.arange(0, BN)
         k_ok = ks < K
         col_ok = cols < N
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         for src in range(NSRC):
-            seg = src * E + e
-            seg_lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
-            seg_hi = tl.load(offs_ptr + seg)
+            seg_lo, seg_hi = _segment_rows(offs_ptr, src * E + e)
             for s0 in range(seg_lo, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
                 rows = (s0 + tl.arange(0, BS)).to(tl.int64)
                 r_ok = rows < seg_hi
@@ -172,21 +183,14 @@ def _grouped_wgrad_tma_kernel(
     # Hopper), unmasked; its last, partial tile is read through pointers with both operands masked (the rows
     # past a segment may hold anything, NaN included, in the fused path's buffers)
     pid = tl.program_id(0)
-    n_tiles_k = tl.cdiv(K, BK)
-    n_tiles_n = tl.cdiv(N, BN)
-    total = E * n_tiles_k * n_tiles_n
+    total = E * tl.cdiv(K, BK) * tl.cdiv(N, BN)
     for t in range(pid, total, NUM_PROGRAMS):
-        e = t // (n_tiles_k * n_tiles_n)
-        rem = t % (n_tiles_k * n_tiles_n)
-        k0 = (rem // n_tiles_n) * BK
-        n0 = (rem % n_tiles_n) * BN
+        e, k0, n0 = _wgrad_tile(t, K, N, BK, BN)
         ks = k0 + tl.arange(0, BK)
         cols = n0 + tl.arange(0, BN)
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         for src in range(NSRC):
-            seg = src * E + e
-            seg_lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
-            seg_hi = tl.load(offs_ptr + seg)
+            seg_lo, seg_hi = _segment_rows(offs_ptr, src * E + e)
             tail = seg_lo + ((seg_hi - seg_lo) // BS) * BS
             for s0 in range(seg_lo, tail, BS):
                 a = x_desc.load([s0, k0])  # [BS, BK]

@@ -747,6 +747,25 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             r["tflops"] = max(bound["flops_per_rank"]) / r["median_ms"] / 1e9
 
 
+def run_header(device: torch.device, world: int) -> dict[str, Any]:
+    """What every results file starts with: date, hardware, commit, versions, world size."""
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "date": datetime.date.today().isoformat(),
+        "hardware": f"{hardware} x {world}",
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "world_size": world,
+    }
+
+
 def git_commit() -> str:
     """MOECC_COMMIT where set (a copy of the tree whose .git, if any, is not the tree's), else git's HEAD."""
     if os.environ.get("MOECC_COMMIT"):
@@ -807,20 +826,8 @@ def main() -> None:
         records += bench_shape(run, shape, shapes[shape], variants)
     add_ratios(records)
     if rank == 0:
-        try:
-            import triton
-
-            triton_version: str | None = triton.__version__
-        except ImportError:
-            triton_version = None
-        hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         result = {
-            "date": datetime.date.today().isoformat(),
-            "hardware": f"{hardware} x {world}",
-            "commit": git_commit(),
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "world_size": world,
+            **run_header(device, world),
             "config": {"dtype": str(dtype).removeprefix("torch."), "iters": iters, "warmup": warmup,
                        "tiny": args.tiny, "shapes": {k: dataclasses.asdict(shapes[k]) for k in args.shapes}},
             "records": records,

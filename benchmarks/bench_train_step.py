@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
@@ -562,20 +561,8 @@ def main() -> None:
         torch._dynamo.reset()
         layer_bench._free(run)
     if rank == 0:
-        try:
-            import triton
-
-            triton_version: str | None = triton.__version__
-        except ImportError:
-            triton_version = None
-        hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         result = {
-            "date": datetime.date.today().isoformat(),
-            "hardware": f"{hardware} x {world}",
-            "commit": layer_bench.git_commit(),
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "world_size": world,
+            **layer_bench.run_header(device, world),
             "peak_tflops": peak / 1e12,
             "peak_source": peak_source,
             "config": {"model": model_name, **dataclasses.asdict(c), "tokens_per_rank": c.tokens,
