@@ -343,6 +343,26 @@ def test_profile_step_compares_every_node_with_its_prediction(tmp_path: Path) ->
         moecc.profile_step(plain, step)
 
 
+def test_measured_time_is_the_ranges_own_kernels() -> None:
+    import types
+
+    from moecc.profile import PREFIX, measured_us
+
+    cpu, gpu = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, device, device_us, cpu_us):
+        return types.SimpleNamespace(name=name, device_type=device, device_time_total=device_us, cpu_time_total=cpu_us)
+
+    events = [
+        ev(PREFIX + "0/forward/mm", cpu, 40.0, 9.0),  # the range: its ops' kernels took 40 us
+        ev(PREFIX + "0/forward/mm", gpu, 300.0, 0.0),  # its span on the device timeline: not its time
+        ev(PREFIX + "0/forward/mm", cpu, 60.0, 7.0),  # the same node in a second graph call
+        ev("aten::mm", cpu, 40.0, 5.0),  # not a node range
+    ]
+    assert measured_us(events, cuda=True) == {PREFIX + "0/forward/mm": 100.0}
+    assert measured_us(events, cuda=False) == {PREFIX + "0/forward/mm": 16.0}
+
+
 def _order_differs(rank: int, world: int) -> None:
     import moecc.passes.schedule_overlap as so
 

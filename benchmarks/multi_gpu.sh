@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What to run on a multi-GPU node, one stage per call (each fits a 10-minute command limit), on every GPU of
+# the node; results go to $OUT (default benchmarks/results), tagged with the GPU count.
+#
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh tests    # fused expert parallelism over real symmetric memory
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh layer    # bench_moe_layer.py, the three shapes
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh train    # bench_train_step.py: eager, moecc without / with schedule
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh profile  # calibrate this node, then the training step again
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+N=$(python3 -c "import torch; print(torch.cuda.device_count())")
+OUT=${OUT:-benchmarks/results}
+case "${1:-}" in
+  tests) timeout 500 python3 -m pytest -q -p no:logging --tb=short tests/test_gpu_ep.py tests/test_gpu.py ;;
+  layer) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_moe_layer.py --out "$OUT" --tag "_${N}gpu" \
+           --timeout-s 500 ;;
+  train) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py --out "$OUT" --tag "_${N}gpu" \
+           --timeout-s 500 ;;
+  profile)
+    timeout 240 python3 -m moecc.cli calibrate --world-size "$N" --out "$OUT/profile_${N}gpu.json"
+    MOECC_PROFILE="$OUT/profile_${N}gpu.json" timeout 300 torchrun --nproc-per-node "$N" \
+      benchmarks/bench_train_step.py --out "$OUT" --tag "_${N}gpu_calibrated" --variants moecc --timeout-s 250 ;;
+  *) echo "usage: $0 tests|layer|train|profile" >&2; exit 2 ;;
+esac
