@@ -141,6 +141,8 @@ def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tu
         if escaped:
             return 1, f"{n.name}, inside the region, is also used by {escaped} outside it", None
     xv, iv = cost._val(x), cost._val(idx)
+    if not all(isinstance(d, int) for d in (*xv.shape, *iv.shape)):
+        return 1, f"symbolic token count {tuple(xv.shape)} (dynamic shapes): chunk sizes need a static one", None
     T, H, K = int(xv.shape[0]), int(xv.shape[1]), int(iv.shape[1])
     if ctx.options.chunks is not None:
         n = min(ctx.options.chunks, T)
