@@ -517,10 +517,18 @@ def collective_order(gm: fx.GraphModule, mesh: Any) -> list[str]:
 
 
 def check_collective_order(gm: fx.GraphModule, ctx: CompileContext) -> None:
-    """Every rank's Dynamo graph issues the same collectives in the same order (raises naming the ranks)."""
+    """Every rank's Dynamo graph issues the same collectives in the same order, and every rank schedules with
+    the same hardware profile: the forward and backward graphs' order is a function of both (raises naming
+    the ranks)."""
     order = collective_order(gm, ctx.mesh)
     ctx.plan.setdefault("collective_order", {})["dynamo"] = order
     mdist.check_same_on_all_ranks(f"the collective order of graph {ctx.graph_id}", order)
+    figures = {k: v for k, v in ctx.profile.to_json().items() if k != "source"}  # the same file may sit elsewhere
+    mdist.check_same_on_all_ranks(
+        f"the hardware profile the schedule orders graph {ctx.graph_id} by ({ctx.profile.source}; "
+        f"pass the same profile= or {cost.PROFILE_ENV} to every rank)",
+        figures,
+    )
 
 
 def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:

@@ -8,6 +8,7 @@ import collections
 import copy
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,20 @@ def _order_differs(rank: int, world: int) -> None:
 
 def test_a_rank_with_another_collective_order_is_named() -> None:
     testing.spawn(_order_differs, 2)
+
+
+def _profile_differs(rank: int, world: int, folder: str) -> None:
+    path = Path(folder) / f"rank{rank}.json"  # each rank its own file; rank 1's GEMMs twice as fast
+    data = cost.PROFILES["cpu"].to_json()
+    data.pop("source")
+    data["gemm_flops"] *= 1 + rank
+    path.write_text(json.dumps(data))
+    os.environ[cost.PROFILE_ENV] = str(path)  # not an option: compile's options agree across ranks
+    model, (ids,) = mixtral_style.build(seed=0)
+    cm = moecc.compile(model, ep=world)
+    with pytest.raises(MoeccError, match=r"hardware profile .* differs across ranks: rank\(s\) \[1\]"):
+        cm(ids)
+
+
+def test_a_rank_with_another_hardware_profile_is_named(tmp_path: Path) -> None:
+    testing.spawn(_profile_differs, 2, str(tmp_path))
