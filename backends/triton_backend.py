@@ -76,7 +76,8 @@ def _wgrad_tile(t, K, N, BK: tl.constexpr, BN: tl.constexpr):
 
 @triton.jit
 def _segment_rows(offs_ptr, seg):
-    """[lo, hi) of segment `seg` from the segments' end offsets."""
+    """[lo, hi) of segment `seg` from the segments' end offsets (rows, or m-tiles from their cumulative
+    counts)."""
     lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
     return lo, tl.load(offs_ptr + seg)
 
@@ -103,16 +104,15 @@ def _grouped_mm_kernel(
         # a segment's tiles are a contiguous run of t; within it, GROUP_M m-tiles sweep the n-tiles together
         # so that the weight tiles they share stay in L2
         e = _expert_of_tile(cum_ptr, t // n_tiles_n, E + 1, LOG_E)
-        first_mt = tl.where(e > 0, tl.load(cum_ptr + e - 1, mask=e > 0, other=0), 0)
-        seg_mt = tl.load(cum_ptr + e) - first_mt
+        first_mt, end_mt = _segment_rows(cum_ptr, e)  # the segment's m-tiles
+        seg_mt = end_mt - first_mt
         local = t - first_mt * n_tiles_n
         in_group = GROUP_M * n_tiles_n
         group_first = (local // in_group) * GROUP_M
         group_size = tl.minimum(seg_mt - group_first, GROUP_M)
         mt = first_mt + group_first + (local % in_group) % group_size
         nt = (local % in_group) // group_size
-        seg_lo = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
-        seg_hi = tl.load(offs_ptr + e)
+        seg_lo, seg_hi = _segment_rows(offs_ptr, e)
         rows = (seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)).to(tl.int64)  # 64-bit addresses
         cols = nt * BN + tl.arange(0, BN)
         row_ok = rows < seg_hi
@@ -139,14 +139,16 @@ def _grouped_mm_kernel(
 
 @triton.jit
 def _grouped_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, offs_ptr,
+    x_ptr, dy_ptr, dw_ptr, offs_ptr, x_desc, dy_desc,
     K, N, E, NSRC,
     sxm, sxk, sym, syn, swe, swk, swn,
     BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, DESC: tl.constexpr,
 ):  # fmt: skip
     # expert e's rows are the segments s * E + e for s < NSRC (one per source rank in the fused path; NSRC = 1
-    # for plain grouped rows)
+    # for plain grouped rows). DESC: a segment's whole row tiles are read through tensor descriptors (TMA on
+    # Hopper), unmasked, and only its last, partial tile through masked pointers (the rows past a segment may
+    # hold anything, NaN included, in the fused path's buffers); else every tile through masked pointers.
     pid = tl.program_id(0)
     total = E * tl.cdiv(K, BK) * tl.cdiv(N, BN)
     for t in range(pid, total, NUM_PROGRAMS):
@@ -158,7 +160,14 @@ def _grouped_wgrad_kernel(
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         for src in range(NSRC):
             seg_lo, seg_hi = _segment_rows(offs_ptr, src * E + e)
-            for s0 in range(seg_lo, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
+            masked_from = seg_lo
+            if DESC:
+                masked_from = seg_lo + ((seg_hi - seg_lo) // BS) * BS
+                for s0 in range(seg_lo, masked_from, BS):
+                    a = x_desc.load([s0, k0])  # [BS, BK]
+                    b = dy_desc.load([s0, n0])  # [BS, BN]
+                    acc = _dot(tl.trans(a), b, acc, PRECISION, UPCAST)
+            for s0 in range(masked_from, seg_hi, BS):  # an expert with no rows: no iteration, a zero gradient
                 rows = (s0 + tl.arange(0, BS)).to(tl.int64)
                 r_ok = rows < seg_hi
                 a = tl.load(x_ptr + rows[None, :] * sxm + ks[:, None] * sxk, mask=k_ok[:, None] & r_ok[None, :],
@@ -169,44 +178,6 @@ def _grouped_wgrad_kernel(
         dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
         tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
-
-
-@triton.jit
-def _grouped_wgrad_tma_kernel(
-    x_desc, dy_desc, x_ptr, dy_ptr, dw_ptr, offs_ptr,
-    K, N, E, NSRC,
-    sxm, sym, swe, swk, swn,
-    BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-):  # fmt: skip
-    # `_grouped_wgrad_kernel` with the segment's whole row tiles read through tensor descriptors (TMA on
-    # Hopper), unmasked; its last, partial tile is read through pointers with both operands masked (the rows
-    # past a segment may hold anything, NaN included, in the fused path's buffers)
-    pid = tl.program_id(0)
-    total = E * tl.cdiv(K, BK) * tl.cdiv(N, BN)
-    for t in range(pid, total, NUM_PROGRAMS):
-        e, k0, n0 = _wgrad_tile(t, K, N, BK, BN)
-        ks = k0 + tl.arange(0, BK)
-        cols = n0 + tl.arange(0, BN)
-        acc = tl.zeros((BK, BN), dtype=tl.float32)
-        for src in range(NSRC):
-            seg_lo, seg_hi = _segment_rows(offs_ptr, src * E + e)
-            tail = seg_lo + ((seg_hi - seg_lo) // BS) * BS
-            for s0 in range(seg_lo, tail, BS):
-                a = x_desc.load([s0, k0])  # [BS, BK]
-                b = dy_desc.load([s0, n0])  # [BS, BN]
-                acc = _dot(tl.trans(a), b, acc, PRECISION, UPCAST)
-            if tail < seg_hi:
-                rows = (tail + tl.arange(0, BS)).to(tl.int64)
-                r_ok = rows < seg_hi
-                a = tl.load(x_ptr + rows[:, None] * sxm + ks[None, :], mask=r_ok[:, None] & (ks[None, :] < K),
-                            other=0.0)  # fmt: skip
-                b = tl.load(dy_ptr + rows[:, None] * sym + cols[None, :], mask=r_ok[:, None] & (cols[None, :] < N),
-                            other=0.0)  # fmt: skip
-                acc = _dot(tl.trans(a), b, acc, PRECISION, UPCAST)
-        dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
-        tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
-                 mask=(ks[:, None] < K) & (cols[None, :] < N))  # fmt: skip
 
 
 # (block rows, block cols, block inner, warps, pipeline stages, m-tiles per L2 group) per kernel; benchmarks/
@@ -308,24 +279,21 @@ def grouped_mm_wgrad_segments(
     if E == 0:
         return dw_EKN
     P = _num_programs(x_SK.device)
-    common = dict(NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype), UPCAST=_upcast(x_SK.device, x_SK.dtype))
-    if _descriptor_ok(x_SK) and _descriptor_ok(dy_SN):
-        BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad", x_SK.device, x_SK.dtype)
-        _grouped_wgrad_tma_kernel[(P,)](
-            TensorDescriptor.from_tensor(x_SK, [BS, BK]), TensorDescriptor.from_tensor(dy_SN, [BS, BN]),
-            x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
-            x_SK.stride(0), dy_SN.stride(0), dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
-            BK=BK, BN=BN, BS=BS, num_warps=warps, num_stages=stages, **common,
-        )  # fmt: skip
-        COUNTERS["grouped_mm_wgrad.descriptor"] += 1
-    else:  # strides a descriptor cannot express
-        BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad_pointer", x_SK.device, x_SK.dtype)
-        _grouped_wgrad_kernel[(P,)](
-            x_SK, dy_SN, dw_EKN, offs, K, N, E, nsrc,
-            x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
-            dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
-            BK=BK, BN=BN, BS=BS, num_warps=warps, num_stages=stages, **common,
-        )  # fmt: skip
-        COUNTERS["grouped_mm_wgrad.pointer"] += 1
+    desc = _descriptor_ok(x_SK) and _descriptor_ok(dy_SN)  # else strides a descriptor cannot express
+    BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad" if desc else "grouped_mm_wgrad_pointer", x_SK.device,
+                                           x_SK.dtype)  # fmt: skip
+    descs = (
+        (TensorDescriptor.from_tensor(x_SK, [BS, BK]), TensorDescriptor.from_tensor(dy_SN, [BS, BN]))
+        if desc
+        else (None, None)
+    )
+    _grouped_wgrad_kernel[(P,)](
+        x_SK, dy_SN, dw_EKN, offs, *descs, K, N, E, nsrc,
+        x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
+        dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
+        BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype),
+        UPCAST=_upcast(x_SK.device, x_SK.dtype), DESC=desc, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    COUNTERS["grouped_mm_wgrad.descriptor" if desc else "grouped_mm_wgrad.pointer"] += 1
     COUNTERS["grouped_mm_wgrad"] += 1
     return dw_EKN

@@ -329,9 +329,8 @@ def _segment_tile(cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_
     mt = t // n_tiles_n
     nt = t % n_tiles_n
     seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
-    first_mt = tl.where(seg > 0, tl.load(cum_ptr + seg - 1, mask=seg > 0, other=0), 0)
-    lo = tl.where(seg > 0, tl.load(offs_ptr + seg - 1, mask=seg > 0, other=0), 0)
-    hi = tl.load(offs_ptr + seg)
+    first_mt, _ = triton_backend._segment_rows(cum_ptr, seg)
+    lo, hi = triton_backend._segment_rows(offs_ptr, seg)
     rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
     cols = nt * BN + tl.arange(0, BN)
     s = tl.load(seg_src_ptr + seg)
