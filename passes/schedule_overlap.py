@@ -403,8 +403,9 @@ def _comm_distance(body: list[fx.Node]) -> dict[fx.Node, tuple[float, float]]:
     return dist
 
 
-def reorder(gm: fx.GraphModule) -> int:
-    """List-schedule the graph (see the module docstring); returns how many nodes changed position.
+def reorder(gm: fx.GraphModule) -> tuple[int, Streams]:
+    """List-schedule the graph (see the module docstring); returns how many nodes changed position, and the
+    predicted streams of the new order (what `predicted_timeline` gives for it).
 
     Among the nodes whose inputs are issued, in this priority: blocking ops; all-to-all starts; an
     all-reduce start when the comm stream is idle; a wait whose collective is predicted done; compute that
@@ -494,7 +495,7 @@ def reorder(gm: fx.GraphModule) -> int:
         out.prepend(n)
     gm.graph.lint()
     gm.recompile()
-    return moved
+    return moved, s
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -547,11 +548,11 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             ir.set_facts(n, cost_us=cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep))
             ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
     _, before = predicted_timeline(gm)
-    moved = reorder(gm)
+    moved, scheduled = reorder(gm)
     ctx.counters["schedule.moved_nodes"] += moved
     order = collective_order(gm, ctx.mesh)
     ctx.plan.setdefault("collective_order", {})[ctx.graph_kind] = order
-    events, total = predicted_timeline(gm)
+    events, total = scheduled.events, scheduled.total
     ctx.plan.setdefault("predicted_us", {})[ctx.graph_kind] = total
     ctx.plan.setdefault("predicted_unscheduled_us", {})[ctx.graph_kind] = before
     chunks = ctx.plan.get("chunks", {})

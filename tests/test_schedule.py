@@ -207,13 +207,14 @@ def test_reorder_overlaps_waits_and_keeps_mutations_in_place() -> None:
     gm = torch.fx.GraphModule(torch.nn.Module(), g)
     for n, us in ((start, 100.0), (reads, 1.0), (copy, 1.0), (after, 1.0), (shared, 50.0)):
         ir.set_facts(n, cost_us=us)
-    so.reorder(gm)
+    _, scheduled = so.reorder(gm)
     order = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert order.index("aten.mm.default") < order.index("_c10d_functional.wait_tensor.default"), order
     # the mutation stays between what the graph had before and after it
     assert order.index("aten.mul.Tensor") < order.index("aten.copy_.default") < order.index("aten.add.Tensor"), order
     _, total = so.predicted_timeline(gm)
     assert total == pytest.approx(100.0 + 3.0), total  # the GEMM hidden behind the all-to-all
+    assert scheduled.total == total and scheduled.events == so.predicted_timeline(gm)[0]
 
 
 def test_chunk_count_follows_the_cost_model() -> None:
