@@ -766,6 +766,15 @@ def run_header(device: torch.device, world: int) -> dict[str, Any]:
     }
 
 
+def write_results(folder: str, kind: str, tag: str, result: dict[str, Any]) -> Path:
+    """Write `<kind>_<date><tag>.json` into folder (made if missing); returns its path."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{kind}_{result['date']}{tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
 def git_commit() -> str:
     """MOECC_COMMIT where set (a copy of the tree whose .git, if any, is not the tree's), else git's HEAD."""
     if os.environ.get("MOECC_COMMIT"):
@@ -832,10 +841,7 @@ def main() -> None:
                        "tiny": args.tiny, "shapes": {k: dataclasses.asdict(shapes[k]) for k in args.shapes}},
             "records": records,
         }  # fmt: skip
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"moe_layer_{result['date']}{args.tag}.json"
-        path.write_text(json.dumps(result, indent=1))
+        path = write_results(args.out, "moe_layer", args.tag, result)
         print("\n" + table(records, variants) + "\n", flush=True)
         print(f"wrote {path}", flush=True)
     dist.barrier()

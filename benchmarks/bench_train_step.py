@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import statistics
 import sys
@@ -571,10 +570,7 @@ def main() -> None:
                        "MOECC_FUSED_EP": os.environ.get("MOECC_FUSED_EP")},
             "records": records,
         }  # fmt: skip
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"train_step_{result['date']}{args.tag}.json"
-        path.write_text(json.dumps(result, indent=1))
+        path = layer_bench.write_results(args.out, "train_step", args.tag, result)
         print("\n" + table(records) + "\n", flush=True)
         print(f"wrote {path}", flush=True)
     dist.barrier()
