@@ -83,6 +83,21 @@ def _segment_rows(offs_ptr, seg):
 
 
 @triton.jit
+def _grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile t of a segment-aligned tile list -> (segment, its first m-tile, m-tile, n-tile). A segment's tiles
+    are a contiguous run of t; within it, GROUP_M m-tiles sweep the n-tiles together, so that the weight tiles
+    they share stay in L2 while the next group's are read (GROUP_M = 1: one m-tile's n-tiles after another)."""
+    seg = _expert_of_tile(cum_ptr, t // n_tiles_n, NSEG, LOG)
+    first_mt, end_mt = _segment_rows(cum_ptr, seg)
+    local = t - first_mt * n_tiles_n
+    in_group = GROUP_M * n_tiles_n
+    group_first = (local // in_group) * GROUP_M
+    group_size = tl.minimum(end_mt - first_mt - group_first, GROUP_M)
+    mt = first_mt + group_first + (local % in_group) % group_size
+    return seg, first_mt, mt, (local % in_group) // group_size
+
+
+@triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr, x_desc, w_desc,
     N, K, E,
@@ -101,17 +116,7 @@ def _grouped_mm_kernel(
     n_tiles_n = tl.cdiv(N, BN)
     total = tl.load(cum_ptr + E) * n_tiles_n  # m-tiles of all segments x n-tiles, known on the device only
     for t in range(pid, total, NUM_PROGRAMS):
-        # a segment's tiles are a contiguous run of t; within it, GROUP_M m-tiles sweep the n-tiles together
-        # so that the weight tiles they share stay in L2
-        e = _expert_of_tile(cum_ptr, t // n_tiles_n, E + 1, LOG_E)
-        first_mt, end_mt = _segment_rows(cum_ptr, e)  # the segment's m-tiles
-        seg_mt = end_mt - first_mt
-        local = t - first_mt * n_tiles_n
-        in_group = GROUP_M * n_tiles_n
-        group_first = (local // in_group) * GROUP_M
-        group_size = tl.minimum(seg_mt - group_first, GROUP_M)
-        mt = first_mt + group_first + (local % in_group) % group_size
-        nt = (local % in_group) // group_size
+        e, first_mt, mt, nt = _grouped_tile(cum_ptr, t, n_tiles_n, E + 1, LOG_E, GROUP_M)
         seg_lo, seg_hi = _segment_rows(offs_ptr, e)
         rows = (seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)).to(tl.int64)  # 64-bit addresses
         cols = nt * BN + tl.arange(0, BN)

@@ -323,13 +323,10 @@ def _push_rows(
 
 @triton.jit
 def _segment_tile(cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG,
-                  LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
-    """Tile t of the (source, expert) segment tiles -> its segment, first row, end row, rows and columns (with
-    their masks), source rank, local expert and the rows' positions q in the source's rowmap block."""
-    mt = t // n_tiles_n
-    nt = t % n_tiles_n
-    seg = triton_backend._expert_of_tile(cum_ptr, mt, NSEG, LOG)
-    first_mt, _ = triton_backend._segment_rows(cum_ptr, seg)
+                  LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """Tile t of the (source, expert) segment tiles -> its segment, n-tile, first row, end row, rows and columns
+    (with their masks), source rank, local expert and the rows' positions q in the source's rowmap block."""
+    seg, first_mt, mt, nt = triton_backend._grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG, GROUP_M)
     lo, hi = triton_backend._segment_rows(offs_ptr, seg)
     rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
     cols = nt * BN + tl.arange(0, BN)
@@ -349,8 +346,8 @@ def _dispatch_gemm_kernel(
     me, T, H, TK, N, NSEG, SLOT,
     swe, swk, swn,
     EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, ROLE: tl.constexpr,
-    SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, GROUP_M: tl.constexpr,
+    ROLE: tl.constexpr, SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if pid < NSEND:
@@ -365,7 +362,7 @@ def _dispatch_gemm_kernel(
             total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
             for t in range(pid - NSEND, total, NP - NSEND):
                 seg, nt, lo, hi, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
-                    cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN
+                    cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
                 )
                 live = seg < NSEG - 1
                 # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
@@ -408,7 +405,7 @@ def _gemm_scatter_kernel(
     me, TK, Kd, N, NSEG, SLOT,
     sam, sak, swe, swk, swn,
     EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
 ):  # fmt: skip
     """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]."""
     pid = tl.program_id(0)
@@ -416,7 +413,7 @@ def _gemm_scatter_kernel(
     total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment (NSEG - 1): no rows there
     for t in range(pid, total, NP):
         _, _, _, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
-            cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN
+            cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
         )
         slot = _index(tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0), WIDE)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -626,6 +623,18 @@ def _gemm_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, in
     return triton_backend._config("grouped_mm", device, dtype)[:5]
 
 
+def _group_m(w_EKN: torch.Tensor) -> int:
+    """m-tiles per L2 group in the fused GEMMs: the plain kernel's grouping where one expert's weight matrix
+    does not fit in half the L2 cache, else 1. Without it, a wave of programs sweeps all n-tiles of one
+    m-tile and so reads the whole matrix from DRAM once per m-tile: 16 times per expert, 30 GB per call, for
+    the Mixtral-like GEMM 1 (4096 x 28672, 2048 rows an expert at one rank)."""
+    if w_EKN.device.type != "cuda":
+        return triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5]  # the interpreter tests it
+    l2 = torch.cuda.get_device_properties(w_EKN.device).L2_cache_size
+    big = w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size() > l2 // 2
+    return triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5] if big else 1
+
+
 def _log(nseg: int) -> int:
     return max(1, math.ceil(math.log2(nseg + 1)) + 1)
 
@@ -667,7 +676,7 @@ def _dispatch_gemm(
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
-            BM=BM, BN=BN, BK=BK, LOG=_log(nseg), ROLE=role, SAVE_A=save_a,
+            BM=BM, BN=BN, BK=BK, LOG=_log(nseg), GROUP_M=_group_m(w_EKN), ROLE=role, SAVE_A=save_a,
             WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
             UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), num_warps=warps, num_stages=stages,
         )  # fmt: skip
@@ -695,7 +704,7 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
         plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0,
         me, T * K, a_SK.shape[1], N, nseg, slot,
         a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
-        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg), WIDE=_wide(a_SK, buf.local["comb"]),
+        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg), GROUP_M=_group_m(w_EKN), WIDE=_wide(a_SK, buf.local["comb"]),
         PRECISION=triton_backend._precision(a_SK.dtype),
         UPCAST=triton_backend._upcast(buf.device, a_SK.dtype), num_warps=warps, num_stages=stages,
     )  # fmt: skip

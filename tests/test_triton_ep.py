@@ -75,20 +75,23 @@ def routing(kind: str, T: int, K: int, E: int, gen: torch.Generator) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("ep", "kinds", "dt", "wide"),
+    ("ep", "kinds", "dt", "wide", "T"),
     [
-        (1, ["uniform"], torch.float32, False),
-        (2, ["uniform", "skewed"], torch.float32, False),
-        (4, ["dropped", "uniform"], torch.float32, False),
-        (2, ["dropped"], torch.bfloat16, False),
+        (1, ["uniform"], torch.float32, False, 12),
+        (2, ["uniform", "skewed"], torch.float32, False, 12),
+        (4, ["dropped", "uniform"], torch.float32, False, 12),
+        (2, ["dropped"], torch.bfloat16, False, 12),
         # 64-bit row offsets, what buffers of 2^31 elements or more take
-        (2, ["skewed"], torch.float32, True),
+        (2, ["skewed"], torch.float32, True, 12),
+        # segments of 3 m-tiles (48 rows from each source to expert 1, 16-row tiles on the CPU): the fused GEMMs
+        # walk them in L2 groups of 2 m-tiles, the last group short
+        (2, ["skewed"], torch.float32, False, 48),
     ],
 )
-def test_fused_layer_matches_eager(ep, kinds, dt, wide, monkeypatch: pytest.MonkeyPatch):
+def test_fused_layer_matches_eager(ep, kinds, dt, wide, T, monkeypatch: pytest.MonkeyPatch):
     if wide:
         monkeypatch.setattr(triton_ep, "_wide", lambda *operands: True)
-    T, K, H, Fd, E_l = 12, 2, 16, 24, 2
+    K, H, Fd, E_l = 2, 16, 24, 2
     E = ep * E_l
     gen = torch.Generator().manual_seed(ep)
     w1 = torch.randn(E, H, Fd, generator=gen, dtype=torch.float64) * 0.3
