@@ -41,13 +41,17 @@ def _train(rank: int, world: int, build_name: str) -> None:
         loss = testing.lm_loss(cm(batches[rank]), batches[rank])
         ref_losses = [testing.lm_loss(ref(b), b) for b in batches]
         _close(loss, ref_losses[rank], f"rank {rank} step {step} loss")
-        grads = torch.autograd.grad(loss, list(cm.parameters()), allow_unused=True)
-        ref_grads = torch.autograd.grad(torch.stack(ref_losses).mean(), list(ref.parameters()), allow_unused=True)
-        names = [n for n, _ in cm.named_parameters()]
-        for name, p, g, r in zip(names, cm.parameters(), grads, ref_grads, strict=True):
+        # by name: a rank's compiled model holds only its own experts, so its parameter list is not eager's
+        params = dict(cm.named_parameters())
+        ref_params = dict(ref.named_parameters())
+        assert set(params) <= set(ref_params), set(params) - set(ref_params)
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
+        ref_grads = torch.autograd.grad(torch.stack(ref_losses).mean(), [ref_params[n] for n in params],
+                                        allow_unused=True)  # fmt: skip
+        for (name, p), r in zip(params.items(), ref_grads, strict=True):
             if r is not None:
-                assert g is not None, name
-                _close(g, testing.local_slice(r, p, rank), f"rank {rank} step {step} grad {name}")
+                assert grads[name] is not None, name
+                _close(grads[name], testing.local_slice(r, p, rank), f"rank {rank} step {step} grad {name}")
     counters = cm.session.counters()
     assert counters.get("fuse.fused", 0) == len(cm.regions) > 0, counters
     assert triton_ep.COUNTERS["dispatch_gemm.backward"] == 3 * len(cm.regions)
