@@ -198,6 +198,16 @@ class Session:
 
     def backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """The Dynamo backend: dynamo-stage passes, then AOTAutograd with the aot-stage passes."""
+        n = len(self.contexts)
+        try:
+            return self._compile(gm, example_inputs)
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo traces the frame again and calls this backend anew (e.g. with dynamic shapes, to turn a
+            # Python scalar into a tensor): this attempt's context is dropped so that nothing is counted twice
+            del self.contexts[n:]
+            raise
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         gid = len(self.contexts)
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
         ctx = CompileContext(

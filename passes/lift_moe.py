@@ -415,7 +415,15 @@ def _try_lift_module_list(gm: fx.GraphModule, ctx: CompileContext, parent: str, 
         tracer = _GraphEmitter(gm.graph)
         proxies = {n: tracer.proxy(n) for n in (X, IDX, W, base)}
         pp = {name: [tracer.proxy(by_name[e][name]) for e in range(E)] for name in by_name[0]}
-        capacity = ops.expert_capacity(ctx.options.capacity_factor, int(T), int(K), E)
+        capacity = -1  # dropless
+        if ctx.options.capacity_factor is not None:
+            if isinstance(T, torch.SymInt):
+                raise MoeccError(
+                    f"{parent}: capacity_factor={ctx.options.capacity_factor} with a symbolic token count (dynamic "
+                    "shapes): an expert's capacity is fixed at compile time from the token count. Compile with "
+                    "dynamic=False (one program per token count), or leave capacity_factor unset (dropless)."
+                )
+            capacity = ops.expert_capacity(ctx.options.capacity_factor, int(T), int(K), E)
         new = lifted_experts(proxies[X], proxies[IDX], proxies[W], proxies[base], pp, spec, E, zero_acc, capacity).node
     for n in tracer.created:
         ir.tag_region(n, parent, "lift_moe")
@@ -464,6 +472,13 @@ def _erase_dead(gm: fx.GraphModule, candidates: set[fx.Node]) -> None:
             gm.graph.erase_node(n)
 
 
+def _size_hint(v: int | torch.SymInt) -> int:
+    """A size as an int: itself, or a symbolic size's value in the example inputs (no guard is added)."""
+    if isinstance(v, torch.SymInt):
+        return int(v.node.hint) if v.node.hint is not None else 8
+    return int(v)
+
+
 def _probe(gm, ctx, path, region, result, inputs, by_name, spec, E, zero_acc, inplace) -> None:
     """Replay the matched region and the lifted ops on the same random inputs; raise if they differ."""
     X, IDX, W, base = inputs
@@ -477,8 +492,9 @@ def _probe(gm, ctx, path, region, result, inputs, by_name, spec, E, zero_acc, in
             env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(env[result])
     replay = fx.GraphModule(gm, sub)
-    T, K = _example(IDX).shape
-    H = _example(X).shape[1]
+    # concrete sizes under dynamic shapes too (the example's own sizes, without a guard on them)
+    T, K = (_size_hint(v) for v in _example(IDX).shape)
+    H = _size_hint(_example(X).shape[1])
     # in the model's dtypes: the region's own code may cast to them
     gen = torch.Generator().manual_seed(1234)
     xdt, wdt = _example(X).dtype, _example(W).dtype

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import moecc
-from moecc.examples import switch_style
+from moecc import testing
+from moecc.examples import mixtral_style, switch_style
 
 
 def test_new_sequence_length_recompiles_and_matches() -> None:
@@ -28,3 +29,35 @@ def test_recompile_limit_is_an_error_not_a_silent_fallback() -> None:
         cm(torch.randint(0, 64, (1, 5)))
         with pytest.raises(moecc.MoeccError, match="recompile limit"):
             cm(torch.randint(0, 64, (1, 6)))
+
+
+def test_dynamic_token_count_one_graph_with_module_list_experts() -> None:
+    """dynamic=True: a Mixtral-style model (experts in a ModuleList, lifted from the model's loop) compiles once
+    for a symbolic token count and gives eager's outputs and gradients at three lengths."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, (ids,) = mixtral_style.build(tokens=64)
+    ref = mixtral_style.build(tokens=64)[0]
+    ref.load_state_dict(model.state_dict())
+    cm = moecc.compile(model, dynamic=True)
+    for T in (16, 24, 40):
+        x = torch.randint(0, int(ids.max()) + 1, (2, T))
+        loss = testing.lm_loss(cm(x), x)
+        ref_loss = testing.lm_loss(ref(x), x)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+        for opt_model in (cm, ref):
+            opt_model.zero_grad()
+        loss.backward()
+        ref_loss.backward()
+        assert testing.assert_grads_match(cm, ref, 0, f"T={T}") > 0
+    counters = cm.session.counters()
+    assert counters["lift_moe.lifted"] == len(cm.regions) > 0, counters  # lifted once: no recompile per length
+    assert len(cm.session.graphs) == 1
+
+
+def test_dynamic_token_count_with_capacity_is_refused_clearly() -> None:
+    torch._dynamo.reset()
+    model, (ids,) = mixtral_style.build(tokens=16)
+    cm = moecc.compile(model, dynamic=True, capacity_factor=1.25)
+    with pytest.raises(moecc.MoeccError, match="capacity_factor=1.25 with a symbolic token count"):
+        cm(ids)
