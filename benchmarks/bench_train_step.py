@@ -20,9 +20,12 @@ optimizer step. `.grad` is set to None before each step. Variants:
                     gradients scaled by 1/W; not bucketed, not overlapped with the backward;
   moecc_noschedule  moecc.compile(model, ep=W, backend=--backend, disable_passes=["schedule"]);
   moecc             moecc.compile(model, ep=W, backend=--backend).
-Per variant (built, measured and freed before the next one is built):
+Per variant (built, measured and freed before the next one is built, unless --interleave keeps them):
   step_ms           median of --iters steps after --warmup (ranks aligned by a barrier before each step; CUDA
                     events on GPU, perf_counter on CPU), the slowest rank's median;
+  step_ms_interleaved  with --interleave R: the variants timed again after all were measured, one after the
+                    other in R rounds (the median over rounds of each round's median), so that drift over the
+                    run does not favour the variant timed first or last;
   tokens_per_s      W * T / step time: global tokens;
   mfu               model FLOPs of the step / (step time * W * peak). Model FLOPs (all ranks' tokens):
                     6 * N_act * W*T + 6 * L * S * H * W*T, with N_act the matmul parameters one token
@@ -375,9 +378,10 @@ def bench_variant(
     flops: float,
     peak_flops: float,
     eager: dict[str, Any] | None,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Build, check, time and profile one variant; returns its record and its first step's loss and
-    gradient samples (what the later variants are compared with). Errors are recorded, never raised."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, Callable[[], Any] | None]:
+    """Build, check, time and profile one variant; returns its record, its first step's loss and gradient
+    samples (what the later variants are compared with) and its step (for the interleaved timing, None
+    after an error). Errors are recorded, never raised."""
     rec: dict[str, Any] = {"model": model_name, "variant": name}
     rec.update(dict.fromkeys(("step_ms", "tokens_per_s", "mfu", "comm_ms", "exposed_comm_ms", "predicted_step_ms")))
     cuda = run.device.type == "cuda"
@@ -389,7 +393,7 @@ def bench_variant(
     if err is not None:
         rec["error"] = err
         run.log(f"  {name}: error: {err[:400]}")
-        return rec, None
+        return rec, None, None
     call = functools.partial(step, m, ids_BS, targets_BS)
     breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
 
@@ -406,7 +410,7 @@ def bench_variant(
     if err is not None:
         rec["error"] = err
         run.log(f"  {name}: error: {err[:400]}")
-        return rec, None
+        return rec, None, None
     rec["first_step_s"] = max(run.gather(round(got["s"], 3)))
     rec["loss_per_rank"] = run.gather(got["loss"])
     rec.update(m.describe())
@@ -441,7 +445,26 @@ def bench_variant(
         rec["peak_mem_gib_per_rank"] = run.gather(torch.cuda.max_memory_allocated(run.device) / 2**30)
         rec["peak_mem_gib"] = max(rec["peak_mem_gib_per_rank"])
     run.log(f"  {name}: " + summary(rec))
-    return rec, {"loss": got["loss"], "grads": got["grads"]}
+    return rec, {"loss": got["loss"], "grads": got["grads"]}, (call if "error" not in rec else None)
+
+
+def interleaved_timing(
+    run: layer_bench.Run, steps: dict[str, Callable[[], Any]], rounds: int, records: list[dict[str, Any]]
+) -> None:
+    """Time the variants again in `rounds` rounds, each variant `run.iters` steps per round, one variant after
+    the other within a round, so that drift over the run (clocks, temperature, the allocator) falls on all of
+    them alike; adds step_ms_interleaved (the median over rounds of each round's median, slowest rank) and
+    the per-round medians to the records."""
+    per_round: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, call in steps.items():
+            per_round[name].append(max(run.gather(run.time_ms(call))))
+    for rec in records:
+        if rec["variant"] in per_round:
+            rec["step_ms_interleaved_rounds"] = per_round[rec["variant"]]
+            rec["step_ms_interleaved"] = statistics.median(per_round[rec["variant"]])
+    medians = ", ".join(f"{n} {statistics.median(v):.2f} ms" for n, v in per_round.items())
+    run.log(f"interleaved ({rounds} rounds): {medians}")
 
 
 def summary(rec: dict[str, Any]) -> str:
@@ -480,6 +503,8 @@ def table(records: list[dict[str, Any]]) -> str:
 
     head = ["model", "variant", "step ms", "tokens/s", "MFU", "comm ms", "exposed comm ms", "predicted ms"]
     head += ["prediction error"]
+    interleaved = any("step_ms_interleaved" in r for r in records)
+    head += ["interleaved step ms"] if interleaved else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         step_ms, pred = r.get("step_ms"), r.get("predicted_step_ms")
@@ -488,6 +513,7 @@ def table(records: list[dict[str, Any]]) -> str:
         cells = [r["model"], r["variant"], num(step_ms, ".2f") if step_ms else "error"]
         cells += [num(r.get("tokens_per_s"), ".0f"), "-" if mfu is None else f"{100 * mfu:.1f} %"]
         cells += [num(r.get("comm_ms"), ".2f"), num(r.get("exposed_comm_ms"), ".2f"), num(pred, ".2f"), err]
+        cells += [num(r.get("step_ms_interleaved"), ".2f")] if interleaved else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -499,6 +525,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model (L 2, H 64, E 8, T 64): a smoke test")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="then time the variants again, one after the other in ROUNDS rounds (all models "
+                             "stay in memory): step_ms_interleaved")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; 1 with --tiny)")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
@@ -542,6 +571,7 @@ def main() -> None:
         why = f"{c.experts} experts do not divide the world size {world}"
         records = [{"model": model_name, "variant": v, "step_ms": None, "error": why} for v in variants]
     eager: dict[str, Any] | None = None
+    alive: dict[str, Callable[[], Any]] = {}
     for name in variants if not records else []:
         if name == "eager":
             refusals = [r for r in run.gather(layer_bench.grouped_mm_refusal(device, dtype, c.moe_shape())) if r]
@@ -553,12 +583,17 @@ def main() -> None:
         else:
             disable = ("schedule",) if name == "moecc_noschedule" else ()
             build = functools.partial(build_moecc, run, c, args.backend, disable)
-        rec, result = bench_variant(run, c, model_name, name, build, flops["model_flops"], peak, eager)
+        rec, result, call = bench_variant(run, c, model_name, name, build, flops["model_flops"], peak, eager)
         records.append(rec)
         if name == "eager":
             eager = result
-        torch._dynamo.reset()
+        if args.interleave and call is not None:
+            alive[name] = call  # its model stays, for the interleaved timing below
+        else:
+            torch._dynamo.reset()
         layer_bench._free(run)
+    if alive:
+        interleaved_timing(run, alive, args.interleave, records)
     if rank == 0:
         result = {
             **layer_bench.run_header(device, world),

@@ -16,7 +16,7 @@ case "${1:-}" in
   layer) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_moe_layer.py --out "$OUT" --tag "_${N}gpu" \
            --timeout-s 500 ;;
   train) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py --out "$OUT" --tag "_${N}gpu" \
-           --timeout-s 500 ;;
+           --interleave 3 --timeout-s 500 ;;
   profile)
     timeout 240 python3 -m moecc.cli calibrate --world-size "$N" --out "$OUT/profile_${N}gpu.json"
     MOECC_PROFILE="$OUT/profile_${N}gpu.json" timeout 300 torchrun --nproc-per-node "$N" \
