@@ -98,6 +98,17 @@ def _grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _weight_tile(w_desc, e, k0, nt, K, N, BN: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """Expert e's [BK, BN] weight tile at (k0, n-tile nt) through a descriptor over the experts' weights as one
+    2-d tensor (`weight_descriptor`): [E*N, K] when K is contiguous (W_KMAJOR), else [E*K, N]. A tile past
+    the expert's N (or K) reads the next expert's finite weights, which reach only output columns the store
+    masks off (or meet the A operand's zero columns past K)."""
+    if W_KMAJOR:
+        return tl.trans(w_desc.load([e * N + nt * BN, k0]))
+    return w_desc.load([e * K + k0, nt * BN])
+
+
+@triton.jit
 def _grouped_mm_kernel(
     x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr, x_desc, w_desc,
     N, K, E,
@@ -126,10 +137,7 @@ def _grouped_mm_kernel(
         for k0 in range(0, tl.where(e < E, K, 0), BK):
             if DESC:
                 a = x_desc.load([seg_lo + (mt - first_mt) * BM, k0])
-                if W_KMAJOR:
-                    b = tl.trans(w_desc.load([e * N + nt * BN, k0]))
-                else:
-                    b = w_desc.load([e * K + k0, nt * BN])
+                b = _weight_tile(w_desc, e, k0, nt, K, N, BN, W_KMAJOR)
             else:
                 ks = k0 + tl.arange(0, BK)
                 k_ok = ks < K
@@ -262,11 +270,19 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
 def _grouped_mm_descriptors(
     x_SK: torch.Tensor, w_EKN: torch.Tensor, BM: int, BN: int, BK: int
 ) -> tuple[TensorDescriptor, TensorDescriptor, bool] | None:
-    """Tensor descriptors for x and for w as one 2-d tensor ([E*N, K] if K is contiguous, else [E*K, N]), and
-    whether w is K-major; None where the strides do not allow them."""
-    E, K, N = w_EKN.shape
-    if K < DESCRIPTOR_MIN_K or not _descriptor_ok(x_SK):
+    """Tensor descriptors for x and for the weights (`weight_descriptor`), and whether w is K-major; None below
+    DESCRIPTOR_MIN_K or where the strides do not allow them."""
+    if w_EKN.shape[1] < DESCRIPTOR_MIN_K or not _descriptor_ok(x_SK):
         return None
+    wd = weight_descriptor(w_EKN, BN, BK)
+    return None if wd is None else (TensorDescriptor.from_tensor(x_SK, [BM, BK]), *wd)
+
+
+def weight_descriptor(w_EKN: torch.Tensor, BN: int, BK: int) -> tuple[TensorDescriptor, bool] | None:
+    """A tensor descriptor over the experts' weights [E, K, N] as one 2-d tensor, [E*N, K] if K is contiguous
+    (nn.Linear's layout, transposed) else [E*K, N], and whether it is the K-major one; None where the strides
+    do not allow it. `_weight_tile` reads it."""
+    E, K, N = w_EKN.shape
     if w_EKN.transpose(1, 2).is_contiguous():
         w2, block, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), [BN, BK], True
     elif w_EKN.is_contiguous():
@@ -275,7 +291,7 @@ def _grouped_mm_descriptors(
         return None
     if not _descriptor_ok(w2):
         return None
-    return TensorDescriptor.from_tensor(x_SK, [BM, BK]), TensorDescriptor.from_tensor(w2, block), k_major
+    return TensorDescriptor.from_tensor(w2, block), k_major
 
 
 def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

@@ -324,16 +324,18 @@ def _push_rows(
 @triton.jit
 def _segment_tile(cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG,
                   LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
-    """Tile t of the (source, expert) segment tiles -> its segment, n-tile, first row, end row, rows and columns
-    (with their masks), source rank, local expert and the rows' positions q in the source's rowmap block."""
+    """Tile t of the (source, expert) segment tiles -> its segment, n-tile, the segment's first and end row, the
+    tile's first row, its rows and columns (with their masks), source rank, local expert and the rows'
+    positions q in the source's rowmap block."""
     seg, first_mt, mt, nt = triton_backend._grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG, GROUP_M)
     lo, hi = triton_backend._segment_rows(offs_ptr, seg)
-    rows = lo + (mt - first_mt) * BM + tl.arange(0, BM)
+    row0 = lo + (mt - first_mt) * BM
+    rows = row0 + tl.arange(0, BM)
     cols = nt * BN + tl.arange(0, BN)
     s = tl.load(seg_src_ptr + seg)
     e = tl.load(seg_exp_ptr + seg)
     q = tl.load(seg_q0_ptr + seg) + (rows - lo)
-    return seg, nt, lo, hi, rows, rows < hi, cols, cols < N, s, e, q
+    return seg, nt, lo, hi, row0, rows, rows < hi, cols, cols < N, s, e, q
 
 
 @triton.jit
@@ -341,13 +343,14 @@ def _dispatch_gemm_kernel(
     # send side
     src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
     # gemm side
-    recv_ptr, rowmap_ptr, gates_ptr, w_ptr, y_ptr, save_ptr,
+    recv_ptr, rowmap_ptr, gates_ptr, w_ptr, w_desc, y_ptr, save_ptr,
     offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr,
     me, T, H, TK, N, NSEG, SLOT,
     swe, swk, swn,
     EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, GROUP_M: tl.constexpr,
     ROLE: tl.constexpr, SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+    DESC_W: tl.constexpr, W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if pid < NSEND:
@@ -361,7 +364,7 @@ def _dispatch_gemm_kernel(
             n_tiles_n = tl.cdiv(N, BN)
             total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
             for t in range(pid - NSEND, total, NP - NSEND):
-                seg, nt, lo, hi, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
+                seg, nt, lo, hi, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
                     cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
                 )
                 live = seg < NSEG - 1
@@ -391,8 +394,11 @@ def _dispatch_gemm_kernel(
                                 other=0.0)  # fmt: skip
                     if HAS_GATES:
                         a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
-                    b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
-                                mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                    if DESC_W:  # the gathered rows through pointers, the weights through a descriptor
+                        b = triton_backend._weight_tile(w_desc, e, k0, nt, H, N, BN, W_KMAJOR)
+                    else:
+                        b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
+                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
                     acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
                 tl.store(y_ptr + _index(rows, WIDE)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
@@ -400,30 +406,37 @@ def _dispatch_gemm_kernel(
 
 @triton.jit
 def _gemm_scatter_kernel(
-    a_ptr, w_ptr, rowmap_ptr, comb_tab, sig_tab, done_ptr, epoch_ptr,
+    a_ptr, w_ptr, a_desc, w_desc, rowmap_ptr, comb_tab, sig_tab, done_ptr, epoch_ptr,
     offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr,
     me, TK, Kd, N, NSEG, SLOT,
     sam, sak, swe, swk, swn,
     EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr,
     GROUP_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+    DESC: tl.constexpr, W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
-    """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]."""
+    """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]. DESC:
+    a and the weights are read through tensor descriptors (a tile's rows past its segment read the next
+    segment's finite rows, or zeros past the buffer, which only reach rows the scatter masks off)."""
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BN)
     total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment (NSEG - 1): no rows there
     for t in range(pid, total, NP):
-        _, _, _, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
+        _, nt, _, _, row0, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
             cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
         )
         slot = _index(tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0), WIDE)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, Kd, BK):
-            ks = k0 + tl.arange(0, BK)
-            k_ok = ks < Kd
-            a = tl.load(a_ptr + _index(rows, WIDE)[:, None] * sam + ks[None, :] * sak,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-            b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+            if DESC:
+                a = a_desc.load([row0, k0])
+                b = triton_backend._weight_tile(w_desc, e, k0, nt, Kd, N, BN, W_KMAJOR)
+            else:
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < Kd
+                a = tl.load(a_ptr + _index(rows, WIDE)[:, None] * sam + ks[None, :] * sak,
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+                b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
+                            mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
             acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
         dst = _ptr(comb_tab, s, a_ptr)
         tl.store(dst + slot[:, None] * N + cols[None, :], acc.to(a_ptr.dtype.element_ty),
@@ -665,12 +678,15 @@ def _dispatch_gemm(
     nseg = plan.offs.shape[0]
     gsrc = gates_J if gates_J is not None else plan.q_J  # unused without gates
     src_TH = src_TH.contiguous()
+    # the weights through a descriptor where the plain grouped GEMM reads them so (the gathered rows cannot be)
+    wd = triton_backend.weight_descriptor(w_EKN, BN, BK) if H >= triton_backend.DESCRIPTOR_MIN_K else None
+    COUNTERS["fused_gemm.descriptor" if wd else "fused_gemm.pointer"] += 1
 
     def launch(role: int) -> None:
         _dispatch_gemm_kernel[(NP,)](
             src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, gsrc, buf.tables["gates"],
             buf.tables["sig"], buf.done,
-            buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, y_SN, save,
+            buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, wd[0] if wd else None, y_SN, save,
             plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch,
             me, T, H, TK, N, nseg, slot,
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
@@ -678,7 +694,8 @@ def _dispatch_gemm(
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
             BM=BM, BN=BN, BK=BK, LOG=_log(nseg), GROUP_M=_group_m(w_EKN), ROLE=role, SAVE_A=save_a,
             WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
-            UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), num_warps=warps, num_stages=stages,
+            UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), DESC_W=wd is not None,
+            W_KMAJOR=bool(wd and wd[1]), num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     if buf.simulated:
@@ -699,14 +716,17 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     BM, BN, BK, warps, stages = _gemm_config(buf.device, a_SK.dtype)
     NP, _ = _programs(buf.device)
     nseg = plan.offs.shape[0]
+    descs = triton_backend._grouped_mm_descriptors(a_SK, w_EKN, BM, BN, BK)
+    COUNTERS["fused_gemm.descriptor" if descs else "fused_gemm.pointer"] += 1
     _gemm_scatter_kernel[(NP,)](
-        a_SK, w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,
+        a_SK, w_EKN, *(descs[:2] if descs else (None, None)), plan.rowmap, buf.tables["comb"], buf.tables["sig"],
+        buf.done, buf.epoch,
         plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0,
         me, T * K, a_SK.shape[1], N, nseg, slot,
         a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg), GROUP_M=_group_m(w_EKN), WIDE=_wide(a_SK, buf.local["comb"]),
-        PRECISION=triton_backend._precision(a_SK.dtype),
-        UPCAST=triton_backend._upcast(buf.device, a_SK.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=triton_backend._precision(a_SK.dtype), UPCAST=triton_backend._upcast(buf.device, a_SK.dtype),
+        DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     yield
     _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)

@@ -75,22 +75,26 @@ def routing(kind: str, T: int, K: int, E: int, gen: torch.Generator) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("ep", "kinds", "dt", "wide", "T"),
+    ("ep", "kinds", "dt", "wide", "T", "desc"),
     [
-        (1, ["uniform"], torch.float32, False, 12),
-        (2, ["uniform", "skewed"], torch.float32, False, 12),
-        (4, ["dropped", "uniform"], torch.float32, False, 12),
-        (2, ["dropped"], torch.bfloat16, False, 12),
+        (1, ["uniform"], torch.float32, False, 12, False),
+        (2, ["uniform", "skewed"], torch.float32, False, 12, False),
+        (4, ["dropped", "uniform"], torch.float32, False, 12, False),
+        (2, ["dropped"], torch.bfloat16, False, 12, False),
         # 64-bit row offsets, what buffers of 2^31 elements or more take
-        (2, ["skewed"], torch.float32, True, 12),
+        (2, ["skewed"], torch.float32, True, 12, False),
         # segments of 3 m-tiles (48 rows from each source to expert 1, 16-row tiles on the CPU): the fused GEMMs
         # walk them in L2 groups of 2 m-tiles, the last group short
-        (2, ["skewed"], torch.float32, False, 48),
+        (2, ["skewed", "dropped"], torch.float32, False, 48, True),
+        # weights (and the scattering GEMM's rows) through tensor descriptors, as from K = 4096 on a GPU
+        (4, ["uniform"], torch.bfloat16, False, 12, True),
     ],
 )
-def test_fused_layer_matches_eager(ep, kinds, dt, wide, T, monkeypatch: pytest.MonkeyPatch):
+def test_fused_layer_matches_eager(ep, kinds, dt, wide, T, desc, monkeypatch: pytest.MonkeyPatch):
     if wide:
         monkeypatch.setattr(triton_ep, "_wide", lambda *operands: True)
+    monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", 0 if desc else 1 << 30)
+    before = dict(triton_ep.COUNTERS)
     K, H, Fd, E_l = 2, 16, 24, 2
     E = ep * E_l
     gen = torch.Generator().manual_seed(ep)
@@ -139,6 +143,11 @@ def test_fused_layer_matches_eager(ep, kinds, dt, wide, T, monkeypatch: pytest.M
             assert int(plan.seg_src[0]) == r
     for b in world.ranks:  # one completed call per phase and per call of the test
         assert b.epoch.tolist() == [len(kinds)] * triton_ep.NSIG
+    ran = {k: triton_ep.COUNTERS[k] - before.get(k, 0) for k in ("fused_gemm.descriptor", "fused_gemm.pointer")}
+    assert ran == {  # four fused GEMMs a layer: forward and backward, gathering and scattering
+        "fused_gemm.descriptor": 4 * ep * len(kinds) if desc else 0,
+        "fused_gemm.pointer": 0 if desc else 4 * ep * len(kinds),
+    }, ran
 
 
 def test_each_token_sent_once_per_destination():
