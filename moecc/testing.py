@@ -103,3 +103,24 @@ def step_against_eager(
     for opt in opts:
         opt.step()
     return loss
+
+
+def replay_in_cuda_graph(module: Any, x: torch.Tensor, g: torch.Tensor, new_x: torch.Tensor) -> torch.Tensor:
+    """`module(x).backward(g)` warmed up on a side stream (where it compiles), captured in a CUDA graph, then
+    replayed after copying new_x into x: returns the replayed output, and x.grad holds its input gradient. A
+    device-to-host synchronisation anywhere in the call makes the capture fail."""
+    for _ in range(3):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            module(x).backward(g)
+        torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        out = module(x)
+        out.backward(g)
+    x.data.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import moecc
+from moecc import testing
 from moecc.backends import torch_backend, triton_backend, triton_ep
 from moecc.examples import deepseek_style, mixtral_style
 
@@ -66,20 +67,8 @@ def test_moe_layer_forward_and_backward_capture_in_a_cuda_graph() -> None:
     cm = moecc.compile(moe, backend="triton")
     x = torch.randn(2, 128, moe.router.in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
-    for _ in range(3):  # compile and warm up on a side stream, as CUDA graph capture requires
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            cm(x).backward(g)
-        torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        out = cm(x)
-        out.backward(g)
     new_x = torch.randn_like(x)
-    x.data.copy_(new_x)
-    graph.replay()
+    out = testing.replay_in_cuda_graph(cm, x, g, new_x)
     assert cm.session.counters().get("fuse.fused") == 1, "the fused kernels were not in the captured graph"
     torch.cuda.synchronize()
     ref_x = new_x.detach().clone().requires_grad_()

@@ -77,26 +77,14 @@ def _capture(rank: int, world: int) -> None:
     x = torch.randn(2, 128, moe.router.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
     x.requires_grad_()
     g = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
-    for _ in range(3):  # compile and warm up on a side stream, as CUDA graph capture requires
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            cm(x).backward(g)
-        torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        out = cm(x)
-        out.backward(g)
     new_x = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
-    x.data.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
+    out = testing.replay_in_cuda_graph(cm, x, g, new_x)
     assert cm.session.counters().get("fuse.fused") == 1, "the fused kernels were not in the captured graph"
     ref_x = new_x.clone().requires_grad_()
-    ref(ref_x).backward(g)
+    want = ref(ref_x)
+    want.backward(g)
     bf16 = 3e-2  # both sides round to bf16 after every op, in different orders
-    _close(out, ref(new_x).detach(), f"rank {rank} replayed output", bf16)
+    _close(out, want.detach(), f"rank {rank} replayed output", bf16)
     _close(x.grad, ref_x.grad, f"rank {rank} replayed input gradient", bf16)
 
 
