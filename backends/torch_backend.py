@@ -132,11 +132,60 @@ def unpermute_combine(
     """out[t] = sum_k w[t, k] * y[row of (t, k)], accumulated in float32, returned in y's dtype."""
     T, K = w_TK.shape
     S, H = y_SH.shape
+    if _same_16bit(y_SH, w_TK):
+        # each token's K rows gathered next to each other, then one batched [1, K] @ [K, H] product a token
+        # (float32 accumulation inside the matmul): no float32 copy of the S rows, no scatter-add
+        row_TK, gate_TK = _slot_rows(src_S, offs_E, w_TK)
+        y_TKH = y_SH.index_select(0, row_TK.reshape(-1)).view(T, K, H)
+        return torch.bmm(gate_TK.unsqueeze(1), y_TKH).squeeze(1)
     live_S = torch.arange(S, device=y_SH.device) < offs_E[-1]
     gate_S = torch.where(live_S, w_TK.reshape(-1).float()[src_S], 0.0)
     out_TH = y_SH.new_zeros(T, H, dtype=torch.float32)
     out_TH.index_add_(0, src_S // K, y_SH.float() * gate_S[:, None])
     return out_TH.to(y_SH.dtype)
+
+
+def unpermute_combine_backward(
+    gout_TH: torch.Tensor, y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor,
+    need_y: bool, need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Gradients of `unpermute_combine` for y (rows in y's order) and for w, where asked for."""
+    T, K = w_TK.shape
+    S, H = y_SH.shape
+    gy_SH = gw_TK = None
+    if _same_16bit(y_SH, w_TK, gout_TH):  # as the forward: in [T, K] order, no float32 copies
+        row_TK, gate_TK = _slot_rows(src_S, offs_E, w_TK)
+        if need_y:  # gy[row of (t, k)] = w[t, k] * gout[t]: one rounding of the product, as in float32
+            gy_SH = (gout_TH.unsqueeze(1) * gate_TK.unsqueeze(2)).view(S, H).index_select(0, src_S)
+        if need_w:  # gw[t, k] = <gout[t], y[row of (t, k)]>, float32 accumulation inside the matmul
+            y_TKH = y_SH.index_select(0, row_TK.reshape(-1)).view(T, K, H)
+            gw_TK = torch.bmm(y_TKH, gout_TH.unsqueeze(2)).squeeze(2)
+            gw_TK = torch.where(row_TK < offs_E[-1], gw_TK, 0.0)
+        return gy_SH, gw_TK
+    live_S = torch.arange(S, device=y_SH.device) < offs_E[-1]
+    g_SH = gout_TH.float().index_select(0, src_S // K)
+    if need_y:
+        gate_S = torch.where(live_S, w_TK.reshape(-1).float().index_select(0, src_S), 0.0)
+        gy_SH = (g_SH * gate_S[:, None]).to(y_SH.dtype)
+    if need_w:
+        dot_S = torch.where(live_S, (g_SH * y_SH.float()).sum(-1), 0.0)
+        gw_TK = dot_S.new_zeros(S).index_copy(0, src_S, dot_S).reshape(w_TK.shape).to(w_TK.dtype)
+    return gy_SH, gw_TK
+
+
+def _same_16bit(*ts: torch.Tensor) -> bool:
+    """Whether the combine can run in the tensors' own 16-bit dtype. In float32 the scatter-add path copies
+    nothing and measured faster on the CPU (1.1-1.3x), so it stays there."""
+    return ts[0].dtype in (torch.bfloat16, torch.float16) and all(t.dtype == ts[0].dtype for t in ts)
+
+
+def _slot_rows(src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row of y that holds each (token, slot) (the inverse of the permutation src_S) and the slots' weights,
+    zero for slots whose row is past offs[-1] (dropped)."""
+    S = src_S.shape[0]
+    row_S = torch.empty_like(src_S).scatter_(0, src_S, torch.arange(S, device=src_S.device))
+    row_TK = row_S.view(w_TK.shape)
+    return row_TK, torch.where(row_TK < offs_E[-1], w_TK, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

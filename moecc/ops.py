@@ -135,18 +135,9 @@ def _combine_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 def _combine_backward(ctx: Any, gout_TH: torch.Tensor):
     y_SH, src_S, offs_E, w_TK = ctx.saved_tensors
-    K = w_TK.shape[1]
-    S = y_SH.shape[0]
-    live_S = torch.arange(S, device=y_SH.device) < offs_E[-1]
-    g_SH = gout_TH.float().index_select(0, src_S // K)
-    gy_SH = gw_TK = None
-    if ctx.needs_input_grad[0]:
-        gate_S = torch.where(live_S, w_TK.reshape(-1).float().index_select(0, src_S), 0.0)
-        gy_SH = (g_SH * gate_S[:, None]).to(y_SH.dtype)
-    if ctx.needs_input_grad[3]:
-        dot_S = torch.where(live_S, (g_SH * y_SH.float()).sum(-1), 0.0)
-        gw_flat = dot_S.new_zeros(S).index_copy(0, src_S, dot_S)
-        gw_TK = gw_flat.reshape(w_TK.shape).to(w_TK.dtype)
+    gy_SH, gw_TK = torch_backend.unpermute_combine_backward(
+        gout_TH, y_SH, src_S, offs_E, w_TK, ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    )
     return gy_SH, None, None, gw_TK
 
 

@@ -343,3 +343,29 @@ def test_capacity_formula_and_dropless_default():
     assert ops.expert_capacity(None, 100, 2, 8) == -1
     assert ops.expert_capacity(1.0, 100, 2, 8) == 25
     assert ops.expert_capacity(1.25, 10, 2, 8) == 4  # ceil(3.125)
+
+
+def test_combine_same_dtype_path_matches_float32_path():
+    """unpermute_combine with weights in y's dtype (gathers each token's rows and multiplies them in a batched
+    matmul) against weights in float32 (float32 copies and a scatter-add), forward and both gradients, with
+    dropped rows past offs[-1] holding finite garbage that must not reach the results."""
+    gen = torch.Generator().manual_seed(3)
+    T, K, H = 13, 3, 24
+    S = T * K
+    src_S = torch.randperm(S, generator=gen)
+    offs_E = torch.tensor([10, 10, 30], dtype=torch.int32)  # rows 30.. are dropped
+    y = torch.randn(S, H, generator=gen).to(torch.bfloat16)
+    w = torch.rand(T, K, generator=gen).to(torch.bfloat16)
+    gout = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    results = []
+    for w_dtype in (torch.bfloat16, torch.float32):  # the first takes the same-dtype path, the second not
+        yl, wl = y.clone().requires_grad_(), w.clone().to(w_dtype).requires_grad_()
+        out = ops.unpermute_combine(yl, src_S, offs_E, wl)
+        out.backward(gout)
+        results.append((out.float(), yl.grad.float(), wl.grad.float()))
+    for name, a, b in zip(("out", "dy", "dw"), *results, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
+    dropped = torch.zeros(S, dtype=torch.bool)
+    dropped[src_S[30:]] = True  # slots whose row is dropped
+    assert not results[0][2].reshape(-1)[dropped].any(), "dropped slots must get a zero weight gradient"
+    assert not results[0][1][30:].any(), "dropped rows must get a zero gradient"
