@@ -62,8 +62,13 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     (rp,) = _region_nodes(gm, region.path, torch.ops.moecc.route_permute.default)
     (uc,) = _region_nodes(gm, region.path, torch.ops.moecc.unpermute_combine.default)
     x_TH, idx_TK, _ = rp.args[:3]
-    x_val = x_TH.meta.get("example_value")  # type: ignore[union-attr]
-    T, K = int(x_val.shape[0]), int(idx_TK.meta["example_value"].shape[1])  # type: ignore[union-attr]
+    # an expert now serves the tokens of the whole ep-group: its capacity is counted over them (the token count
+    # is read only then: it may be symbolic, and int() of it would specialise the graph on it)
+    capacity = -1
+    if ctx.options.capacity_factor is not None:
+        T = int(x_TH.meta["example_value"].shape[0])  # type: ignore[union-attr]
+        K = int(idx_TK.meta["example_value"].shape[1])  # type: ignore[union-attr]
+        capacity = ops.expert_capacity(ctx.options.capacity_factor, T * ep, K, E)
     y_SH, src_S, offs_E, w_TK = uc.args
     group = mesh.ep_group
     em = _GraphEmitter(gm.graph)
@@ -72,8 +77,7 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
         tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group)
         recv_x = ops.all_to_all_rows(x.index_select(0, tok_R), n_P, m_P, group)
         recv_idx = ops.all_to_all_rows(idx_RK, n_P, m_P, group)
-    # an expert now serves the tokens of the whole ep-group: its capacity is counted over them
-    rp.args = (recv_x.node, recv_idx.node, E_local, ops.expert_capacity(ctx.options.capacity_factor, T * ep, K, E))
+    rp.args = (recv_x.node, recv_idx.node, E_local, capacity)
     with gm.graph.inserting_before(uc):
         w = em.proxy(w_TK)
         send_w = torch.where(sel_RK, w.index_select(0, tok_R), 0.0)

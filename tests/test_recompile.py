@@ -3,6 +3,8 @@ recompile limit, raise a clear error instead of silently running eager."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -61,3 +63,23 @@ def test_dynamic_token_count_with_capacity_is_refused_clearly() -> None:
     cm = moecc.compile(model, dynamic=True, capacity_factor=1.25)
     with pytest.raises(moecc.MoeccError, match="capacity_factor=1.25 with a symbolic token count"):
         cm(ids)
+
+
+def _dynamic_expert_parallel(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model, (ids,) = mixtral_style.build(tokens=64)
+    ref = copy.deepcopy(model)
+    cm = moecc.compile(model, ep=world, dynamic=True)
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    for T in (16, 24, 40):
+        gen = torch.Generator().manual_seed(T)
+        batches = [torch.randint(0, int(ids.max()) + 1, (2, T), generator=gen) for _ in range(world)]
+        testing.step_against_eager(cm, ref, (opt, ref_opt), batches, rank, rank, f"T={T}")
+    assert len(cm.session.graphs) == 1, "a new token count must not recompile the expert-parallel program"
+
+
+def test_dynamic_token_count_with_expert_parallelism_one_graph() -> None:
+    """dynamic=True across 2 ranks (experts sharded, all-to-all dispatch): training steps at three sequence
+    lengths match the eager global-batch reference, all from one compiled program."""
+    testing.spawn(_dynamic_expert_parallel, 2, timeout_s=200)
