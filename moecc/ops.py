@@ -413,6 +413,36 @@ MOE_OPS = {
 }
 
 
+# Under torch.autocast the expert GEMMs run in the autocast dtype, as the nn.Linear layers they replace would:
+# their floating-point inputs are cast to it (read at each call, so bfloat16 and float16 regions both work),
+# and the casts are what AOTAutograd traces into the graph. Routing, permutation and the combine keep their
+# inputs' dtypes, as the index_add and the gate products of a model's own loop do.
+_AUTOCAST_LIB = torch.library.Library("moecc", "IMPL")
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+
+
+def _autocast_kernel(op: torch._ops.OpOverload, device_type: str):
+    key = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _AUTOCAST_KEYS[device_type]))
+
+    def kernel(_keyset: Any, *args: Any) -> Any:
+        dt = torch.get_autocast_dtype(device_type)
+        cast = [
+            a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == device_type else a
+            for a in args
+        ]
+        with torch._C._ExcludeDispatchKeyGuard(key):
+            return op(*cast)
+
+    return kernel
+
+
+for _name in ("grouped_mm", "triton_grouped_mm", "ep_dispatch_gemm", "ep_gemm_combine"):
+    for _device_type, _key in _AUTOCAST_KEYS.items():
+        _AUTOCAST_LIB.impl(
+            _name, _autocast_kernel(getattr(torch.ops.moecc, _name).default, _device_type), _key, with_keyset=True
+        )
+
+
 def moe_reference(x_TH: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor, expert_fns: list) -> torch.Tensor:
     """out[t] = sum_k w[t, k] * expert_{idx[t, k]}(x[t]) computed token by token: the eager definition."""
     out_TH = torch.zeros_like(x_TH, dtype=torch.float32)

@@ -520,7 +520,8 @@ def _probe(gm, ctx, path, region, result, inputs, by_name, spec, E, zero_acc, in
             zero_acc,
         )
     ctx.counters["lift_moe.probes"] += 1
-    tol = 1e-5 if xdt in (torch.float32, torch.float64) else 3e-2
+    # 16-bit arithmetic on either side under autocast (the replayed nn.Linear layers and the grouped GEMMs)
+    tol = 1e-5 if xdt in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu") else 3e-2
     err = (got.float() - expect.float()).abs().max().item()
     if not err <= tol * (1 + expect.float().abs().max().item()):
         raise MoeccError(

@@ -240,3 +240,33 @@ def test_adamw_matches_eager(case: Compiled):
         with torch.no_grad():
             for module in (case.model, case.ref):
                 module.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("name", ["mixtral_style", "deepseek_style"])
+def test_autocast_runs_the_expert_gemms_in_the_autocast_dtype(name: str):
+    """Under torch.autocast (float32 weights, bfloat16 compute) the lifted expert GEMMs run in bfloat16, as
+    the nn.Linear layers they replace do in eager: the loss is eager's and the gradients agree to bf16
+    precision."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, (ids,) = load_example(name, tokens=32)
+    ref = copy.deepcopy(model)
+    cm = moecc.compile(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = next_token_loss(logits_of(cm(ids)), ids)
+        ref_loss = next_token_loss(logits_of(ref(ids)), ids)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    ref_params = dict(ref.named_parameters())
+    for n, p in cm.named_parameters():
+        assert_close_scaled(p.grad, ref_params[n].grad, 3e-2, n)
+    gemms = [
+        node
+        for ctx in cm.session.contexts
+        for node in ctx.final_graphs["forward"].graph.nodes
+        if "grouped_mm" in str(node.target)
+    ]
+    assert gemms and all(
+        a.meta["val"].dtype == torch.bfloat16 for g in gemms for a in g.args[:2] if isinstance(a, torch.fx.Node)
+    ), [(g.name, [a.meta["val"].dtype for a in g.args[:2]]) for g in gemms]
