@@ -197,9 +197,9 @@ def _slot_rows(src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor) ->
 
 
 def _group(group_name: str):
-    from torch.distributed.distributed_c10d import _resolve_process_group
+    from moecc.dist import group_by_name
 
-    return _resolve_process_group(group_name)  # type: ignore[arg-type]  # a GroupName is a str
+    return group_by_name(group_name)
 
 
 def _collective(what: str, fn, *args, **kwargs):

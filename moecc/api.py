@@ -66,12 +66,12 @@ def expert_lists_of(module: nn.Module) -> dict[str, int]:
 
 def place_experts(
     clone: nn.Module, interface_counts: dict[str, int], expert_lists: dict[str, int], ep: int | None, name: str
-) -> tuple[Any, frozenset[str]]:
+) -> tuple[Any, frozenset[str], frozenset[str]]:
     """Choose the mesh and shard `clone` in place for it: each rank keeps its slice of every experts module.
 
     3-D expert weights (experts-interface modules) are replaced by a new parameter holding this rank's
     slice; ModuleList experts of other ranks have their weights released (one-element stand-ins, which the
-    graph never reads). Returns the mesh and the released parameter names.
+    graph never reads). Returns the mesh, the released parameter names and the sliced ones.
     """
     world_size = dist.world()[1]
     counts = {**interface_counts, **expert_lists}
@@ -81,8 +81,9 @@ def place_experts(
             ok = [d for d in dist.divisors(e) if world_size % d == 0]
             raise MoeccError(f"{path}: {e} experts do not divide ep={mesh.ep}; pick ep in {ok} or pad experts")
     released: set[str] = set()
+    sliced: set[str] = set()
     if mesh.ep == 1:
-        return mesh, frozenset()
+        return mesh, frozenset(), frozenset()
     modules = dict(clone.named_modules())
     for path, E in interface_counts.items():
         m = modules[path]
@@ -91,6 +92,7 @@ def place_experts(
             if p.ndim >= 2 and p.shape[0] == E:
                 m._parameters[pname] = nn.Parameter(p.detach()[lo:hi].clone(), requires_grad=p.requires_grad)
                 p.data = dist.standin(p)
+                sliced.add(f"{path}.{pname}" if path else pname)
         m._moecc_num_experts = E
     for path, E in expert_lists.items():
         lo, hi = mesh.ep_index * E // mesh.ep, (mesh.ep_index + 1) * E // mesh.ep
@@ -99,7 +101,7 @@ def place_experts(
                 for pname, p in child.named_parameters():
                     p.data = dist.standin(p)
                     released.add(f"{path}.{e}.{pname}")
-    return mesh, frozenset(released)
+    return mesh, frozenset(released), frozenset(sliced)
 
 
 class CompiledModule(nn.Module):
@@ -136,8 +138,8 @@ class CompiledModule(nn.Module):
             (dataclasses.replace(options, dump_dir=None), dist.model_fingerprint(model)),
         )
         counts = {p: r.num_experts for p, r in regions.items()}
-        mesh, released = place_experts(self.module, counts, expert_lists_of(self.module), options.ep, name)
-        self.session = capture.Session(options, name, regions, mesh=mesh, released=released)
+        mesh, released, sliced = place_experts(self.module, counts, expert_lists_of(self.module), options.ep, name)
+        self.session = capture.Session(options, name, regions, mesh=mesh, released=released, sliced=sliced)
         self.session.param_names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
         self.session.buffer_names = {id(b): n for n, b in self.module.named_buffers(remove_duplicate=False)}
         self._compiled = torch.compile(_entry_point(self.module), backend=self.session.backend, dynamic=options.dynamic)
@@ -160,11 +162,42 @@ class CompiledModule(nn.Module):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        result = self.module.load_state_dict(state_dict, strict=False, assign=assign)
+        """Loads this rank's shard (`state_dict()`) or the whole model's state (the eager model's state_dict(), a
+        pretrained checkpoint, `full_state_dict()`): with ep > 1, other ranks' experts are skipped and 3-D
+        expert weights are cut to this rank's experts."""
+        mesh, own = self.session.mesh, dict(self.module.named_parameters())
+        mine: dict[str, Any] = {}
+        for k, v in state_dict.items():
+            if k in self.session.released:
+                continue
+            if k in self.session.sliced and isinstance(v, torch.Tensor) and v.shape[0] == own[k].shape[0] * mesh.ep:
+                n = own[k].shape[0]
+                v = v[mesh.ep_index * n : (mesh.ep_index + 1) * n]
+            mine[k] = v
+        result = self.module.load_state_dict(mine, strict=False, assign=assign)
         missing = [k for k in result.missing_keys if k not in self.session.released]
         if strict and (missing or result.unexpected_keys):
             raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {result.unexpected_keys}")
         return result
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state under its own names, on the CPU: every expert, 3-D expert weights whole, as
+        the eager model's state_dict() gives it, so that a checkpoint of it loads into the model without moecc
+        (or back through `load_state_dict`). With ep > 1 it gathers every rank's experts over the
+        expert-parallel group: a collective, to be called on every rank."""
+        sd = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        mesh = self.session.mesh
+        if mesh.ep == 1:
+            return sd
+        lists = tuple(f"{p}." for p in expert_lists_of(self.module))
+        mine = {k: v for k, v in sd.items() if k in self.session.sliced or k.startswith(lists)}
+        gathered: list[Any] = [None] * mesh.ep  # in ep_index order: the group's ranks are
+        torch.distributed.all_gather_object(gathered, mine, group=dist.group_by_name(mesh.ep_group))
+        for part in gathered:
+            sd.update({k: v for k, v in part.items() if k not in self.session.sliced})
+        for k in self.session.sliced:
+            sd[k] = torch.cat([part[k] for part in gathered])
+        return {k: sd[k] for k in self.module.state_dict()}  # the model's own order
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:

@@ -195,7 +195,7 @@ class ArtifactModule(nn.Module):
             for p, m in self.module.named_modules()
             if capture.interface_experts(m)
         }
-        self.mesh, self.released = api.place_experts(
+        self.mesh, self.released, _ = api.place_experts(
             self.module, interface, api.expert_lists_of(self.module), manifest["ep"], type(model).__name__
         )
         spec = manifest["ranks"][rank]

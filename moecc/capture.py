@@ -155,7 +155,8 @@ class Session:
     model_name: str
     module_regions: dict[str, ir.MoERegion]
     mesh: Mesh = dataclasses.field(default_factory=Mesh)
-    released: frozenset[str] = frozenset()
+    released: frozenset[str] = frozenset()  # other ranks' ModuleList experts' parameters (stand-ins here)
+    sliced: frozenset[str] = frozenset()  # 3-D expert weights cut to this rank's experts
     hooked: list[str] = dataclasses.field(default_factory=list)  # parameters synchronised by hooks
     param_names: dict[int, str] = dataclasses.field(default_factory=dict)  # id(parameter) -> name in the model
     buffer_names: dict[int, str] = dataclasses.field(default_factory=dict)

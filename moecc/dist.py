@@ -48,6 +48,13 @@ def choose_ep(world_size: int, expert_counts: list[int], requested: int | None, 
     return max(ok)
 
 
+def group_by_name(group_name: str) -> Any:
+    """The process group a mesh names (its ep, dp or world group)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)  # type: ignore[arg-type]  # a GroupName is a str
+
+
 def make_mesh(ep: int) -> Mesh:
     """The mesh for this process; creates (once per shape, on every rank in the same order) the groups."""
     rank, world_size = world()
