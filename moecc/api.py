@@ -180,6 +180,48 @@ class CompiledModule(nn.Module):
             raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {result.unexpected_keys}")
         return result
 
+    def _is_expert(self) -> Callable[[str], bool]:
+        """Whether a parameter or state name is one of this rank's experts' (a 3-D expert weight, sliced, or a
+        ModuleList expert's): what differs across the expert-parallel group."""
+        lists = tuple(f"{p}." for p in expert_lists_of(self.module))
+        return lambda name: name in self.session.sliced or name.startswith(lists)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` for the whole model, on every rank: the norm is the eager model's
+        (replicated gradients once, every rank's expert gradients summed over the expert-parallel group), and
+        every rank scales by the same factor, so replicated parameters stay identical across ranks. Clipping
+        this rank's parameters with torch's function instead would use a different norm on each rank.
+        Returns the total norm."""
+        params = [p for _, p in self.named_parameters() if p.grad is not None]
+        mesh = self.session.mesh
+        if mesh.ep == 1:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        expert = self._is_expert()
+        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
+        rep = [g for n, g in grads.items() if not expert(n)]
+        exp = [g for n, g in grads.items() if expert(n)]
+        device = params[0].device if params else torch.device("cpu")
+
+        def norm(gs: list[torch.Tensor]) -> torch.Tensor:
+            if not gs:
+                return torch.zeros((), device=device)
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in gs]),
+                                            norm_type)  # fmt: skip
+
+        group = dist.group_by_name(mesh.ep_group)
+        if norm_type == float("inf"):
+            e = norm(exp).float()
+            torch.distributed.all_reduce(e, torch.distributed.ReduceOp.MAX, group=group)
+            total = torch.maximum(norm(rep).float(), e)
+        else:
+            e = norm(exp).float() ** norm_type
+            torch.distributed.all_reduce(e, group=group)
+            total = (norm(rep).float() ** norm_type + e) ** (1.0 / norm_type)
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            p.grad.mul_(scale.to(p.grad.dtype))
+        return total
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state under its own names, on the CPU: every expert, 3-D expert weights whole, as
         the eager model's state_dict() gives it, so that a checkpoint of it loads into the model without moecc
@@ -189,8 +231,8 @@ class CompiledModule(nn.Module):
         mesh = self.session.mesh
         if mesh.ep == 1:
             return sd
-        lists = tuple(f"{p}." for p in expert_lists_of(self.module))
-        mine = {k: v for k, v in sd.items() if k in self.session.sliced or k.startswith(lists)}
+        expert = self._is_expert()
+        mine = {k: v for k, v in sd.items() if expert(k)}
         gathered: list[Any] = [None] * mesh.ep  # in ep_index order: the group's ranks are
         torch.distributed.all_gather_object(gathered, mine, group=dist.group_by_name(mesh.ep_group))
         for part in gathered:

@@ -361,3 +361,28 @@ def test_full_checkpoints_in_and_out_of_an_expert_sharded_model() -> None:
     experts and transformers' 3-D expert weights alike), and load_state_dict takes such a whole-model state
     (skipping other ranks' experts, cutting 3-D weights to this rank's), so pretrained checkpoints load."""
     testing.spawn(checkpoints_round_trip, 2, ["mixtral", "hf_mixtral"], timeout_s=300)
+
+
+def clipping_matches_eager(rank: int, world: int, names: list[str]) -> None:
+    builds = _builds()
+    for name in names:
+        for norm_type in (2.0, float("inf")):
+            model, (ids,) = builds[name](seed=0)
+            ref = copy.deepcopy(model)
+            cm = moecc.compile(model, ep=world)
+            batches = _batches(ids, world, 0)
+            testing.lm_loss(cm(batches[rank]), batches[rank]).backward()
+            torch.stack([testing.lm_loss(ref(b), b) for b in batches]).mean().backward()
+            want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3, norm_type)
+            got = cm.clip_grad_norm_(1e-3, norm_type)
+            what = f"{name} norm {norm_type}"
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0, msg=lambda m, w=what: f"{w}: {m}")
+            assert want > 1e-3, f"{what}: the test must clip"
+            assert testing.assert_grads_match(cm, ref, cm.session.mesh.ep_index, f"{what} clipped") > 0
+
+
+def test_clip_grad_norm_is_the_whole_models_on_every_rank() -> None:
+    """clip_grad_norm_ with expert parallelism: the eager model's total norm (replicated gradients once,
+    expert gradients summed over the ranks holding them) and the same clipped gradients, for the 2-norm and
+    the max-norm, ModuleList and transformers experts."""
+    testing.spawn(clipping_matches_eager, 2, ["mixtral", "hf_mixtral"], timeout_s=300)
