@@ -192,15 +192,14 @@ class CompiledModule(nn.Module):
         every rank scales by the same factor, so replicated parameters stay identical across ranks. Clipping
         this rank's parameters with torch's function instead would use a different norm on each rank.
         Returns the total norm."""
-        params = [p for _, p in self.named_parameters() if p.grad is not None]
+        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
         mesh = self.session.mesh
         if mesh.ep == 1:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, norm_type)
         expert = self._is_expert()
-        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
         rep = [g for n, g in grads.items() if not expert(n)]
         exp = [g for n, g in grads.items() if expert(n)]
-        device = params[0].device if params else torch.device("cpu")
+        device = next(iter(grads.values())).device if grads else torch.device("cpu")
 
         def norm(gs: list[torch.Tensor]) -> torch.Tensor:
             if not gs:
@@ -218,8 +217,8 @@ class CompiledModule(nn.Module):
             torch.distributed.all_reduce(e, group=group)
             total = (norm(rep).float() ** norm_type + e) ** (1.0 / norm_type)
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in params:
-            p.grad.mul_(scale.to(p.grad.dtype))
+        for g in grads.values():
+            g.mul_(scale.to(g.dtype))
         return total
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
