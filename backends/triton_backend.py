@@ -272,7 +272,7 @@ def _grouped_mm_descriptors(
 ) -> tuple[TensorDescriptor, TensorDescriptor, bool] | None:
     """Tensor descriptors for x and for the weights (`weight_descriptor`), and whether w is K-major; None below
     DESCRIPTOR_MIN_K or where the strides do not allow them."""
-    if w_EKN.shape[1] < DESCRIPTOR_MIN_K or not _descriptor_ok(x_SK):
+    if not _descriptor_ok(x_SK):
         return None
     wd = weight_descriptor(w_EKN, BN, BK)
     return None if wd is None else (TensorDescriptor.from_tensor(x_SK, [BM, BK]), *wd)
@@ -280,9 +280,11 @@ def _grouped_mm_descriptors(
 
 def weight_descriptor(w_EKN: torch.Tensor, BN: int, BK: int) -> tuple[TensorDescriptor, bool] | None:
     """A tensor descriptor over the experts' weights [E, K, N] as one 2-d tensor, [E*N, K] if K is contiguous
-    (nn.Linear's layout, transposed) else [E*K, N], and whether it is the K-major one; None where the strides
-    do not allow it. `_weight_tile` reads it."""
+    (nn.Linear's layout, transposed) else [E*K, N], and whether it is the K-major one; None below
+    DESCRIPTOR_MIN_K or where the strides do not allow it. `_weight_tile` reads it."""
     E, K, N = w_EKN.shape
+    if K < DESCRIPTOR_MIN_K:
+        return None
     if w_EKN.transpose(1, 2).is_contiguous():
         w2, block, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), [BN, BK], True
     elif w_EKN.is_contiguous():

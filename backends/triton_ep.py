@@ -641,11 +641,11 @@ def _group_m(w_EKN: torch.Tensor) -> int:
     does not fit in half the L2 cache, else 1. Without it, a wave of programs sweeps all n-tiles of one
     m-tile and so reads the whole matrix from DRAM once per m-tile: 16 times per expert, 30 GB per call, for
     the Mixtral-like GEMM 1 (4096 x 28672, 2048 rows an expert at one rank)."""
+    group_m = triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5]
     if w_EKN.device.type != "cuda":
-        return triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5]  # the interpreter tests it
+        return group_m  # the interpreter tests it
     l2 = torch.cuda.get_device_properties(w_EKN.device).L2_cache_size
-    big = w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size() > l2 // 2
-    return triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5] if big else 1
+    return group_m if w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size() > l2 // 2 else 1
 
 
 def _log(nseg: int) -> int:
@@ -679,7 +679,7 @@ def _dispatch_gemm(
     gsrc = gates_J if gates_J is not None else plan.q_J  # unused without gates
     src_TH = src_TH.contiguous()
     # the weights through a descriptor where the plain grouped GEMM reads them so (the gathered rows cannot be)
-    wd = triton_backend.weight_descriptor(w_EKN, BN, BK) if H >= triton_backend.DESCRIPTOR_MIN_K else None
+    wd = triton_backend.weight_descriptor(w_EKN, BN, BK)
     COUNTERS["fused_gemm.descriptor" if wd else "fused_gemm.pointer"] += 1
 
     def launch(role: int) -> None:

@@ -192,10 +192,10 @@ class CompiledModule(nn.Module):
         every rank scales by the same factor, so replicated parameters stay identical across ranks. Clipping
         this rank's parameters with torch's function instead would use a different norm on each rank.
         Returns the total norm."""
-        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
         mesh = self.session.mesh
         if mesh.ep == 1:
             return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, norm_type)
+        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
         expert = self._is_expert()
         rep = [g for n, g in grads.items() if not expert(n)]
         exp = [g for n, g in grads.items() if expert(n)]

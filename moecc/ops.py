@@ -174,9 +174,12 @@ def all_to_all_rows(
     return torch_backend.all_to_all_rows(x_R, in_counts_P, out_counts_P, group_name)
 
 
-@all_to_all_rows.register_fake
-def _(x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str):
+def _rows_fake(x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str):
+    """The received rows of a row all-to-all (blocking or started): a buffer shaped like the sent one."""
     return torch.empty_like(x_R)
+
+
+all_to_all_rows.register_fake(_rows_fake)
 
 
 def _a2a_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -208,9 +211,7 @@ def all_to_all_rows_start(
     return torch_backend.all_to_all_rows_start(x_R, in_counts_P, out_counts_P, group_name)
 
 
-@all_to_all_rows_start.register_fake
-def _(x_R: torch.Tensor, in_counts_P: torch.Tensor, out_counts_P: torch.Tensor, group_name: str):
-    return torch.empty_like(x_R)
+all_to_all_rows_start.register_fake(_rows_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------
