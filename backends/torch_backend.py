@@ -137,7 +137,9 @@ def unpermute_combine(
         # (float32 accumulation inside the matmul): no float32 copy of the S rows, no scatter-add
         row_TK, gate_TK = _slot_rows(src_S, offs_E, w_TK)
         y_TKH = y_SH.index_select(0, row_TK.reshape(-1)).view(T, K, H)
+        COUNTERS["combine.bmm"] += 1
         return torch.bmm(gate_TK.unsqueeze(1), y_TKH).squeeze(1)
+    COUNTERS["combine.scatter_add"] += 1  # float32, or weights in another dtype than the rows
     live_S = torch.arange(S, device=y_SH.device) < offs_E[-1]
     gate_S = torch.where(live_S, w_TK.reshape(-1).float()[src_S], 0.0)
     out_TH = y_SH.new_zeros(T, H, dtype=torch.float32)

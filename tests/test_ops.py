@@ -358,11 +358,13 @@ def test_combine_same_dtype_path_matches_float32_path():
     w = torch.rand(T, K, generator=gen).to(torch.bfloat16)
     gout = torch.randn(T, H, generator=gen).to(torch.bfloat16)
     results = []
-    for w_dtype in (torch.bfloat16, torch.float32):  # the first takes the same-dtype path, the second not
+    for w_dtype, path in ((torch.bfloat16, "combine.bmm"), (torch.float32, "combine.scatter_add")):
+        before = dict(torch_backend.COUNTERS)
         yl, wl = y.clone().requires_grad_(), w.clone().to(w_dtype).requires_grad_()
         out = ops.unpermute_combine(yl, src_S, offs_E, wl)
         out.backward(gout)
         results.append((out.float(), yl.grad.float(), wl.grad.float()))
+        assert torch_backend.COUNTERS[path] == before.get(path, 0) + 1, path
     for name, a, b in zip(("out", "dy", "dw"), *results, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
     dropped = torch.zeros(S, dtype=torch.bool)
