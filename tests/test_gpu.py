@@ -155,3 +155,38 @@ def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(desc: bool, monke
         close(bwd2[r][1], w2r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw2")
     assert triton_ep.COUNTERS["fused_gemm.descriptor"] - before == (4 * ep if desc else 0)
     assert not bwd1[2][1].any() and not bwd2[2][1].any(), "rank 2's experts got no tokens: zero weight gradients"
+
+
+def test_autocast_on_gpu_runs_the_fused_kernels_in_bf16_and_matches_eager() -> None:
+    """A float32 model under torch.autocast("cuda", bfloat16): the fused expert kernels (triton backend) get
+    bf16 inputs, as the nn.Linear layers they replace do in eager, and the loss and gradients are eager's to
+    bf16 precision."""
+    torch.manual_seed(0)
+    model, (ids,) = mixtral_style.build(dtype=torch.float32, tokens=256)
+    model, ids = model.cuda(), ids.cuda()
+    before = dict(triton_ep.COUNTERS)
+    cm = moecc.compile(model, backend="triton")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = _lm_loss(cm(ids), ids)
+        ref_loss = _lm_loss(model(ids), ids)
+    grads = torch.autograd.grad(loss, list(cm.parameters()))
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=2e-2)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32, name  # the parameters' gradients stay in their dtype
+        scale = r.abs().max().item() + 1e-6
+        assert (g - r).abs().max().item() <= 5e-2 * scale, name
+    for name in triton_ep.PHASE_COUNTERS:
+        assert triton_ep.COUNTERS[name] > before.get(name, 0), f"fused kernels did not run: {name}"
+    gemms = [
+        node
+        for ctx in cm.session.contexts
+        for node in ctx.final_graphs["forward"].graph.nodes
+        if "ep_dispatch_gemm" in str(node.target) or "ep_gemm_combine" in str(node.target)
+    ]
+    assert gemms and all(
+        a.meta["val"].dtype == torch.bfloat16
+        for g in gemms
+        for a in g.args
+        if isinstance(a, torch.fx.Node) and a.meta["val"].is_floating_point()
+    ), [(g.name, [a.meta["val"].dtype for a in g.args if isinstance(a, torch.fx.Node)]) for g in gemms]
