@@ -103,9 +103,13 @@ def _weight_tile(w_desc, e, k0, nt, K, N, BN: tl.constexpr, W_KMAJOR: tl.constex
     2-d tensor (`weight_descriptor`): [E*N, K] when K is contiguous (W_KMAJOR), else [E*K, N]. A tile past
     the expert's N (or K) reads the next expert's finite weights, which reach only output columns the store
     masks off (or meet the A operand's zero columns past K)."""
+    # one return after a static if/else: Triton type-checks every return of a function, those of a
+    # branch its constexpr condition drops included, and the two layouts' tiles differ in shape
     if W_KMAJOR:
-        return tl.trans(w_desc.load([e * N + nt * BN, k0]))
-    return w_desc.load([e * K + k0, nt * BN])
+        b = tl.trans(w_desc.load([e * N + nt * BN, k0]))
+    else:
+        b = w_desc.load([e * K + k0, nt * BN])
+    return b
 
 
 @triton.jit

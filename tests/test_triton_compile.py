@@ -1,0 +1,139 @@
+"""Every Triton kernel of the backends compiles for a Hopper GPU (sm_90), in each constexpr branch the host
+code takes there, with the GPU tile configurations. The interpreter, which runs the kernels everywhere else
+in this suite, does not type-check them as the compiler does: a helper whose two branches return tiles of
+different shapes ran under the interpreter and failed to compile on the GPU.
+
+The compiler runs in a subprocess without TRITON_INTERPRET (the kernels of this process are interpreted
+ones); it needs no GPU, only Triton's bundled CUDA toolchain."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+BF16 = "bf16"
+# kernel -> pointer arguments whose element type is not int32 (index tables are int32, peer tables int64)
+POINTERS: dict[str, dict[str, str]] = {
+    "triton_backend._grouped_mm_kernel": dict.fromkeys(("x_ptr", "w_ptr", "y_ptr"), BF16),
+    "triton_backend._grouped_wgrad_kernel": dict.fromkeys(("x_ptr", "dy_ptr", "dw_ptr"), BF16),
+    "triton_ep._dispatch_gemm_kernel": {
+        **dict.fromkeys(("src_ptr", "gsrc_ptr", "recv_ptr", "gates_ptr", "w_ptr", "y_ptr", "save_ptr"), BF16),
+        **dict.fromkeys(("pos_ptr", "dest_ptr", "q_ptr"), "i64"),
+    },
+    "triton_ep._gemm_scatter_kernel": dict.fromkeys(("a_ptr", "w_ptr"), BF16),
+    "triton_ep._combine_kernel": {"src_ptr": BF16, "w_ptr": "fp32", "out_ptr": BF16, "valid_ptr": "i8"},
+    "triton_ep._gate_grad_kernel": {"dout_ptr": BF16, "y_ptr": BF16, "dw_ptr": "fp32", "valid_ptr": "i8"},
+    "triton_ep._push_meta_kernel": dict.fromkeys(("dest_ptr", "q_ptr", "row_ptr", "slot_ptr"), "i64"),
+    "triton_ep._wait_all_kernel": {},
+}
+
+
+def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
+    """name -> (kernel, constexprs, descriptor arguments' block shapes), with the configurations the host
+    code uses on a CUDA device."""
+    from moecc.backends import triton_backend
+
+    cuda, bf = torch.device("cuda"), torch.bfloat16
+    BM, BN, BK, _, _, GM = triton_backend._config("grouped_mm", cuda, bf)
+    common = {"PRECISION": "tf32", "UPCAST": False}
+    # weights [E, K, N] through a descriptor: K-major (nn.Linear's layout) as [E*N, K], else [E*K, N]
+    w_block = {True: [BN, BK], False: [BK, BN]}
+    out: dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]] = {}
+    for desc in ("none", "kmajor", "nmajor"):
+        km = desc == "kmajor"
+        on = desc != "none"
+        out[f"grouped_mm-{desc}"] = (
+            "triton_backend._grouped_mm_kernel",
+            {**common, "BM": BM, "BN": BN, "BK": BK, "LOG_E": 9, "NUM_PROGRAMS": 132, "GROUP_M": GM,
+             "DESC": on, "W_KMAJOR": km},
+            {"x_desc": [BM, BK], "w_desc": w_block[km]} if on else {},
+        )  # fmt: skip
+        for gates, save in ((True, True), (False, False)):
+            out[f"dispatch_gemm-{desc}-gates{int(gates)}-save{int(save)}"] = (
+                "triton_ep._dispatch_gemm_kernel",
+                {**common, "EP": 4, "BT": 32, "BH": 256, "HAS_GATES": gates, "BM": BM, "BN": BN, "BK": BK,
+                 "LOG": 10, "GROUP_M": GM, "ROLE": 3, "SAVE_A": save, "WIDE": False, "DESC_W": on,
+                 "W_KMAJOR": km},
+                {"w_desc": w_block[km]} if on else {},
+            )  # fmt: skip
+        out[f"gemm_scatter-{desc}"] = (
+            "triton_ep._gemm_scatter_kernel",
+            {**common, "EP": 4, "BM": BM, "BN": BN, "BK": BK, "LOG": 10, "GROUP_M": GM, "WIDE": False,
+             "DESC": on, "W_KMAJOR": km},
+            {"a_desc": [BM, BK], "w_desc": w_block[km]} if on else {},
+        )  # fmt: skip
+    out["dispatch_gemm-wide"] = (
+        "triton_ep._dispatch_gemm_kernel",
+        {**out["dispatch_gemm-none-gates1-save1"][1], "WIDE": True},
+        {},
+    )
+    for kernel, desc in (("grouped_mm_wgrad", True), ("grouped_mm_wgrad_pointer", False)):
+        WK, WN, WS, _, _, _ = triton_backend._config(kernel, cuda, bf)
+        out[f"wgrad-{'descriptor' if desc else 'pointer'}"] = (
+            "triton_backend._grouped_wgrad_kernel",
+            {**common, "BK": WK, "BN": WN, "BS": WS, "NUM_PROGRAMS": 132, "DESC": desc},
+            {"x_desc": [WS, WK], "dy_desc": [WS, WN]} if desc else {},
+        )
+    for has_w in (True, False):
+        out[f"combine-w{int(has_w)}"] = ("triton_ep._combine_kernel", {"K": 8, "BH": 1024, "HAS_W": has_w}, {})
+    out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
+    out["push_meta"] = ("triton_ep._push_meta_kernel", {"EP": 4, "BJ": 128, "BE": 64}, {})
+    out["wait_all"] = ("triton_ep._wait_all_kernel", {"EP": 4}, {})
+    return out
+
+
+def _compile_all() -> dict[str, str]:
+    """Runs in the subprocess: name -> "" (compiled) or the compiler's error."""
+    import importlib
+    import traceback
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = {}
+    for name, (kernel, constexprs, descs) in _variants().items():
+        module, attr = kernel.split(".")
+        fn = getattr(importlib.import_module(f"moecc.backends.{module}"), attr)
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                sig[arg] = "constexpr"
+            elif arg.endswith("_desc"):
+                sig[arg] = f"tensordesc<bf16{descs[arg]}>" if arg in descs else "constexpr"
+            elif arg.endswith("_tab"):
+                sig[arg] = "*i64"
+            elif arg.endswith("_ptr"):
+                sig[arg] = "*" + POINTERS[kernel].get(arg, "i32")
+            else:
+                sig[arg] = "i32"
+        consts = {**constexprs, **{a: None for a, t in sig.items() if t == "constexpr" and a not in constexprs}}
+        try:
+            triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+            results[name] = ""
+        except Exception:  # noqa: BLE001 - reported per variant to the test
+            results[name] = traceback.format_exc(limit=-3)
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(_variants()))
+def test_kernel_compiles_for_hopper(compiled: dict[str, str], name: str) -> None:
+    assert compiled[name] == "", f"{name} does not compile for sm_90:\n{compiled[name]}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
