@@ -102,6 +102,7 @@ class EPBuffers:
     tables: dict[str, torch.Tensor]  # name -> int64 [ep] addresses of that part on every rank
     epoch: torch.Tensor  # int64 [NSIG]: calls of each phase completed on this rank
     done: torch.Tensor  # int64 [NSIG]: programs that finished each phase's sends (last-program detection)
+    claim: torch.Tensor  # int32 [NSIG]: the next GEMM tile of a call (zeroed before each launch that claims)
     simulated: bool
     keep: Any = None  # the allocation (symmetric memory handle or tensor) that owns the memory
 
@@ -117,7 +118,8 @@ class EPBuffers:
             local[name] = raw[off : off + n * size].view(dt)
             tables[name] = torch.tensor([b + off for b in bases], dtype=torch.int64, device=raw.device)
         z = torch.zeros(NSIG, dtype=torch.int64, device=raw.device)
-        return EPBuffers(ep, me, T, K, H, E_l, dtype, raw.device, local, tables, z, z.clone(), simulated, keep)
+        claim = torch.zeros(NSIG, dtype=torch.int32, device=raw.device)
+        return EPBuffers(ep, me, T, K, H, E_l, dtype, raw.device, local, tables, z, z.clone(), claim, simulated, keep)
 
     def tick(self, slot: int) -> None:
         """This rank finished `slot` for the current call (a device-side increment)."""
@@ -344,7 +346,7 @@ def _dispatch_gemm_kernel(
     src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
     # gemm side
     recv_ptr, rowmap_ptr, gates_ptr, w_ptr, w_desc, y_ptr, save_ptr,
-    offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr,
+    offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
     me, T, H, TK, N, NSEG, SLOT,
     swe, swk, swn,
     EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
@@ -352,56 +354,60 @@ def _dispatch_gemm_kernel(
     ROLE: tl.constexpr, SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
     DESC_W: tl.constexpr, W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
+    # The first NSEND programs push this rank's rows, then all NP programs take GEMM tiles in order (local
+    # sources first) from the claim counter: the senders join the GEMM once their rows are out, where a
+    # static split left their SMs idle for the whole GEMM (NSEND of NP: 12% of an H200's SMs).
     pid = tl.program_id(0)
-    if pid < NSEND:
-        if ROLE & 1:
+    if ROLE & 1:
+        if pid < NSEND:
             _push_rows(pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, me, T, H, TK,
                        EP, NSEND, BT, BH, HAS_GATES)  # fmt: skip
             _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, NSEND)
-    else:
-        if ROLE & 2:
-            target = tl.load(epoch_ptr + SLOT) + 1
-            n_tiles_n = tl.cdiv(N, BN)
-            total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
-            for t in range(pid - NSEND, total, NP - NSEND):
-                seg, nt, lo, hi, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
-                    cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
-                )
-                live = seg < NSEG - 1
-                # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
-                # signals, and run no k-steps (the same loop shape as the plain grouped GEMM, no branch around it)
-                _wait_signal(sig_ptr + SLOT * EP + s, target)
-                mi = (s * TK + q).to(tl.int64)
-                live_rows = rows < tl.where(live, hi, lo)
-                rr = _index(tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0), WIDE)
+    if ROLE & 2:
+        target = tl.load(epoch_ptr + SLOT) + 1
+        n_tiles_n = tl.cdiv(N, BN)
+        total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
+        t = tl.atomic_add(claim_ptr + SLOT, 1)
+        while t < total:
+            seg, nt, lo, hi, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
+                cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
+            )
+            live = seg < NSEG - 1
+            # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
+            # signals, and run no k-steps (the same loop shape as the plain grouped GEMM, no branch around it)
+            _wait_signal(sig_ptr + SLOT * EP + s, target)
+            mi = (s * TK + q).to(tl.int64)
+            live_rows = rows < tl.where(live, hi, lo)
+            rr = _index(tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0), WIDE)
+            if HAS_GATES:
+                g = tl.load(gates_ptr + mi, mask=live_rows, other=0.0)
+            k_end = tl.where(live, H, 0)
+            if SAVE_A:  # the gathered (and scaled) rows, once per m-tile, for the weight gradient
+                if nt == 0:
+                    for k0 in range(0, k_end, BK):
+                        ks = k0 + tl.arange(0, BK)
+                        am = row_ok[:, None] & (ks < H)[None, :]
+                        a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
+                        if HAS_GATES:
+                            a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
+                        tl.store(save_ptr + _index(rows, WIDE)[:, None] * H + ks[None, :], a, mask=am)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, k_end, BK):
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < H
+                a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                            other=0.0)  # fmt: skip
                 if HAS_GATES:
-                    g = tl.load(gates_ptr + mi, mask=live_rows, other=0.0)
-                k_end = tl.where(live, H, 0)
-                if SAVE_A:  # the gathered (and scaled) rows, once per m-tile, for the weight gradient
-                    if nt == 0:
-                        for k0 in range(0, k_end, BK):
-                            ks = k0 + tl.arange(0, BK)
-                            am = row_ok[:, None] & (ks < H)[None, :]
-                            a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
-                            if HAS_GATES:
-                                a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
-                            tl.store(save_ptr + _index(rows, WIDE)[:, None] * H + ks[None, :], a, mask=am)
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-                for k0 in range(0, k_end, BK):
-                    ks = k0 + tl.arange(0, BK)
-                    k_ok = ks < H
-                    a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                                other=0.0)  # fmt: skip
-                    if HAS_GATES:
-                        a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
-                    if DESC_W:  # the gathered rows through pointers, the weights through a descriptor
-                        b = triton_backend._weight_tile(w_desc, e, k0, nt, H, N, BN, W_KMAJOR)
-                    else:
-                        b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
-                                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-                    acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
-                tl.store(y_ptr + _index(rows, WIDE)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+                    a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
+                if DESC_W:  # the gathered rows through pointers, the weights through a descriptor
+                    b = triton_backend._weight_tile(w_desc, e, k0, nt, H, N, BN, W_KMAJOR)
+                else:
+                    b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
+                                mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+                acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
+            tl.store(y_ptr + _index(rows, WIDE)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
+            t = tl.atomic_add(claim_ptr + SLOT, 1)
 
 
 @triton.jit
@@ -683,11 +689,13 @@ def _dispatch_gemm(
     COUNTERS["fused_gemm.descriptor" if wd else "fused_gemm.pointer"] += 1
 
     def launch(role: int) -> None:
+        if role & ROLE_GEMM:
+            buf.claim[slot : slot + 1].zero_()
         _dispatch_gemm_kernel[(NP,)](
             src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, gsrc, buf.tables["gates"],
             buf.tables["sig"], buf.done,
             buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, wd[0] if wd else None, y_SN, save,
-            plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch,
+            plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch, buf.claim,
             me, T, H, TK, N, nseg, slot,
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
@@ -701,6 +709,11 @@ def _dispatch_gemm(
     if buf.simulated:
         launch(ROLE_SEND)
         yield
+        launch(ROLE_GEMM)
+    elif buf.device.type != "cuda":
+        # the interpreter runs programs one after another: a sender that went on to claim a GEMM tile would
+        # wait for the signal of senders that have not run yet
+        launch(ROLE_SEND)
         launch(ROLE_GEMM)
     else:
         launch(ROLE_BOTH)
