@@ -232,8 +232,10 @@ def _index(x, WIDE: tl.constexpr):
 
 @triton.jit
 def _ptr(table, r, like):
-    """The address of rank r's part (from an int64 table) as a pointer of `like`'s element type."""
-    return tl.load(table + r).to(tl.pointer_type(like.dtype.element_ty))
+    """The address of rank r's part (from an int64 table) as a pointer of `like`'s element type. Every part
+    is 256-byte aligned (`_layout`); saying so lets the compiler vectorise the row accesses through it (16-byte
+    stores where it emitted one 2-byte store per element, about half the scattering GEMM's time)."""
+    return tl.multiple_of(tl.load(table + r).to(tl.pointer_type(like.dtype.element_ty)), 16)
 
 
 @triton.jit
