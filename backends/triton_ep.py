@@ -399,14 +399,14 @@ def _dispatch_gemm_kernel(
                 k_ok = ks < H
                 a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                             other=0.0)  # fmt: skip
-                if HAS_GATES:
-                    a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
                 if DESC_W:  # the gathered rows through pointers, the weights through a descriptor
                     b = triton_backend._weight_tile(w_desc, e, k0, nt, H, N, BN, W_KMAJOR)
                 else:
                     b = tl.load(w_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn,
                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
                 acc = triton_backend._dot(a, b, acc, PRECISION, UPCAST)
+            if HAS_GATES:  # (g * a) @ w = g * (a @ w), in float32: scaled inside the k-loop, every A tile went
+                acc = acc * g[:, None].to(tl.float32)  # through registers on its way to the tensor cores
             tl.store(y_ptr + _index(rows, WIDE)[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
             t = tl.atomic_add(claim_ptr + SLOT, 1)
@@ -453,16 +453,23 @@ def _gemm_scatter_kernel(
 
 
 @triton.jit
-def _combine_kernel(src_ptr, w_ptr, valid_ptr, out_ptr, H, K: tl.constexpr, BH: tl.constexpr, HAS_W: tl.constexpr):
+def _combine_kernel(
+    src_ptr, w_ptr, valid_ptr, out_ptr, copy_ptr, H,
+    K: tl.constexpr, BH: tl.constexpr, HAS_W: tl.constexpr, COPY: tl.constexpr,
+):  # fmt: skip
     """out[t] = sum over valid slots k of (w[t, k] *) src[t*K + k], in float32. Slots routed nowhere are
-    skipped, not multiplied by zero: their rows hold whatever an earlier call left (possibly NaN)."""
+    skipped, not multiplied by zero: their rows hold whatever an earlier call left (possibly NaN). COPY: the
+    valid rows also go to copy[t*K + k], as they are read."""
     t = tl.program_id(0)
     hs = tl.program_id(1) * BH + tl.arange(0, BH)
     m = hs < H
     acc = tl.zeros((BH,), dtype=tl.float32)
     for k in range(K):
         if tl.load(valid_ptr + t * K + k) != 0:
-            row = tl.load(src_ptr + (t * K + k).to(tl.int64) * H + hs, mask=m, other=0.0).to(tl.float32)
+            row = tl.load(src_ptr + (t * K + k).to(tl.int64) * H + hs, mask=m, other=0.0)
+            if COPY:
+                tl.store(copy_ptr + (t * K + k).to(tl.int64) * H + hs, row, mask=m)
+            row = row.to(tl.float32)
             if HAS_W:
                 row = row * tl.load(w_ptr + t * K + k).to(tl.float32)
             acc += row
@@ -489,8 +496,11 @@ def _block_h(device: torch.device) -> int:
     return 1024 if device.type == "cuda" else 16
 
 
-def combine_slots(src_TKH: torch.Tensor, valid_TK: torch.Tensor, w_TK: torch.Tensor | None) -> torch.Tensor:
-    """out[t] = sum over valid k of (w[t, k] *) src[t, k] (float32 accumulation), in src's dtype."""
+def combine_slots(
+    src_TKH: torch.Tensor, valid_TK: torch.Tensor, w_TK: torch.Tensor | None, copy_TKH: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[t] = sum over valid k of (w[t, k] *) src[t, k] (float32 accumulation), in src's dtype; with copy_TKH,
+    the valid slots' rows are copied there on the way (the other rows are left as they are)."""
     T, K, H = src_TKH.shape
     out = torch.empty(T, H, device=src_TKH.device, dtype=src_TKH.dtype)
     if T == 0:
@@ -498,7 +508,10 @@ def combine_slots(src_TKH: torch.Tensor, valid_TK: torch.Tensor, w_TK: torch.Ten
     BH = _block_h(src_TKH.device)
     valid = valid_TK.to(torch.int8).contiguous()
     w = w_TK.contiguous() if w_TK is not None else valid
-    _combine_kernel[(T, triton.cdiv(H, BH))](src_TKH, w, valid, out, H, K=K, BH=BH, HAS_W=w_TK is not None)
+    _combine_kernel[(T, triton.cdiv(H, BH))](
+        src_TKH, w, valid, out, copy_TKH if copy_TKH is not None else out, H,
+        K=K, BH=BH, HAS_W=w_TK is not None, COPY=copy_TKH is not None,
+    )  # fmt: skip
     return out
 
 
@@ -787,10 +800,11 @@ def dispatch_gemm_forward(buf: EPBuffers, x_TH: torch.Tensor, idx_TK: torch.Tens
 
 
 def gemm_combine_forward(buf: EPBuffers, a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor, plan: Plan):
-    """-> (out_TH, y_TKH: every slot's expert output, kept for the gate gradient)."""
+    """-> (out_TH, y_TKH: the routed slots' expert outputs, kept for the gate gradient; other rows undefined)."""
     comb = yield from _gemm_scatter(buf, a_SF, w2_EKN, plan, COMB)
-    out = combine_slots(comb, plan.valid_TK, w_TK)
-    y_TKH = comb.clone()  # kept for the gate gradient (the buffer is reused by the next call)
+    # copied out of the buffer (which the next call reuses) by the combine, as it reads the rows
+    y_TKH = torch.empty_like(comb)
+    out = combine_slots(comb, plan.valid_TK, w_TK, y_TKH)
     COUNTERS["gemm_combine.forward"] += 1
     return out, y_TKH
 

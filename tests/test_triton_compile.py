@@ -27,7 +27,13 @@ POINTERS: dict[str, dict[str, str]] = {
         **dict.fromkeys(("pos_ptr", "dest_ptr", "q_ptr"), "i64"),
     },
     "triton_ep._gemm_scatter_kernel": dict.fromkeys(("a_ptr", "w_ptr"), BF16),
-    "triton_ep._combine_kernel": {"src_ptr": BF16, "w_ptr": "fp32", "out_ptr": BF16, "valid_ptr": "i8"},
+    "triton_ep._combine_kernel": {
+        "src_ptr": BF16,
+        "w_ptr": "fp32",
+        "out_ptr": BF16,
+        "copy_ptr": BF16,
+        "valid_ptr": "i8",
+    },
     "triton_ep._gate_grad_kernel": {"dout_ptr": BF16, "y_ptr": BF16, "dw_ptr": "fp32", "valid_ptr": "i8"},
     "triton_ep._push_meta_kernel": dict.fromkeys(("dest_ptr", "q_ptr", "row_ptr", "slot_ptr"), "i64"),
     "triton_ep._wait_all_kernel": {},
@@ -80,8 +86,12 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
             {**common, "BK": WK, "BN": WN, "BS": WS, "NUM_PROGRAMS": 132, "DESC": desc},
             {"x_desc": [WS, WK], "dy_desc": [WS, WN]} if desc else {},
         )
-    for has_w in (True, False):
-        out[f"combine-w{int(has_w)}"] = ("triton_ep._combine_kernel", {"K": 8, "BH": 1024, "HAS_W": has_w}, {})
+    for has_w, copy in ((True, True), (False, False)):
+        out[f"combine-w{int(has_w)}-copy{int(copy)}"] = (
+            "triton_ep._combine_kernel",
+            {"K": 8, "BH": 1024, "HAS_W": has_w, "COPY": copy},
+            {},
+        )
     out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
     out["push_meta"] = ("triton_ep._push_meta_kernel", {"EP": 4, "BJ": 128, "BE": 64}, {})
     out["wait_all"] = ("triton_ep._wait_all_kernel", {"EP": 4}, {})
