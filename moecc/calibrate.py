@@ -1,8 +1,8 @@
 """`moecc calibrate`: measure this machine's rates and save a hardware profile that compile picks up.
 
 Measured: the dense GEMM rate (a square matmul), the grouped GEMM rate (the torch backend's grouped GEMM over
-8 experts), on a GPU the rate of moecc's fused expert-parallel ops (one rank, a SwiGLU MoE layer's forward),
-device memory bandwidth (a large copy), and, over a local world of `world_size` processes
+8 experts), on a GPU the rate of moecc's fused expert-parallel ops (one rank, a SwiGLU MoE layer's forward
+and backward), device memory bandwidth (a large copy), and, over a local world of `world_size` processes
 (gloo on the CPU, NCCL with one GPU per rank), the latency/bandwidth curves of `all_to_all_single` and
 `all_reduce`: the median time per call at message sizes from a few KB to tens of MB per rank.
 
@@ -72,26 +72,31 @@ def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
 
 
 def measure_fused(device: torch.device, quick: bool) -> float:
-    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU), in one rank:
-    dispatch + expert GEMM 1 and expert GEMM 2 + combine of a SwiGLU MoE layer forward, routing included, in
-    FLOPs of the two GEMMs per second."""
+    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU), in one rank: a
+    SwiGLU MoE layer's forward (dispatch + expert GEMM 1, expert GEMM 2 + combine) and backward (the mirror
+    ops: dX and dW of both GEMMs), routing included, in FLOPs of the GEMMs per second. The cost model charges
+    every fused op by this rate, the backward ones with twice the forward's FLOPs."""
     from moecc import ops
 
     T, H, F, E, K = (2048, 2048, 1024, 32, 4) if quick else (8192, 4096, 1536, 64, 6)
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
     idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=-1).indices
-    w_TK = torch.rand(T, K, device=device, generator=gen)
+    w_TK = torch.rand(T, K, device=device, generator=gen).to(torch.bfloat16)
     w1 = torch.randn(E, H, 2 * F, device=device, dtype=torch.bfloat16, generator=gen) * H**-0.5
     w2 = torch.randn(E, F, H, device=device, dtype=torch.bfloat16, generator=gen) * F**-0.5
+    dout = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
+    dh = torch.randn(T * K, 2 * F, device=device, dtype=torch.bfloat16, generator=gen)
 
     def layer() -> None:
-        h, _, plan = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
+        h, x_SH, plan = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
         a = torch.nn.functional.silu(h[:, :F]) * h[:, F:]
-        ops.ep_gemm_combine(a, w2, w_TK, plan, 1, "")
+        _, y_TKH = ops.ep_gemm_combine(a, w2, w_TK, plan, 1, "")
+        ops.ep_gemm_combine_backward(dout, a, w2, w_TK, y_TKH, plan, "")
+        ops.ep_dispatch_gemm_backward(dh, x_SH, w1, plan, T, K, "")
 
-    flops = 2 * T * K * H * 2 * F + 2 * T * K * F * H
-    return flops / _time_s(layer, device, 5 if quick else 20)
+    forward = 2 * T * K * H * 2 * F + 2 * T * K * F * H
+    return 3 * forward / _time_s(layer, device, 5 if quick else 20)
 
 
 def _sizes(quick: bool) -> list[int]:
