@@ -96,9 +96,9 @@ def _interpolate(points: tuple[tuple[float, float], ...], nbytes: float) -> floa
 
 PROFILES = {
     # measured on 4 x H200 (NVLink full mesh), torch 2.11: see shared/DESIGN.md
-    # the fused ops' rate: kernel time of the fused ops in one H200's DeepSeek- and Qwen3-shaped layers
-    # (benchmarks/results/moe_layer_2026-11-29c_1gpu_*.json, profile_moe_layer.py), about 320 TFLOP/s
-    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6, op_overhead=5e-6, fused_gemm_flops=320e12),
+    # the fused ops' rate: `moecc calibrate` on one H200 (a layer's fused forward and backward ops,
+    # benchmarks/results/profile_h200_1gpu_2026-11-29b.json), 421 TFLOP/s
+    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6, op_overhead=5e-6, fused_gemm_flops=421e12),
     # a 2-core CPU machine: rough figures good enough to rank choices
     "cpu": HardwareProfile("cpu", 50e9, 40e9, 10e9, 2e9, 50e-6, op_overhead=10e-6),
 }
