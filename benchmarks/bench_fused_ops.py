@@ -1,0 +1,116 @@
+"""The fused expert-parallel ops kernel by kernel, against the plain grouped GEMMs they fuse, in one run.
+
+On one GPU (one rank: the dispatch and combine move rows within the GPU) and for each MoE shape of
+bench_moe_layer.py, it profiles the four fused ops of a SwiGLU expert layer, in bf16, with the weights in
+nn.Linear's layout:
+  fwd1  ep_dispatch_gemm           rows to their experts + GEMM 1 (gate and up)
+  fwd2  ep_gemm_combine            GEMM 2 + rows back to their tokens + the gate-weighted sum
+  bwd2  ep_gemm_combine_backward   dY to the experts + dX of GEMM 2 (gates in its epilogue), dW of GEMM 2
+  bwd1  ep_dispatch_gemm_backward  dX of GEMM 1 + rows back to their tokens, dW of GEMM 1
+and the same GEMMs on already-sorted rows through moecc's plain Triton grouped GEMM and `torch._grouped_mm`.
+Every kernel's time is the profiler's device time per call (mean of --iters calls after warm-up), so a fused
+kernel can be set beside the plain GEMM it replaces. Writes `fused_ops_<date><tag>.json` to --out.
+
+    python benchmarks/bench_fused_ops.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_moe_layer as bench  # noqa: E402
+
+import moecc.ops  # noqa: E402, F401  (registers torch.ops.moecc)
+from moecc.backends import triton_backend  # noqa: E402
+
+
+def kernel_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> dict[str, float]:
+    """Device time per call of every kernel fn launches (ms), largest first."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+            times[e.key[:60]] += e.self_device_time_total / iters / 1000
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
+    T, H, Fd, E, K = s.tokens, s.hidden, s.ffn, s.experts, s.top_k
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(T, H, device=dev, dtype=bf, generator=gen)
+    w_TK, idx = torch.softmax(torch.randn(T, E, device=dev, generator=gen), -1).topk(K, -1)
+    w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+    # nn.Linear's layout: [E, out, in] storage, used as [E, in, out] views
+    w1 = (torch.randn(E, 2 * Fd, H, device=dev, dtype=bf, generator=gen) * H**-0.5).transpose(1, 2)
+    w2 = (torch.randn(E, H, Fd, device=dev, dtype=bf, generator=gen) * Fd**-0.5).transpose(1, 2)
+    ops = torch.ops.moecc
+    h, x_SH, plan = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
+    a = F.silu(h[:, :Fd]) * h[:, Fd:]
+    out, y_TKH = ops.ep_gemm_combine(a, w2, w_TK, plan, 1, "")
+    dout = torch.randn_like(out)
+    dh = torch.randn_like(h)
+    S = T * K
+    order = idx.flatten().argsort(stable=True)
+    offs = torch.bincount(idx.flatten(), minlength=E).cumsum(0).to(torch.int32)
+    x_sorted = x[order // K]
+    a_sorted, dh_sorted = a[:S].contiguous(), dh[:S].contiguous()
+    flops1, flops2 = 2 * S * H * 2 * Fd, 2 * S * Fd * H
+    cases: dict[str, tuple[Callable[[], Any], int]] = {
+        "fused_fwd1": (lambda: ops.ep_dispatch_gemm(x, idx, w1, 1, ""), flops1),
+        "fused_fwd2": (lambda: ops.ep_gemm_combine(a, w2, w_TK, plan, 1, ""), flops2),
+        "fused_bwd2": (lambda: ops.ep_gemm_combine_backward(dout, a, w2, w_TK, y_TKH, plan, ""), 2 * flops2),
+        "fused_bwd1": (lambda: ops.ep_dispatch_gemm_backward(dh, x_SH, w1, plan, T, K, ""), 2 * flops1),
+        "triton_gemm1": (lambda: triton_backend.grouped_mm(x_sorted, w1, offs), flops1),
+        "triton_gemm2": (lambda: triton_backend.grouped_mm(a_sorted, w2, offs), flops2),
+        "triton_dx2": (lambda: triton_backend.grouped_mm(x_sorted, w2.transpose(1, 2), offs), flops2),
+        "triton_dx1": (lambda: triton_backend.grouped_mm(dh_sorted, w1.transpose(1, 2), offs), flops1),
+        "native_gemm1": (lambda: torch._grouped_mm(x_sorted, w1, offs=offs), flops1),
+        "native_gemm2": (lambda: torch._grouped_mm(a_sorted, w2, offs=offs), flops2),
+    }
+    records = []
+    print(f"== {name}: H {H}, F {Fd}, E {E}, top-{K}, T {T}", flush=True)
+    for case, (fn, flops) in cases.items():
+        kernels = kernel_ms(fn, iters)
+        total = sum(kernels.values())
+        records.append({"shape": name, "case": case, "total_ms": total, "gemm_flops": flops,
+                        "tflops": flops / total / 1e9, "kernels_ms": kernels})  # fmt: skip
+        top = ", ".join(f"{k[:28]} {v:.3f}" for k, v in list(kernels.items())[:3])
+        print(f"  {case:13s} {total:7.3f} ms  {flops / total / 1e9:6.0f} TFLOP/s | {top}", flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--shapes", nargs="*", default=list(bench.SHAPES), choices=list(bench.SHAPES))
+    parser.add_argument("--tag", default="", help="suffix of the file name: fused_ops_<date><tag>.json")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fused_ops.py needs a CUDA device")
+    records = []
+    for name in args.shapes:
+        records += bench_shape(name, bench.SHAPES[name], args.iters)
+        torch.cuda.empty_cache()
+    result = {**bench.run_header(torch.device("cuda"), 1), "records": records}
+    print(f"wrote {bench.write_results(args.out, 'fused_ops', args.tag, result)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
