@@ -286,11 +286,17 @@ def comm_bytes(node: fx.Node, top_k: int) -> float:
     return float(_nbytes(_val(node.args[0])))
 
 
+def _is_view(node: fx.Node) -> bool:
+    """A view (transpose, reshape, slice, ...): metadata only, no kernel and no launch."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and (t.is_view or t is torch.ops.aten._unsafe_view.default)
+
+
 def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1) -> float:
     """Predicted time of one node in microseconds: max(FLOPs / rate, bytes / bandwidth) for compute, the
     profile's collective curve for collectives; the fused expert-parallel ops overlap their transfers with
     their GEMMs, so they take the longer of the two."""
-    if node.op != "call_function" or node.target is operator.getitem:
+    if node.op != "call_function" or node.target is operator.getitem or _is_view(node):
         return 0.0
     name = str(node.target)
     if name in COLLECTIVE_KIND:
