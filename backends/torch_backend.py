@@ -309,3 +309,40 @@ def _start_rows(
     COUNTERS["a2a.rows_local"] += ins[me]
     COUNTERS["a2a.bytes_remote"] += remote * row_bytes
     return out, work
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the GLU activation of an expert FFN: act(gate) * up over h = [gate | up]
+
+GLU_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def _act(kind: str, g: torch.Tensor) -> torch.Tensor:
+    if kind == "silu":
+        return torch.nn.functional.silu(g)
+    if kind == "relu":
+        return torch.relu(g)
+    return torch.nn.functional.gelu(g, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(gate) * up, gate and up the two halves of h's last dimension: the same ops as the model's."""
+    COUNTERS["glu.torch"] += 1
+    gate, up = h_SF2.chunk(2, dim=-1)
+    return _act(kind, gate) * up
+
+
+def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    """[d gate | d up] of glu: the ops autograd runs for the model's chunk, act and multiply, in their order
+    and dtype, so that the result is eager's to the bit."""
+    COUNTERS["glu_backward.torch"] += 1
+    gate, up = h_SF2.chunk(2, dim=-1)
+    act = _act(kind, gate)
+    d_act = da_SF * up
+    if kind == "silu":
+        d_gate = torch.ops.aten.silu_backward(d_act, gate)
+    elif kind == "relu":
+        d_gate = torch.ops.aten.threshold_backward(d_act, act, 0)
+    else:
+        d_gate = torch.ops.aten.gelu_backward(d_act, gate, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return torch.cat([d_gate, da_SF * act], dim=-1)

@@ -332,3 +332,74 @@ def grouped_mm_wgrad_segments(
     COUNTERS["grouped_mm_wgrad.descriptor" if desc else "grouped_mm_wgrad.pointer"] += 1
     COUNTERS["grouped_mm_wgrad"] += 1
     return dw_EKN
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the GLU activation between the two expert GEMMs: one pass over h instead of the model's chunk, act and
+# multiply (and, backward, their four to five passes and a concatenation)
+
+GLU_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+@triton.jit
+def _glu_act(g, ACT: tl.constexpr):
+    """act(g) and d act / d g, in float32 (g float32)."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        y = g * s
+        dy = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        y = g * cdf
+        dy = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+    elif ACT == 2:
+        k = 0.7978845608028654
+        t = 2.0 * tl.sigmoid(2.0 * k * (g + 0.044715 * g * g * g)) - 1.0  # tanh
+        y = 0.5 * g * (1.0 + t)
+        dy = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * g * g)
+    else:
+        y = tl.maximum(g, 0.0)
+        dy = tl.where(g > 0.0, 1.0, 0.0)
+    return y, dy
+
+
+@triton.jit
+def _glu_kernel(h_ptr, da_ptr, out_ptr, F, ACT: tl.constexpr, BF: tl.constexpr, BACKWARD: tl.constexpr):
+    """Forward: out[r] = act(h[r, :F]) * h[r, F:]. BACKWARD: out[r] = [da * up * act'(gate) | da * act(gate)]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    m = cols < F
+    g = tl.load(h_ptr + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(h_ptr + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
+    y, dy = _glu_act(g, ACT)
+    if BACKWARD:
+        da = tl.load(da_ptr + row * F + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * 2 * F + cols, (da * u * dy).to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_ptr + row * 2 * F + F + cols, (da * y).to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(out_ptr + row * F + cols, (y * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _glu_launch(h_SF2: torch.Tensor, da_SF: torch.Tensor | None, kind: str) -> torch.Tensor:
+    S, F2 = h_SF2.shape
+    F = F2 // 2
+    h_SF2 = h_SF2.contiguous()
+    out = torch.empty(S, F if da_SF is None else F2, device=h_SF2.device, dtype=h_SF2.dtype)
+    if S == 0 or F == 0:
+        return out
+    BF = min(1024, triton.next_power_of_2(F)) if h_SF2.device.type == "cuda" else 16
+    da = da_SF.contiguous() if da_SF is not None else h_SF2
+    _glu_kernel[(S, triton.cdiv(F, BF))](
+        h_SF2, da, out, F, ACT=GLU_ACT_CODES[kind], BF=BF, BACKWARD=da_SF is not None
+    )  # fmt: skip
+    return out
+
+
+def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    COUNTERS["glu"] += 1
+    return _glu_launch(h_SF2, None, kind)
+
+
+def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    COUNTERS["glu_backward"] += 1
+    return _glu_launch(h_SF2, da_SF, kind)

@@ -128,6 +128,7 @@ class CompiledModule(nn.Module):
                     regions[path] = capture.interface_region(path, m)
                     m.forward = functools.partial(capture.interface_forward, m)
                     m._moecc_capacity_factor = options.capacity_factor
+                    m._moecc_glu = capture.glu_kind(regions[path])
                     if options.verify:
                         originals = originals if originals else dict(model.named_modules())
                         capture.verify_interface_region(regions[path], originals[path], m)

@@ -103,6 +103,15 @@ def interface_region(path: str, module: Any) -> ir.MoERegion:
     )
 
 
+_GLU_KINDS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "glu_relu": "relu"}
+
+
+def glu_kind(region: ir.MoERegion) -> str | None:
+    """The activation of a region whose experts compute act(gate) * up over [gate | up] halves with the module's
+    default gate (what `moecc.glu` computes), else None: the module's own gate code runs."""
+    return _GLU_KINDS.get(region.expert_fn)
+
+
 def interface_forward(
     self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -115,7 +124,11 @@ def interface_forward(
     h = ops.grouped_mm(x_SH, w1 if self.is_transposed else w1.transpose(1, 2), offs_E)
     if self.has_bias:
         h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[eid_S]
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    glu = getattr(self, "_moecc_glu", None)
+    if glu is not None:  # the default gate over [gate | up] halves: one op (a kernel on the triton backend)
+        h = ops.glu(h, glu)
+    else:
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
     y = ops.grouped_mm(h, self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2), offs_E)
     if self.has_bias:
         y = y + self.down_proj_bias[eid_S]

@@ -8,7 +8,7 @@ A lifted MoE region reads
 
     x_SH, src_S, eid_S, offs_E = moecc.route_permute(x_TH, idx_TK, E)   # dispatch: sort rows by expert
     h_SF = moecc.grouped_mm(x_SH, w1_EHF, offs_E)                        # expert GEMM 1
-    h_SF = <the expert's activation, as ordinary graph ops>
+    h_SF = moecc.glu(h_SF, "silu")   # a GLU expert's activation; others stay ordinary graph ops
     y_SH = moecc.grouped_mm(h_SF, w2_EFH, offs_E)                        # expert GEMM 2
     out_TH = moecc.unpermute_combine(y_SH, src_S, offs_E, w_TK)          # combine: weighted sum per token
 
@@ -111,6 +111,44 @@ def weight_grad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, w
 
 
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+# ---------------------------------------------------------------------------------------------------------
+# glu: a GLU expert's activation, act(gate) * up over h = [gate | up] (the halves of the last dimension)
+
+
+@torch.library.custom_op("moecc::glu", mutates_args=())
+def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch_backend.glu(h_SF2, kind)
+
+
+@glu.register_fake
+def _(h_SF2: torch.Tensor, kind: str):
+    torch._check(h_SF2.shape[-1] % 2 == 0, lambda: f"moecc.glu: odd last dimension {h_SF2.shape[-1]}")
+    return h_SF2.new_empty(*h_SF2.shape[:-1], h_SF2.shape[-1] // 2)
+
+
+@torch.library.custom_op("moecc::glu_backward", mutates_args=())
+def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch_backend.glu_backward(da_SF, h_SF2, kind)
+
+
+@glu_backward.register_fake
+def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str):
+    return torch.empty_like(h_SF2)
+
+
+def _glu_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    h_SF2, kind = inputs
+    ctx.save_for_backward(h_SF2)
+    ctx.kind = kind
+
+
+def _glu_backward(ctx: Any, da_SF: torch.Tensor):
+    (h_SF2,) = ctx.saved_tensors
+    return torch.ops.moecc.glu_backward(da_SF, h_SF2, ctx.kind), None
+
+
+glu.register_autograd(_glu_backward, setup_context=_glu_setup)
 
 # ---------------------------------------------------------------------------------------------------------
 # unpermute_combine
@@ -241,6 +279,30 @@ def triton_grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: tor
 @triton_grouped_mm_wgrad.register_fake
 def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor):
     return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
+
+
+@torch.library.custom_op("moecc::triton_glu", mutates_args=())
+def triton_glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.glu(h_SF2, kind)
+
+
+@triton_glu.register_fake
+def _(h_SF2: torch.Tensor, kind: str):
+    return h_SF2.new_empty(*h_SF2.shape[:-1], h_SF2.shape[-1] // 2)
+
+
+@torch.library.custom_op("moecc::triton_glu_backward", mutates_args=())
+def triton_glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.glu_backward(da_SF, h_SF2, kind)
+
+
+@triton_glu_backward.register_fake
+def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str):
+    return torch.empty_like(h_SF2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from moecc import ir, ops
+from moecc.backends import torch_backend
 from moecc.options import MoeccError
 from moecc.pass_manager import CompileContext
 
@@ -226,8 +227,11 @@ def lifted_experts(
     if any(b is not None for b in spec["b1"]):
         h = h + torch.cat([torch.stack(params[b]) for b in spec["b1"]], dim=1)[eid_S]
     if len(spec["w1"]) == 2 or spec["fn"] in ("swiglu", "geglu", "geglu_tanh") or spec["fn"].startswith("glu_"):
-        gate, up = h.chunk(2, dim=-1)
-        h = apply_act(spec["act"], gate) * up
+        if spec["act"] in torch_backend.GLU_ACTS:
+            h = ops.glu(h, spec["act"])  # one op (a kernel on the triton backend) for chunk, act and multiply
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = apply_act(spec["act"], gate) * up
     else:
         h = apply_act(spec["act"], h)
     y = ops.grouped_mm(h, torch.stack(params[spec["w2"]]).transpose(1, 2), offs_E)

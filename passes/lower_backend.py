@@ -1,8 +1,9 @@
 """lower: hand the graph to a backend, which returns what runs.
 
 - `torch`: the moecc ops run with stock PyTorch (`moecc.backends.torch_backend`);
-- `triton`: the expert grouped GEMMs (forward, dX, dW) become the Triton kernels of
-  `moecc.backends.triton_backend` (node targets are swapped; the rest stays on stock ops);
+- `triton`: the expert grouped GEMMs (forward, dX, dW) and the GLU activation between them (forward and
+  backward) become the Triton kernels of `moecc.backends.triton_backend` (node targets are swapped; the
+  rest stays on stock ops);
 - `auto`: triton where the graph runs on a CUDA device, torch elsewhere.
 
 Every choice is recorded on the nodes (`backend=`) and counted (`lower.<backend>`); a requested backend
@@ -25,6 +26,8 @@ from moecc.pass_manager import CompileContext
 TRITON_KERNELS = {
     torch.ops.moecc.grouped_mm.default: torch.ops.moecc.triton_grouped_mm.default,
     torch.ops.moecc.grouped_mm_wgrad.default: torch.ops.moecc.triton_grouped_mm_wgrad.default,
+    torch.ops.moecc.glu.default: torch.ops.moecc.triton_glu.default,
+    torch.ops.moecc.glu_backward.default: torch.ops.moecc.triton_glu_backward.default,
 }
 
 
@@ -61,7 +64,7 @@ def lower_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ctx.counters[f"lower.{backend}"] += count
     ctx.note(
         f"backend {backend}: {count} moecc op(s)"
-        + (f", {swapped} grouped GEMM(s) on Triton kernels" if backend == "triton" else "")
+        + (f", {swapped} grouped GEMM / GLU op(s) on Triton kernels" if backend == "triton" else "")
     )
     gm.recompile()
     return gm

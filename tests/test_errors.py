@@ -275,11 +275,15 @@ def test_without_verify_a_wrong_interface_lifting_is_not_checked_at_compile(monk
     moecc.compile(model)  # no verify: constructing does not run the experts
 
 
-def test_replay_probe_catches_a_wrong_activation(monkeypatch):
-    def always_relu(kind, h):
-        return F.relu(h)
-
-    monkeypatch.setattr(lift_moe_module, "apply_act", always_relu)
+@pytest.mark.parametrize("path", ["glu_op", "graph_ops"])
+def test_replay_probe_catches_a_wrong_activation(monkeypatch, path: str):
+    """A lifting that computes another activation than the experts' is caught by the replay probe, whether
+    the activation is one moecc.glu op (SwiGLU here) or ordinary graph ops (activations moecc.glu lacks)."""
+    if path == "glu_op":
+        monkeypatch.setattr(lift_moe_module.ops, "glu", lambda h, kind: torch.ops.moecc.glu(h, "relu"))
+    else:
+        monkeypatch.setattr(torch_backend, "GLU_ACTS", ())
+        monkeypatch.setattr(lift_moe_module, "apply_act", lambda kind, h: F.relu(h))
     model, (ids,) = load_example("mixtral_style")
     cm = moecc.compile(model)
     with pytest.raises(moecc.MoeccError) as info:

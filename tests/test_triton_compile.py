@@ -27,6 +27,7 @@ POINTERS: dict[str, dict[str, str]] = {
         **dict.fromkeys(("pos_ptr", "dest_ptr", "q_ptr"), "i64"),
     },
     "triton_ep._gemm_scatter_kernel": dict.fromkeys(("a_ptr", "w_ptr"), BF16),
+    "triton_backend._glu_kernel": dict.fromkeys(("h_ptr", "da_ptr", "out_ptr"), BF16),
     "triton_ep._combine_kernel": {
         "src_ptr": BF16,
         "w_ptr": "fp32",
@@ -92,6 +93,13 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
             {"K": 8, "BH": 1024, "HAS_W": has_w, "COPY": copy},
             {},
         )
+    for act, code in triton_backend.GLU_ACT_CODES.items():
+        for backward in (False, True):
+            out[f"glu-{act}-{'bwd' if backward else 'fwd'}"] = (
+                "triton_backend._glu_kernel",
+                {"ACT": code, "BF": 1024, "BACKWARD": backward},
+                {},
+            )
     out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
     out["push_meta"] = ("triton_ep._push_meta_kernel", {"EP": 4, "BJ": 128, "BE": 64}, {})
     out["wait_all"] = ("triton_ep._wait_all_kernel", {"EP": 4}, {})
@@ -101,9 +109,9 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
 # arguments the launcher specialises as they are on the GPU: unit strides become the constant 1, and data
 # pointers and these sizes are multiples of 16 (the sizes and strides of every shape the benchmarks run)
 UNIT_STRIDES = ("sxk", "sak", "syn", "swk")
-DIVISIBLE = ("H", "N", "K", "Kd", "TK", "T", "swe", "swn", "sxm", "sym", "sam")
+DIVISIBLE = ("H", "N", "K", "Kd", "TK", "T", "F", "swe", "swn", "sxm", "sym", "sam")
 # the GEMM kernels, whose result tiles must leave in 16-byte vector stores (not one store per element)
-VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-")
+VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-")
 
 
 def _compile_all() -> dict[str, dict[str, Any]]:
