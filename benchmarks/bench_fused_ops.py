@@ -7,7 +7,9 @@ nn.Linear's layout:
   fwd2  ep_gemm_combine            GEMM 2 + rows back to their tokens + the gate-weighted sum
   bwd2  ep_gemm_combine_backward   dY to the experts + dX of GEMM 2 (gates in its epilogue), dW of GEMM 2
   bwd1  ep_dispatch_gemm_backward  dX of GEMM 1 + rows back to their tokens, dW of GEMM 1
-and the same GEMMs on already-sorted rows through moecc's plain Triton grouped GEMM and `torch._grouped_mm`.
+and the same GEMMs on already-sorted rows through moecc's plain Triton grouped GEMM and `torch._grouped_mm`;
+and the SwiGLU activation between the GEMMs, forward and backward, as the graph's own ops (aten_glu) and as
+moecc's kernels (triton_glu).
 Every kernel's time is the profiler's device time per call (mean of --iters calls after warm-up), so a fused
 kernel can be set beside the plain GEMM it replaces. Writes `fused_ops_<date><tag>.json` to --out.
 
@@ -71,6 +73,16 @@ def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
     x_sorted = x[order // K]
     a_sorted, dh_sorted = a[:S].contiguous(), dh[:S].contiguous()
     flops1, flops2 = 2 * S * H * 2 * Fd, 2 * S * Fd * H
+    dout_SF = torch.randn(h.shape[0], Fd, device=dev, dtype=bf, generator=gen)
+    h_leaf = h.detach().requires_grad_()
+
+    def aten_glu() -> None:
+        torch.autograd.grad(F.silu(h_leaf[:, :Fd]) * h_leaf[:, Fd:], h_leaf, dout_SF)
+
+    def triton_glu() -> None:
+        triton_backend.glu(h, "silu")
+        triton_backend.glu_backward(dout_SF, h, "silu")
+
     cases: dict[str, tuple[Callable[[], Any], int]] = {
         "fused_fwd1": (lambda: ops.ep_dispatch_gemm(x, idx, w1, 1, ""), flops1),
         "fused_fwd2": (lambda: ops.ep_gemm_combine(a, w2, w_TK, plan, 1, ""), flops2),
@@ -80,6 +92,9 @@ def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
         "triton_gemm2": (lambda: triton_backend.grouped_mm(a_sorted, w2, offs), flops2),
         "triton_dx2": (lambda: triton_backend.grouped_mm(x_sorted, w2.transpose(1, 2), offs), flops2),
         "triton_dx1": (lambda: triton_backend.grouped_mm(dh_sorted, w1.transpose(1, 2), offs), flops1),
+        # the activation between the GEMMs, forward and backward: the graph's own ops, and moecc's kernel
+        "aten_glu": (aten_glu, 0),
+        "triton_glu": (triton_glu, 0),
         "native_gemm1": (lambda: torch._grouped_mm(x_sorted, w1, offs=offs), flops1),
         "native_gemm2": (lambda: torch._grouped_mm(a_sorted, w2, offs=offs), flops2),
     }
