@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import moecc
 from moecc import testing
-from moecc.backends import torch_backend
+from moecc.backends import torch_backend, triton_backend
 
 
 def _builds() -> dict:
@@ -39,7 +39,7 @@ def _batches(ids: torch.Tensor, world: int, step: int) -> list[torch.Tensor]:
     return [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
 
 
-def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps: int) -> None:
+def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps: int, backend: str = "auto") -> None:
     """Per model: losses and every gradient of `steps` AdamW steps match the eager global-batch reference,
     and so do the parameters afterwards."""
     builds = _builds()
@@ -47,7 +47,7 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
         model, (ids,) = builds[name](seed=0)
         ref = copy.deepcopy(model)
         full_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        cm = moecc.compile(model, ep=ep)
+        cm = moecc.compile(model, ep=ep, backend=backend)
         mesh = cm.session.mesh
         assert (mesh.dp, mesh.ep) == (world // ep, ep)
         opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
@@ -65,6 +65,13 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
                 atol=1e-4,
                 msg=lambda m, n=pname, model_name=name: f"{model_name}: {n} after {steps} steps: {m}",
             )
+        if backend == "triton":  # the Triton kernels ran, with the fused ones not selected across ranks
+            counters = cm.session.counters()
+            assert counters["lower.triton"] > 0 and not counters.get("fuse.fused"), (name, dict(counters))
+            kernels = [
+                k for k in ("grouped_mm", "grouped_mm_wgrad", "glu", "glu_backward") if triton_backend.COUNTERS[k]
+            ]
+            assert kernels == ["grouped_mm", "grouped_mm_wgrad", "glu", "glu_backward"], (name, kernels)
         # expert parameter memory per rank is 1/ep of the model's
         local_expert = sum(p.numel() for n, p in cm.named_parameters() if ".experts." in n)
         assert local_expert * ep == full_expert, (name, local_expert, full_expert)
@@ -85,6 +92,15 @@ CONFIGS = [  # (world, ep): ep x dp = world
 @pytest.mark.parametrize("world,ep,names", CONFIGS)
 def test_ep_training_matches_eager(world: int, ep: int, names: list[str]) -> None:
     testing.spawn(train_matches_eager, world, names, ep, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernels on the CPU need TRITON_INTERPRET=1")  # fmt: skip
+def test_ep_training_on_the_triton_backend_matches_eager() -> None:
+    """ep = 2 with backend="triton" and the fused kernels not selected across ranks (what a multi-GPU run gets
+    without MOECC_FUSED_EP): row all-to-alls over the process group, the Triton grouped GEMMs and GLU kernels
+    on the padded rows a rank receives. Two steps against the eager global batch."""
+    testing.spawn(train_matches_eager, 2, ["mixtral", "deepseek"], 2, 2, "triton")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
         for backward in (False, True):
             out[f"glu-{act}-{'bwd' if backward else 'fwd'}"] = (
                 "triton_backend._glu_kernel",
-                {"ACT": code, "BF": 1024, "BACKWARD": backward},
+                {"ACT": code, "BF": 2048, "BACKWARD": backward},
                 {},
             )
     out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
