@@ -388,7 +388,7 @@ def _glu_launch(h_SF2: torch.Tensor, da_SF: torch.Tensor | None, kind: str) -> t
     if S == 0 or F == 0:
         return out
     # one row's columns per program, up to 2048 (results/glu_kernel_2026-11-29.json: 2048-wide blocks were the
-    # the fastest, or within 7 % of the fastest, at F = 768..14336, forward and backward; 4 warps)
+    # fastest, or within 7 % of the fastest, at F = 768..14336, forward and backward; 4 warps)
     BF = min(2048, triton.next_power_of_2(F)) if h_SF2.device.type == "cuda" else 16
     da = da_SF.contiguous() if da_SF is not None else h_SF2
     _glu_kernel[(S, triton.cdiv(F, BF))](
