@@ -116,19 +116,30 @@ grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_set
 # glu: a GLU expert's activation, act(gate) * up over h = [gate | up] (the halves of the last dimension)
 
 
+def _glu_check(h_SF2: torch.Tensor, kind: str) -> None:
+    if kind not in torch_backend.GLU_ACTS:
+        raise ValueError(f"moecc.glu: activation {kind!r} is not one of {', '.join(torch_backend.GLU_ACTS)}")
+    torch._check(
+        h_SF2.shape[-1] % 2 == 0,
+        lambda: f"moecc.glu: odd last dimension {h_SF2.shape[-1]}; h must be [gate | up], two equal halves",
+    )
+
+
 @torch.library.custom_op("moecc::glu", mutates_args=())
 def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    _glu_check(h_SF2, kind)
     return torch_backend.glu(h_SF2, kind)
 
 
 @glu.register_fake
 def _(h_SF2: torch.Tensor, kind: str):
-    torch._check(h_SF2.shape[-1] % 2 == 0, lambda: f"moecc.glu: odd last dimension {h_SF2.shape[-1]}")
+    _glu_check(h_SF2, kind)
     return h_SF2.new_empty(*h_SF2.shape[:-1], h_SF2.shape[-1] // 2)
 
 
 @torch.library.custom_op("moecc::glu_backward", mutates_args=())
 def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
+    _glu_check(h_SF2, kind)
     return torch_backend.glu_backward(da_SF, h_SF2, kind)
 
 

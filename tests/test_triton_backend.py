@@ -152,3 +152,13 @@ def test_glu_kernel_and_op_match_autograd(kind: str, dtype: torch.dtype) -> None
             eager = _glu_reference(hx, kind)
             (eager_dh,) = torch.autograd.grad(eager, hx, da)
             assert torch.equal(out, eager) and torch.equal(dx, eager_dh)
+
+
+def test_glu_of_an_unknown_activation_or_odd_width_is_an_error() -> None:
+    h = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="activation 'tanh' is not one of silu, gelu, gelu_tanh, relu"):
+        ops.glu(h, "tanh")
+    with pytest.raises(RuntimeError, match="odd last dimension 5; h must be"):
+        ops.glu(torch.randn(4, 5), "silu")
+    with pytest.raises(Exception, match="odd last dimension 5"):  # traced: the fake says so too
+        torch.compile(lambda x: ops.glu(x, "silu"), backend="eager", fullgraph=True)(torch.randn(4, 5))
