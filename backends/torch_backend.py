@@ -317,11 +317,22 @@ def _start_rows(
 GLU_ACTS = ("silu", "gelu", "gelu_tanh", "relu")
 
 
-def _act(kind: str, g: torch.Tensor) -> torch.Tensor:
+def glu_name(act: str) -> str:
+    """The expert-function name of act(gate) * up, as regions and dumps show it."""
+    return {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(act, f"glu_{act}")
+
+
+def glu_act(fn: str) -> str | None:
+    """The activation of an expert-function name that `glu` computes, else None."""
+    return next((a for a in GLU_ACTS if glu_name(a) == fn), None)
+
+
+def act(kind: str, g: torch.Tensor) -> torch.Tensor:
+    """An expert's activation by name (silu, relu, gelu, gelu_tanh)."""
     if kind == "silu":
         return torch.nn.functional.silu(g)
     if kind == "relu":
-        return torch.relu(g)
+        return torch.nn.functional.relu(g)
     return torch.nn.functional.gelu(g, approximate="tanh" if kind == "gelu_tanh" else "none")
 
 
@@ -329,7 +340,7 @@ def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
     """act(gate) * up, gate and up the two halves of h's last dimension: the same ops as the model's."""
     COUNTERS["glu.torch"] += 1
     gate, up = h_SF2.chunk(2, dim=-1)
-    return _act(kind, gate) * up
+    return act(kind, gate) * up
 
 
 def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
@@ -337,12 +348,12 @@ def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.T
     and dtype, so that the result is eager's to the bit."""
     COUNTERS["glu_backward.torch"] += 1
     gate, up = h_SF2.chunk(2, dim=-1)
-    act = _act(kind, gate)
+    a = act(kind, gate)
     d_act = da_SF * up
     if kind == "silu":
         d_gate = torch.ops.aten.silu_backward(d_act, gate)
     elif kind == "relu":
-        d_gate = torch.ops.aten.threshold_backward(d_act, act, 0)
+        d_gate = torch.ops.aten.threshold_backward(d_act, a, 0)
     else:
         d_gate = torch.ops.aten.gelu_backward(d_act, gate, approximate="tanh" if kind == "gelu_tanh" else "none")
-    return torch.cat([d_gate, da_SF * act], dim=-1)
+    return torch.cat([d_gate, da_SF * a], dim=-1)

@@ -24,6 +24,7 @@ from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from moecc import cost, dump, ir, ops
+from moecc.backends import torch_backend
 from moecc.options import CompileOptions, MoeccError
 from moecc.pass_manager import CompileContext, Mesh, run_stage
 
@@ -78,11 +79,7 @@ def interface_region(path: str, module: Any) -> ir.MoERegion:
     if getattr(module, "has_post_expert_norm", False) or act is None:
         fn = "module"
     elif module.has_gate:
-        fn = (
-            {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(act, f"glu_{act}")
-            if gate_is_default and getattr(module, "is_concatenated", True)
-            else "module"
-        )
+        fn = torch_backend.glu_name(act) if gate_is_default and getattr(module, "is_concatenated", True) else "module"
     else:
         fn = f"mlp_{act}"
     top_k = int(getattr(getattr(module, "config", None), "num_experts_per_tok", 0) or 0)
@@ -103,13 +100,10 @@ def interface_region(path: str, module: Any) -> ir.MoERegion:
     )
 
 
-_GLU_KINDS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh", "glu_relu": "relu"}
-
-
 def glu_kind(region: ir.MoERegion) -> str | None:
     """The activation of a region whose experts compute act(gate) * up over [gate | up] halves with the module's
     default gate (what `moecc.glu` computes), else None: the module's own gate code runs."""
-    return _GLU_KINDS.get(region.expert_fn)
+    return torch_backend.glu_act(region.expert_fn)
 
 
 def interface_forward(

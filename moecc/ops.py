@@ -131,10 +131,13 @@ def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
     return torch_backend.glu(h_SF2, kind)
 
 
-@glu.register_fake
-def _(h_SF2: torch.Tensor, kind: str):
+def _glu_fake(h_SF2: torch.Tensor, kind: str):
+    """glu's result: h's rows, half its last dimension (also triton_glu's)."""
     _glu_check(h_SF2, kind)
     return h_SF2.new_empty(*h_SF2.shape[:-1], h_SF2.shape[-1] // 2)
+
+
+glu.register_fake(_glu_fake)
 
 
 @torch.library.custom_op("moecc::glu_backward", mutates_args=())
@@ -143,9 +146,12 @@ def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.T
     return torch_backend.glu_backward(da_SF, h_SF2, kind)
 
 
-@glu_backward.register_fake
-def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str):
+def _glu_backward_fake(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str):
+    """glu_backward's result: [d gate | d up], shaped like h (also triton_glu_backward's)."""
     return torch.empty_like(h_SF2)
+
+
+glu_backward.register_fake(_glu_backward_fake)
 
 
 def _glu_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -299,9 +305,7 @@ def triton_glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
     return triton_backend.glu(h_SF2, kind)
 
 
-@triton_glu.register_fake
-def _(h_SF2: torch.Tensor, kind: str):
-    return h_SF2.new_empty(*h_SF2.shape[:-1], h_SF2.shape[-1] // 2)
+triton_glu.register_fake(_glu_fake)
 
 
 @torch.library.custom_op("moecc::triton_glu_backward", mutates_args=())
@@ -311,9 +315,7 @@ def triton_glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> 
     return triton_backend.glu_backward(da_SF, h_SF2, kind)
 
 
-@triton_glu_backward.register_fake
-def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str):
-    return torch.empty_like(h_SF2)
+triton_glu_backward.register_fake(_glu_backward_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------

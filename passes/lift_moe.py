@@ -175,7 +175,7 @@ def match_expert_fn(expr: tuple) -> dict[str, Any]:
             g, u = a[2], b
             if g[0] == "linear" and u[0] == "linear" and g[1] == ("x",) and u[1] == ("x",):
                 return {
-                    "fn": _glu_name(a[1]),
+                    "fn": torch_backend.glu_name(a[1]),
                     "act": a[1],
                     "w1": [g[2], u[2]],
                     "b1": [g[3], u[3]],
@@ -191,7 +191,7 @@ def match_expert_fn(expr: tuple) -> dict[str, Any]:
                 and g[1][1] == ("x",)
             ):
                 return {
-                    "fn": _glu_name(a[1]),
+                    "fn": torch_backend.glu_name(a[1]),
                     "act": a[1],
                     "w1": [g[1][2]],
                     "b1": [g[1][3]],
@@ -201,16 +201,7 @@ def match_expert_fn(expr: tuple) -> dict[str, Any]:
     raise Unrecognised("not a SwiGLU/GeGLU/MLP of linear layers")
 
 
-def _glu_name(act: str) -> str:
-    return {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}.get(act, f"glu_{act}")
-
-
-def apply_act(kind: str, h: Any) -> Any:
-    if kind == "silu":
-        return F.silu(h)
-    if kind == "relu":
-        return F.relu(h)
-    return F.gelu(h, approximate="tanh" if kind == "gelu_tanh" else "none")
+apply_act = torch_backend.act
 
 
 # --------------------------------------------------------------------------------------------------------
