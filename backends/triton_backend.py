@@ -18,7 +18,6 @@ under TRITON_INTERPRET=1 (how CI tests them).
 from __future__ import annotations
 
 import collections
-import math
 import os
 
 import torch
@@ -53,25 +52,19 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _expert_of_tile(cum_ptr, mt, E, LOG_E: tl.constexpr):
-    """The expert whose m-tiles contain m-tile `mt`: the smallest e with cum[e] > mt (binary search)."""
-    lo = 0
-    hi = E - 1
-    for _ in range(LOG_E):
-        mid = (lo + hi) // 2
-        above = tl.load(cum_ptr + mid) > mt
-        hi = tl.where(above, mid, hi)
-        lo = tl.where(above, lo, mid + 1)
-    return lo
-
-
-@triton.jit
-def _wgrad_tile(t, K, N, BK: tl.constexpr, BN: tl.constexpr):
-    """Tile t of a dW tile list (expert-major, then K tiles, then N tiles) -> (expert, first k, first n)."""
+def _wgrad_tile(t, K, N, BK: tl.constexpr, BN: tl.constexpr, GROUP_N):
+    """Tile t of a dW tile list -> (expert, first k, first n). Expert-major; within an expert, bands of GROUP_N
+    n-tiles, each swept over all k-tiles with its n-tiles side by side, so that the programs running at
+    once share dy's column blocks (each read from memory once per band, not once per k-tile) while x's rows
+    stay in L2 (GROUP_N >= the n-tiles: k-tile-major over the whole of N)."""
     n_tiles_k = tl.cdiv(K, BK)
     n_tiles_n = tl.cdiv(N, BN)
-    rem = t % (n_tiles_k * n_tiles_n)
-    return t // (n_tiles_k * n_tiles_n), (rem // n_tiles_n) * BK, (rem % n_tiles_n) * BN
+    local = t % (n_tiles_k * n_tiles_n)
+    in_band = GROUP_N * n_tiles_k
+    band_first = (local // in_band) * GROUP_N
+    band_size = tl.minimum(n_tiles_n - band_first, GROUP_N)
+    r = local % in_band
+    return t // (n_tiles_k * n_tiles_n), (r // band_size) * BK, (band_first + r % band_size) * BN
 
 
 @triton.jit
@@ -83,11 +76,13 @@ def _segment_rows(offs_ptr, seg):
 
 
 @triton.jit
-def _grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG: tl.constexpr, GROUP_M: tl.constexpr):
+def _grouped_tile(cum_ptr, seg_ptr, t, n_tiles_n, GROUP_M: tl.constexpr):
     """Tile t of a segment-aligned tile list -> (segment, its first m-tile, m-tile, n-tile). A segment's tiles
     are a contiguous run of t; within it, GROUP_M m-tiles sweep the n-tiles together, so that the weight tiles
-    they share stay in L2 while the next group's are read (GROUP_M = 1: one m-tile's n-tiles after another)."""
-    seg = _expert_of_tile(cum_ptr, t // n_tiles_n, NSEG, LOG)
+    they share stay in L2 while the next group's are read (GROUP_M = 1: one m-tile's n-tiles after another).
+    The segment of an m-tile is one load from the table `tile_plan` made: a binary search over the cumulative
+    m-tiles, nine dependent loads a tile, cost 5-12 % of a short-K GEMM (results/tile_table_2026-11-29.json)."""
+    seg = tl.load(seg_ptr + t // n_tiles_n)
     first_mt, end_mt = _segment_rows(cum_ptr, seg)
     local = t - first_mt * n_tiles_n
     in_group = GROUP_M * n_tiles_n
@@ -95,6 +90,46 @@ def _grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG: tl.constexpr, GROUP_M: tl.co
     group_size = tl.minimum(end_mt - first_mt - group_first, GROUP_M)
     mt = first_mt + group_first + (local % in_group) % group_size
     return seg, first_mt, mt, (local % in_group) // group_size
+
+
+@triton.jit
+def _tile_plan_kernel(
+    offs_ptr, offs_ext_ptr, cum_ptr, seg_ptr, NIN, S, NMT,
+    BM: tl.constexpr, BSEG: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The tile plan of NIN segments given by their end rows, plus the tail [offs[NIN-1], S): the segments' end
+    rows (offs_ext), their cumulative m-tiles of BM rows (cum), and the segment of every m-tile (seg: the
+    number of segments whose m-tiles end at or before it). Every program holds all segments; program 0
+    writes offs_ext and cum, each program BLOCK entries of seg."""
+    i = tl.arange(0, BSEG)
+    ok = i <= NIN
+    inner = i < NIN
+    end = tl.where(inner, tl.load(offs_ptr + i, mask=inner, other=0), S)
+    after = (i > 0) & ok
+    start = tl.load(offs_ptr + i - 1, mask=after, other=0)
+    cum = tl.cumsum(tl.where(ok, (end - start + BM - 1) // BM, 0), 0)
+    if tl.program_id(0) == 0:
+        tl.store(offs_ext_ptr + i, end.to(tl.int32), mask=ok)
+        tl.store(cum_ptr + i, cum.to(tl.int32), mask=ok)
+    mts = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seg = tl.sum(((cum[None, :] <= mts[:, None]) & ok[None, :]).to(tl.int32), 1)
+    tl.store(seg_ptr + mts, seg, mask=mts < NMT)
+
+
+def tile_plan(offs: torch.Tensor, S: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offs_ext, cum, seg) of `_tile_plan_kernel` for segments ending at `offs` and the tail up to S, in one
+    launch and without host synchronisation: int32 [NIN + 1], [NIN + 1], [ceil(S / bm) + NIN + 1] (at least
+    as many m-tiles as the segments have)."""
+    nin = offs.shape[0]
+    nmt = triton.cdiv(S, bm) + nin + 1
+    offs_ext = torch.empty(nin + 1, device=offs.device, dtype=torch.int32)
+    cum = torch.empty_like(offs_ext)
+    seg = torch.empty(nmt, device=offs.device, dtype=torch.int32)
+    block = 16
+    _tile_plan_kernel[(triton.cdiv(nmt, block),)](
+        offs, offs_ext, cum, seg, nin, S, nmt, BM=bm, BSEG=max(16, triton.next_power_of_2(nin + 1)), BLOCK=block
+    )
+    return offs_ext, cum, seg
 
 
 @triton.jit
@@ -114,10 +149,10 @@ def _weight_tile(w_desc, e, k0, nt, K, N, BN: tl.constexpr, W_KMAJOR: tl.constex
 
 @triton.jit
 def _grouped_mm_kernel(
-    x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr, x_desc, w_desc,
+    x_ptr, w_ptr, y_ptr, offs_ptr, cum_ptr, seg_ptr, x_desc, w_desc,
     N, K, E,
     sxm, sxk, swe, swk, swn, sym, syn,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG_E: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     PRECISION: tl.constexpr, GROUP_M: tl.constexpr, UPCAST: tl.constexpr, DESC: tl.constexpr,
     W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
@@ -131,7 +166,7 @@ def _grouped_mm_kernel(
     n_tiles_n = tl.cdiv(N, BN)
     total = tl.load(cum_ptr + E) * n_tiles_n  # m-tiles of all segments x n-tiles, known on the device only
     for t in range(pid, total, NUM_PROGRAMS):
-        e, first_mt, mt, nt = _grouped_tile(cum_ptr, t, n_tiles_n, E + 1, LOG_E, GROUP_M)
+        e, first_mt, mt, nt = _grouped_tile(cum_ptr, seg_ptr, t, n_tiles_n, GROUP_M)
         seg_lo, seg_hi = _segment_rows(offs_ptr, e)
         rows = (seg_lo + (mt - first_mt) * BM + tl.arange(0, BM)).to(tl.int64)  # 64-bit addresses
         cols = nt * BN + tl.arange(0, BN)
@@ -157,7 +192,7 @@ def _grouped_mm_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr, x_desc, dy_desc,
-    K, N, E, NSRC,
+    K, N, E, NSRC, GROUP_N,
     sxm, sxk, sym, syn, swe, swk, swn,
     BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, DESC: tl.constexpr,
@@ -169,7 +204,7 @@ def _grouped_wgrad_kernel(
     pid = tl.program_id(0)
     total = E * tl.cdiv(K, BK) * tl.cdiv(N, BN)
     for t in range(pid, total, NUM_PROGRAMS):
-        e, k0, n0 = _wgrad_tile(t, K, N, BK, BN)
+        e, k0, n0 = _wgrad_tile(t, K, N, BK, BN, GROUP_N)
         ks = k0 + tl.arange(0, BK)
         cols = n0 + tl.arange(0, BN)
         k_ok = ks < K
@@ -206,20 +241,21 @@ def _grouped_wgrad_kernel(
 
 
 # (block rows, block cols, block inner, warps, pipeline stages, m-tiles per L2 group) per kernel; benchmarks/
-# sweeps them (the dW kernels have no grouping)
+# sweeps them. The dW kernels: (BK, BN, BS, warps, stages, n-tiles per band: `_wgrad_tile`)
 CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm": (128, 256, 64, 8, 3, 8),
-    "grouped_mm_wgrad": (256, 128, 64, 8, 3, 1),  # descriptor loads (TMA); (BK, BN, BS, ...)
+    "grouped_mm_wgrad": (256, 128, 64, 8, 3, 1),  # descriptor loads (TMA)
     "grouped_mm_wgrad_pointer": (128, 128, 64, 8, 3, 1),
 }
 
 
-# Descriptor loads in the forward / dX grouped GEMM pay off for long inner dimensions and cost for short ones.
-# On 1 x H200, as a fraction of torch._grouped_mm in the same run: K = 4096..28672 (Mixtral, DeepSeek gemm1 /
-# dx1) went from 0.88-1.02 with pointer loads (grouped_gemm_2026-11-28c) to 0.95-1.09 with descriptors
-# (2026-11-29e, f); K = 768..2048 (Qwen3, DeepSeek gemm2) was 3-7% lower with descriptors (29e) than with
-# pointers (29f). So they are used from this K on; the dW kernel always uses them.
-DESCRIPTOR_MIN_K = 4096
+# Descriptor loads in the forward / dX grouped GEMM, from this inner dimension K on. On 1 x H200, as a fraction
+# of torch._grouped_mm in the same run: K = 4096..28672 (Mixtral, DeepSeek gemm1 / dx1) went from 0.88-1.02
+# with pointer loads (grouped_gemm_2026-11-28c) to 0.95-1.09 with descriptors (2026-11-29e, f). Short K
+# (Qwen3, DeepSeek gemm2) was 3-7 % slower with descriptors while every tile searched for its segment (29e,
+# 29f); with the tile table, descriptors were as fast or faster there too (tile_table_2026-11-29: Qwen3
+# gemm1 0.78 -> 0.83, dx1 0.79 -> 0.85, DeepSeek gemm2 1.01 -> 1.05). Tests lower it to force either path.
+DESCRIPTOR_MIN_K = 0
 
 
 def _descriptor_ok(t: torch.Tensor) -> bool:
@@ -253,16 +289,14 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     y_SN = torch.empty(S, N, device=x_SK.device, dtype=x_SK.dtype)  # the kernel writes every row
     BM, BN, BK, warps, stages, group_m = _config("grouped_mm", x_SK.device, x_SK.dtype)
     # segments: the E experts, then the tail of dropped rows, which the kernel zeroes
-    offs_ext = torch.cat([offs_E, offs_E.new_full((1,), S)])
-    counts = torch.diff(offs_ext, prepend=offs_ext.new_zeros(1))
-    cum_ext = torch.cumsum(torch.div(counts + BM - 1, BM, rounding_mode="floor"), 0).to(torch.int32)
+    offs_ext, cum_ext, seg = tile_plan(offs_E, S, BM)
     P = _num_programs(x_SK.device)
     descs = _grouped_mm_descriptors(x_SK, w_EKN, BM, BN, BK)
     _grouped_mm_kernel[(P,)](
-        x_SK, w_EKN, y_SN, offs_ext, cum_ext, *(descs[:2] if descs else (None, None)), N, K, E,
+        x_SK, w_EKN, y_SN, offs_ext, cum_ext, seg, *(descs[:2] if descs else (None, None)), N, K, E,
         x_SK.stride(0), x_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
         y_SN.stride(0), y_SN.stride(1),
-        BM=BM, BN=BN, BK=BK, LOG_E=max(1, math.ceil(math.log2(E + 1)) + 1), NUM_PROGRAMS=P,
+        BM=BM, BN=BN, BK=BK, NUM_PROGRAMS=P,
         PRECISION=_precision(x_SK.dtype), GROUP_M=group_m, UPCAST=_upcast(x_SK.device, x_SK.dtype),
         DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
     )  # fmt: skip
@@ -300,6 +334,23 @@ def weight_descriptor(w_EKN: torch.Tensor, BN: int, BK: int) -> tuple[TensorDesc
     return TensorDescriptor.from_tensor(w2, block), k_major
 
 
+def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1) -> bool:
+    """Whether the dW kernel sweeps bands of n-tiles over all k-tiles (`_wgrad_tile`) rather than all n-tiles
+    k-tile by k-tile: where dy is the wider operand and an expert's rows of it do not fit in half the L2 cache.
+    Then k-tile-major order reads dy from memory once per k-tile: for the Mixtral-like dW of GEMM 1 (2048 rows
+    x 28672 of dy an expert, 117 MB), 16 times; in bands, once (7.19 -> 6.15 ms on 1 x H200, 0.79 -> 0.92 of
+    torch._grouped_mm, results/wgrad_band_2026-11-29.json). Where both fit, k-tile-major order was as fast or
+    faster (DeepSeek-like: 0.83 against 0.75)."""
+    K, N = x_SK.shape[1], dy_SN.shape[1]
+    if N <= K:
+        return False
+    if x_SK.device.type != "cuda":
+        return True  # the interpreter tests it
+    l2 = torch.cuda.get_device_properties(x_SK.device).L2_cache_size
+    rows = x_SK.shape[0] // max(E * nsrc, 1)  # an expert's rows, on average (nsrc: buffers of nsrc x the rows)
+    return rows * N * dy_SN.element_size() > l2 // 2
+
+
 def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return grouped_mm_wgrad_segments(x_SK, dy_SN, offs_E, 1, offs_E.shape[0])
 
@@ -315,15 +366,16 @@ def grouped_mm_wgrad_segments(
         return dw_EKN
     P = _num_programs(x_SK.device)
     desc = _descriptor_ok(x_SK) and _descriptor_ok(dy_SN)  # else strides a descriptor cannot express
-    BK, BN, BS, warps, stages, _ = _config("grouped_mm_wgrad" if desc else "grouped_mm_wgrad_pointer", x_SK.device,
-                                           x_SK.dtype)  # fmt: skip
+    kernel = "grouped_mm_wgrad" if desc else "grouped_mm_wgrad_pointer"
+    BK, BN, BS, warps, stages, group_n = _config(kernel, x_SK.device, x_SK.dtype)
+    group_n = group_n if _wgrad_banded(x_SK, dy_SN, E, nsrc) else triton.cdiv(N, BN)
     descs = (
         (TensorDescriptor.from_tensor(x_SK, [BS, BK]), TensorDescriptor.from_tensor(dy_SN, [BS, BN]))
         if desc
         else (None, None)
     )
     _grouped_wgrad_kernel[(P,)](
-        x_SK, dy_SN, dw_EKN, offs, *descs, K, N, E, nsrc,
+        x_SK, dy_SN, dw_EKN, offs, *descs, K, N, E, nsrc, group_n,
         x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
         BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype),

@@ -41,7 +41,6 @@ after another, never waits on a peer that has not run yet.
 from __future__ import annotations
 
 import collections
-import math
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -326,12 +325,12 @@ def _push_rows(
 
 
 @triton.jit
-def _segment_tile(cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG,
-                  LOG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+def _segment_tile(cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N,
+                  BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
     """Tile t of the (source, expert) segment tiles -> its segment, n-tile, the segment's first and end row, the
     tile's first row, its rows and columns (with their masks), source rank, local expert and the rows'
     positions q in the source's rowmap block."""
-    seg, first_mt, mt, nt = triton_backend._grouped_tile(cum_ptr, t, n_tiles_n, NSEG, LOG, GROUP_M)
+    seg, first_mt, mt, nt = triton_backend._grouped_tile(cum_ptr, mtseg_ptr, t, n_tiles_n, GROUP_M)
     lo, hi = triton_backend._segment_rows(offs_ptr, seg)
     row0 = lo + (mt - first_mt) * BM
     rows = row0 + tl.arange(0, BM)
@@ -348,11 +347,11 @@ def _dispatch_gemm_kernel(
     src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
     # gemm side
     recv_ptr, rowmap_ptr, gates_ptr, w_ptr, w_desc, y_ptr, save_ptr,
-    offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
+    offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
     me, T, H, TK, N, NSEG, SLOT,
     swe, swk, swn,
     EP: tl.constexpr, NSEND, NP, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     ROLE: tl.constexpr, SAVE_A: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
     DESC_W: tl.constexpr, W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
@@ -372,7 +371,7 @@ def _dispatch_gemm_kernel(
         t = tl.atomic_add(claim_ptr + SLOT, 1)
         while t < total:
             seg, nt, lo, hi, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
-                cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
+                cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, BM, BN, GROUP_M
             )
             live = seg < NSEG - 1
             # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
@@ -415,11 +414,11 @@ def _dispatch_gemm_kernel(
 @triton.jit
 def _gemm_scatter_kernel(
     a_ptr, w_ptr, a_desc, w_desc, rowmap_ptr, comb_tab, sig_tab, done_ptr, epoch_ptr,
-    offs_ptr, cum_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr,
+    offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr,
     me, TK, Kd, N, NSEG, SLOT,
     sam, sak, swe, swk, swn,
-    EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, LOG: tl.constexpr,
-    GROUP_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
+    EP: tl.constexpr, NP, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, WIDE: tl.constexpr,
     DESC: tl.constexpr, W_KMAJOR: tl.constexpr,
 ):  # fmt: skip
     """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]. DESC:
@@ -430,7 +429,7 @@ def _gemm_scatter_kernel(
     total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment (NSEG - 1): no rows there
     for t in range(pid, total, NP):
         _, nt, _, _, row0, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
-            cum_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, NSEG, LOG, BM, BN, GROUP_M
+            cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, BM, BN, GROUP_M
         )
         slot = _index(tl.load(rowmap_ptr + (s * TK + q).to(tl.int64) * 2 + 1, mask=row_ok, other=0), WIDE)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -543,25 +542,30 @@ class Plan:
     rowmap: torch.Tensor  # int32 [ep*T*K*2]: copy of the rowmap of this call
     offs: torch.Tensor  # int32 [NSEG]: segment end rows (last: S, the zero tail)
     cum: torch.Tensor  # int32 [NSEG]: cumulative m-tiles per segment (for the tile size BM)
+    mt_seg: torch.Tensor  # int32 [ceil(S / BM) + NSEG]: the segment of every m-tile (`triton_backend.tile_plan`)
     seg_src: torch.Tensor  # int32 [NSEG]
     seg_exp: torch.Tensor  # int32 [NSEG]
     seg_q0: torch.Tensor  # int32 [NSEG]
     bm: int
 
-    FIELDS = ("valid_TK", "pos_PT", "dest_J", "q_J", "slot_J", "rowmap", "offs", "cum", "seg_src", "seg_exp", "seg_q0")
+    FIELDS = (
+        "valid_TK", "pos_PT", "dest_J", "q_J", "slot_J", "rowmap", "offs", "cum", "mt_seg", "seg_src", "seg_exp",
+        "seg_q0",
+    )  # fmt: skip
 
     def pack(self) -> torch.Tensor:
         """All fields in one int64 tensor (what flows through the graph between the two ops)."""
         return torch.cat([getattr(self, f).reshape(-1).to(torch.int64) for f in self.FIELDS])
 
     @staticmethod
-    def sizes(ep: int, T: int, K: int, E_l: int) -> list[int]:
+    def sizes(ep: int, T: int, K: int, E_l: int, bm: int) -> list[int]:
         nseg = ep * E_l + 1
-        return [T * K, ep * T, T * K, T * K, T * K, ep * T * K * 2, nseg, nseg, nseg, nseg, nseg]
+        nmt = triton.cdiv(ep * T * K, bm) + nseg
+        return [T * K, ep * T, T * K, T * K, T * K, ep * T * K * 2, nseg, nseg, nmt, nseg, nseg, nseg]
 
     @staticmethod
     def unpack(packed: torch.Tensor, ep: int, T: int, K: int, E_l: int, bm: int) -> Plan:
-        parts = torch.split(packed, Plan.sizes(ep, T, K, E_l))
+        parts = torch.split(packed, Plan.sizes(ep, T, K, E_l, bm))
         f = dict(zip(Plan.FIELDS, parts, strict=True))
         return Plan(
             valid_TK=f["valid_TK"].view(T, K).bool(),
@@ -572,6 +576,7 @@ class Plan:
             rowmap=f["rowmap"].to(torch.int32),
             offs=f["offs"].to(torch.int32),
             cum=f["cum"].to(torch.int32),
+            mt_seg=f["mt_seg"].to(torch.int32),
             seg_src=f["seg_src"].to(torch.int32),
             seg_exp=f["seg_exp"].to(torch.int32),
             seg_q0=f["seg_q0"].to(torch.int32),
@@ -584,8 +589,9 @@ def unpack_plan(buf: EPBuffers, packed: torch.Tensor, dtype: torch.dtype) -> Pla
     return Plan.unpack(packed, buf.ep, buf.T, buf.K, buf.E_l, _gemm_config(buf.device, dtype)[0])
 
 
-def plan_numel(ep: int, T: int, K: int, E_l: int) -> int:
-    return sum(Plan.sizes(ep, T, K, E_l))
+def plan_numel(ep: int, T: int, K: int, E_l: int, device: torch.device, dtype: torch.dtype) -> int:
+    """The packed plan's length, for tiles of the height this device and dtype use."""
+    return sum(Plan.sizes(ep, T, K, E_l, _gemm_config(device, dtype)[0]))
 
 
 def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -625,16 +631,13 @@ def _receiver_plan(buf: EPBuffers, bm: int) -> dict[str, torch.Tensor]:
     cnt = counts_PE[rot].reshape(-1)
     q0 = (torch.cumsum(counts_PE, 1) - counts_PE)[rot].reshape(-1)
     S = ep * T * K
-    offs = torch.cumsum(cnt, 0)
-    tail = S - offs[-1:]
-    cnt_ext = torch.cat([cnt, tail])
-    offs_ext = torch.cat([offs, offs.new_full((1,), S)])
-    cum = torch.cumsum(torch.div(cnt_ext + bm - 1, bm, rounding_mode="floor"), 0)
+    offs_ext, cum, mt_seg = triton_backend.tile_plan(torch.cumsum(cnt, 0), S, bm)  # the last segment: the tail
     zero = torch.zeros(1, dtype=torch.int64, device=dev)
     return {
         "rowmap": buf.local["rowmap"].clone(),
-        "offs": offs_ext.to(torch.int32),
-        "cum": cum.to(torch.int32),
+        "offs": offs_ext,
+        "cum": cum,
+        "mt_seg": mt_seg,
         "seg_src": torch.cat([rot.repeat_interleave(E_l), zero]).to(torch.int32),
         "seg_exp": torch.cat([torch.arange(E_l, device=dev).repeat(ep), zero]).to(torch.int32),
         "seg_q0": torch.cat([q0, zero]).to(torch.int32),
@@ -667,10 +670,6 @@ def _group_m(w_EKN: torch.Tensor) -> int:
         return group_m  # the interpreter tests it
     l2 = torch.cuda.get_device_properties(w_EKN.device).L2_cache_size
     return group_m if w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size() > l2 // 2 else 1
-
-
-def _log(nseg: int) -> int:
-    return max(1, math.ceil(math.log2(nseg + 1)) + 1)
 
 
 def _wide(*operands: torch.Tensor) -> bool:
@@ -710,12 +709,13 @@ def _dispatch_gemm(
             src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, gsrc, buf.tables["gates"],
             buf.tables["sig"], buf.done,
             buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, wd[0] if wd else None, y_SN, save,
-            plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch, buf.claim,
+            plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch,
+            buf.claim,
             me, T, H, TK, N, nseg, slot,
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
-            BM=BM, BN=BN, BK=BK, LOG=_log(nseg), GROUP_M=_group_m(w_EKN), ROLE=role, SAVE_A=save_a,
+            BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN), ROLE=role, SAVE_A=save_a,
             WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
             UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), DESC_W=wd is not None,
             W_KMAJOR=bool(wd and wd[1]), num_warps=warps, num_stages=stages,
@@ -749,10 +749,10 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     _gemm_scatter_kernel[(NP,)](
         a_SK, w_EKN, *(descs[:2] if descs else (None, None)), plan.rowmap, buf.tables["comb"], buf.tables["sig"],
         buf.done, buf.epoch,
-        plan.offs, plan.cum, plan.seg_src, plan.seg_exp, plan.seg_q0,
+        plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0,
         me, T * K, a_SK.shape[1], N, nseg, slot,
         a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
-        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, LOG=_log(nseg), GROUP_M=_group_m(w_EKN), WIDE=_wide(a_SK, buf.local["comb"]),
+        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN), WIDE=_wide(a_SK, buf.local["comb"]),
         PRECISION=triton_backend._precision(a_SK.dtype), UPCAST=triton_backend._upcast(buf.device, a_SK.dtype),
         DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
     )  # fmt: skip

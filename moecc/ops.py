@@ -355,7 +355,7 @@ def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor, ep: int, g
     return (
         x_TH.new_empty(S, w1_EKN.shape[2]),
         x_TH.new_empty(S, x_TH.shape[1]),
-        x_TH.new_empty(triton_ep.plan_numel(ep, T, K, w1_EKN.shape[0]), dtype=torch.int64),
+        x_TH.new_empty(triton_ep.plan_numel(ep, T, K, w1_EKN.shape[0], x_TH.device, x_TH.dtype), dtype=torch.int64),
     )
 
 

@@ -45,8 +45,12 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch
     torch.testing.assert_close(  # dX takes the weights transposed: a strided view
         triton_backend.grouped_mm(dy, w.transpose(1, 2), offs), torch_backend.grouped_mm(dy, w.transpose(1, 2), offs)
     )
-    dw = triton_backend.grouped_mm_wgrad(x, dy, offs)
+    dw = triton_backend.grouped_mm_wgrad(x, dy, offs)  # dy the wider: in bands of n-tiles
     torch.testing.assert_close(dw, torch_backend.grouped_mm_wgrad(x, dy, offs))
+    assert triton_backend._wgrad_banded(x, dy, E) and not triton_backend._wgrad_banded(dy, x, E)
+    torch.testing.assert_close(  # and k-tile by k-tile
+        triton_backend.grouped_mm_wgrad(dy, x, offs), torch_backend.grouped_mm_wgrad(dy, x, offs)
+    )
     for e, c in enumerate(counts):
         if c == 0:
             assert not dw[e].any(), "an expert with no rows gets a zero gradient"
@@ -61,7 +65,7 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch
     monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", K + 1)  # a short inner dimension: pointer loads
     torch.testing.assert_close(triton_backend.grouped_mm(x, w, offs), torch_backend.grouped_mm(x, w, offs))
     assert triton_backend.COUNTERS["grouped_mm"] == before.get("grouped_mm", 0) + 4
-    for kernel, calls in (("grouped_mm.descriptor", 2), ("grouped_mm.pointer", 2), ("grouped_mm_wgrad.descriptor", 1),
+    for kernel, calls in (("grouped_mm.descriptor", 2), ("grouped_mm.pointer", 2), ("grouped_mm_wgrad.descriptor", 2),
                           ("grouped_mm_wgrad.pointer", 1)):  # fmt: skip
         assert triton_backend.COUNTERS[kernel] == before.get(kernel, 0) + calls, kernel
     torch.library.opcheck(ops.triton_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
@@ -101,6 +105,24 @@ def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
         assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 4 * regions
         assert ran(triton_ep.COUNTERS, "dispatch_gemm.forward", before_ep) == 0
     assert counters["lower.triton"] > 0
+
+
+@pytest.mark.parametrize("nin,bm", [(1, 16), (5, 16), (40, 128), (257, 128)])
+def test_tile_plan_matches_a_search_of_the_cumulative_tiles(nin: int, bm: int) -> None:
+    """The device-made tile table: each m-tile's segment is the one whose m-tiles hold it, empty segments
+    (no m-tiles) and the tail of dropped rows included."""
+    gen = torch.Generator().manual_seed(nin * bm)
+    counts = torch.randint(0, 3 * bm, (nin,), generator=gen) * (torch.rand(nin, generator=gen) > 0.3)
+    offs = torch.cumsum(counts, 0)
+    S = int(offs[-1]) + int(torch.randint(0, 2 * bm, (1,), generator=gen))
+    offs_ext, cum, seg = triton_backend.tile_plan(offs.to(torch.int32).to(_device()), S, bm)
+    want_offs = torch.cat([offs, torch.tensor([S])])
+    sizes = torch.diff(want_offs, prepend=torch.zeros(1, dtype=torch.int64))
+    want_cum = torch.cumsum((sizes + bm - 1) // bm, 0)
+    assert offs_ext.tolist() == want_offs.tolist() and cum.tolist() == want_cum.tolist()
+    n_tiles = int(want_cum[-1])
+    owner = torch.repeat_interleave(torch.arange(nin + 1), (sizes + bm - 1) // bm)
+    assert seg.shape[0] >= n_tiles and seg[:n_tiles].cpu().tolist() == owner.tolist()
 
 
 def test_triton_backend_where_it_cannot_run_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,7 @@ POINTERS: dict[str, dict[str, str]] = {
     "triton_ep._gate_grad_kernel": {"dout_ptr": BF16, "y_ptr": BF16, "dw_ptr": "fp32", "valid_ptr": "i8"},
     "triton_ep._push_meta_kernel": dict.fromkeys(("dest_ptr", "q_ptr", "row_ptr", "slot_ptr"), "i64"),
     "triton_ep._wait_all_kernel": {},
+    "triton_backend._tile_plan_kernel": {},
 }
 
 
@@ -57,7 +58,7 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
         on = desc != "none"
         out[f"grouped_mm-{desc}"] = (
             "triton_backend._grouped_mm_kernel",
-            {**common, "BM": BM, "BN": BN, "BK": BK, "LOG_E": 9, "NUM_PROGRAMS": 132, "GROUP_M": GM,
+            {**common, "BM": BM, "BN": BN, "BK": BK, "NUM_PROGRAMS": 132, "GROUP_M": GM,
              "DESC": on, "W_KMAJOR": km},
             {"x_desc": [BM, BK], "w_desc": w_block[km]} if on else {},
         )  # fmt: skip
@@ -65,13 +66,13 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
             out[f"dispatch_gemm-{desc}-gates{int(gates)}-save{int(save)}"] = (
                 "triton_ep._dispatch_gemm_kernel",
                 {**common, "EP": 4, "BT": 32, "BH": 256, "HAS_GATES": gates, "BM": BM, "BN": BN, "BK": BK,
-                 "LOG": 10, "GROUP_M": GM, "ROLE": 3, "SAVE_A": save, "WIDE": False, "DESC_W": on,
+                 "GROUP_M": GM, "ROLE": 3, "SAVE_A": save, "WIDE": False, "DESC_W": on,
                  "W_KMAJOR": km},
                 {"w_desc": w_block[km]} if on else {},
             )  # fmt: skip
         out[f"gemm_scatter-{desc}"] = (
             "triton_ep._gemm_scatter_kernel",
-            {**common, "EP": 4, "BM": BM, "BN": BN, "BK": BK, "LOG": 10, "GROUP_M": GM, "WIDE": False,
+            {**common, "EP": 4, "BM": BM, "BN": BN, "BK": BK, "GROUP_M": GM, "WIDE": False,
              "DESC": on, "W_KMAJOR": km},
             {"a_desc": [BM, BK], "w_desc": w_block[km]} if on else {},
         )  # fmt: skip
@@ -100,6 +101,7 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
                 {"ACT": code, "BF": 2048, "BACKWARD": backward},
                 {},
             )
+    out["tile_plan"] = ("triton_backend._tile_plan_kernel", {"BM": BM, "BSEG": 512, "BLOCK": 16}, {})
     out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
     out["push_meta"] = ("triton_ep._push_meta_kernel", {"EP": 4, "BJ": 128, "BE": 64}, {})
     out["wait_all"] = ("triton_ep._wait_all_kernel", {"EP": 4}, {})
