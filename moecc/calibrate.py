@@ -64,11 +64,104 @@ def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
     dst = torch.empty_like(big)
     bw = 2 * big.numel() / _time_s(lambda: dst.copy_(big), device, iters)
     tiny = torch.ones(8, device=device)
-    overhead = _time_s(lambda: tiny.add(1.0), device, iters * 10)  # an op with nothing to do: issue cost
-    rates = {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
+    if device.type == "cuda":
+        overhead = _device_gap_s(tiny)
+    else:  # the host runs the op: its whole cost
+        overhead = _time_s(lambda: tiny.add(1.0), device, iters * 10)
+    rates: dict[str, Any] = {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
     if device.type == "cuda":
         rates["fused_gemm_flops"] = measure_fused(device, quick)
+        # on the CPU the host runs the ops itself: their cost is on the compute stream (op_overhead)
+        rates.update(measure_host(device, quick))
     return rates
+
+
+def _host_s(fn: Callable[[], Any], device: torch.device, n: int) -> float:
+    """Host seconds per call of fn, issued back to back (what the host spends; the device's work is tiny and
+    is waited for after the clock stops)."""
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return t
+
+
+def measure_host(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The host's time to issue one graph node on a GPU (`HardwareProfile.host_op`, `host_view`, `host_ops`):
+    an aten op, a view, and each moecc op of an expert layer, called as a graph calls them on tiny inputs, so
+    that the host's time is what is measured. The moecc ops run the Triton kernels the `auto` backend lowers
+    them to on a GPU (the fused expert-parallel ops included) and are recorded under the name they have
+    when the schedule pass costs them (before lowering). (On the CPU, under TRITON_INTERPRET=1, it runs for
+    tests; its figures mean nothing there.)"""
+    from moecc import ops
+    from moecc.backends import triton_backend
+
+    if not triton_backend.available(device):
+        raise MoeccError(
+            f"calibrate: the host costs are measured with the Triton kernels, which cannot run on {device}"
+        )
+    m = torch.ops.moecc
+    n = 20 if quick else 200
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    T, H, F, E, K = 64, 128, 64, 8, 2
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
+    idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=-1).indices
+    w_TK = torch.rand(T, K, device=device, generator=gen).to(dtype)
+    w1 = torch.randn(E, H, 2 * F, device=device, dtype=dtype, generator=gen)
+    w2 = torch.randn(E, F, H, device=device, dtype=dtype, generator=gen)
+    x_SH, src_S, _, offs_E = ops.route_permute(x, idx, E, -1)
+    mm, wgrad, glu, glu_bwd = m.triton_grouped_mm, m.triton_grouped_mm_wgrad, m.triton_glu, m.triton_glu_backward
+    h = mm(x_SH, w1, offs_E)
+    a = glu(h, "silu")
+    y = mm(a, w2, offs_E)
+    cases: dict[str, Callable[[], Any]] = {
+        "moecc.route_permute": lambda: m.route_permute(x, idx, E, -1),
+        "moecc.grouped_mm": lambda: mm(x_SH, w1, offs_E),
+        "moecc.grouped_mm_wgrad": lambda: wgrad(x_SH, h, offs_E),
+        "moecc.glu": lambda: glu(h, "silu"),
+        "moecc.glu_backward": lambda: glu_bwd(a, h, "silu"),
+        "moecc.unpermute_combine": lambda: m.unpermute_combine(y, src_S, offs_E, w_TK),
+    }
+    hf, xs, plan = m.ep_dispatch_gemm(x, idx, w1, 1, "")
+    af = glu(hf, "silu")
+    _, y_TKH = m.ep_gemm_combine(af, w2, w_TK, plan, 1, "")
+    cases |= {
+        "moecc.ep_dispatch_gemm": lambda: m.ep_dispatch_gemm(x, idx, w1, 1, ""),
+        "moecc.ep_gemm_combine": lambda: m.ep_gemm_combine(af, w2, w_TK, plan, 1, ""),
+        "moecc.ep_gemm_combine_backward": lambda: m.ep_gemm_combine_backward(x, af, w2, w_TK, y_TKH, plan, ""),
+        "moecc.ep_dispatch_gemm_backward": lambda: m.ep_dispatch_gemm_backward(hf, xs, w1, plan, T, K, ""),
+    }
+    aten = torch.ops.aten
+    return {
+        "host_op": _host_s(lambda: aten.add.Tensor(x, x), device, n),
+        "host_view": _host_s(lambda: aten.t.default(x), device, n),
+        "host_ops": {name: _host_s(fn, device, n) for name, fn in cases.items()},
+    }
+
+
+def _device_gap_s(tiny: torch.Tensor, n: int = 200) -> float:
+    """The device's time per op with nothing to do, queued back to back (`HardwareProfile.op_overhead`):
+    behind a 10 ms spin of the device, so that the host has queued them all before the device reaches the
+    first and the host's own cost (the host lane's) is not in it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        torch.cuda._sleep(20_000_000)  # clock cycles: about 10 ms
+        start.record()
+        for _ in range(n):
+            tiny.add_(1.0)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / n)
+    return statistics.median(times)
 
 
 def measure_fused(device: torch.device, quick: bool) -> float:

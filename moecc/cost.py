@@ -37,6 +37,13 @@ class HardwareProfile:
     # rate of moecc's fused expert-parallel ops (gathering / scattering GEMMs, with their routing), FLOP/s;
     # None: the grouped GEMM rate
     fused_gemm_flops: float | None = None
+    # the host's time to issue one node of a graph (Python, the dispatcher, kernel launches), s: an op's
+    # kernels start no earlier than the host has issued it, so where the host is slower than the device the
+    # host sets the pace. host_op: any op without an entry in host_ops (which holds the multi-kernel ops,
+    # by name, e.g. "moecc.grouped_mm"); host_view: a view op (no kernel). 0: the host is not modelled
+    host_op: float = 0.0
+    host_view: float = 0.0
+    host_ops: tuple[tuple[str, float], ...] = ()
     source: str = "built-in"  # where the figures come from (built-in, or the calibrated profile's path)
 
     def comm_s(self, kind: str, nbytes: float) -> float:
@@ -57,6 +64,7 @@ class HardwareProfile:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["curves"] = {k: [list(p) for p in pts] for k, pts in self.curves}
+        d["host_ops"] = dict(self.host_ops)
         return d
 
     @staticmethod
@@ -68,7 +76,8 @@ class HardwareProfile:
         if unknown or missing:
             raise ValueError(f"not a moecc profile: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
         curves = tuple((k, _monotone(pts)) for k, pts in sorted(d.get("curves", {}).items()))
-        return HardwareProfile(**{**d, "curves": curves, "source": source})
+        host_ops = tuple(sorted((str(k), float(v)) for k, v in d.get("host_ops", {}).items()))
+        return HardwareProfile(**{**d, "curves": curves, "host_ops": host_ops, "source": source})
 
 
 def _monotone(points: Any) -> tuple[tuple[float, float], ...]:
@@ -96,9 +105,32 @@ def _interpolate(points: tuple[tuple[float, float], ...], nbytes: float) -> floa
 
 PROFILES = {
     # measured on 4 x H200 (NVLink full mesh), torch 2.11: see shared/DESIGN.md
-    # the fused ops' rate: `moecc calibrate` on one H200 (a layer's fused forward and backward ops,
-    # benchmarks/results/profile_h200_1gpu_2026-11-29b.json), 421 TFLOP/s
-    "h200": HardwareProfile("h200", 772e12, 716e12, 4.0e12, 258e9, 25e-6, op_overhead=5e-6, fused_gemm_flops=421e12),
+    # the fused ops' rate, the device's gap between back-to-back ops and the host's costs: `moecc calibrate` on
+    # one H200 (benchmarks/results/profile_h200_1gpu_2026-11-29c.json)
+    "h200": HardwareProfile(
+        "h200",
+        772e12,
+        716e12,
+        4.0e12,
+        258e9,
+        25e-6,
+        op_overhead=1.7e-6,
+        fused_gemm_flops=450e12,
+        host_op=8.7e-6,
+        host_view=2.1e-6,
+        host_ops=(
+            ("moecc.ep_dispatch_gemm", 1550e-6),
+            ("moecc.ep_dispatch_gemm_backward", 667e-6),
+            ("moecc.ep_gemm_combine", 495e-6),
+            ("moecc.ep_gemm_combine_backward", 668e-6),
+            ("moecc.glu", 39e-6),
+            ("moecc.glu_backward", 39e-6),
+            ("moecc.grouped_mm", 132e-6),
+            ("moecc.grouped_mm_wgrad", 81e-6),
+            ("moecc.route_permute", 206e-6),
+            ("moecc.unpermute_combine", 119e-6),
+        ),
+    ),
     # a 2-core CPU machine: rough figures good enough to rank choices
     "cpu": HardwareProfile("cpu", 50e9, 40e9, 10e9, 2e9, 50e-6, op_overhead=10e-6),
 }
@@ -290,6 +322,17 @@ def _is_view(node: fx.Node) -> bool:
     """A view (transpose, reshape, slice, ...): metadata only, no kernel and no launch."""
     t = node.target
     return isinstance(t, torch._ops.OpOverload) and (t.is_view or t is torch.ops.aten._unsafe_view.default)
+
+
+def host_us(node: fx.Node, profile: HardwareProfile) -> float:
+    """Predicted host time to issue one node in microseconds (see HardwareProfile.host_op)."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return 0.0
+    if _is_view(node):
+        return 1e6 * profile.host_view
+    t = node.target
+    name = f"{t.namespace}.{t._schema.name.split('::')[-1]}" if isinstance(t, torch._ops.OpOverload) else str(t)
+    return 1e6 * dict(profile.host_ops).get(name, profile.host_op)
 
 
 def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1) -> float:

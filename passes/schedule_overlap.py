@@ -65,10 +65,11 @@ def pipeline_us(profile: cost.HardwareProfile, *, ep: int, T: int, H: int, K: in
                 nodes: int, n: int) -> float:  # fmt: skip
     """Predicted forward + backward time of one MoE region in n token chunks: per chunk a dispatch d, expert
     compute x (2x in backward) and a combine b, the all-to-alls sharing one stream; n chunks pipeline as
-    d + x + b + (n - 1) max(x, d + b), and each chunk pays the region's per-op overheads again."""
+    d + x + b + (n - 1) max(x, d + b), and each chunk pays the region's per-op overheads again (the device's
+    gap or the host's time per op, whichever is longer: the two overlap)."""
     moved = T / n * cost.expected_destinations(ep, K) * (ep - 1) / ep * H * elt
     d = b = 1e6 * profile.comm_s("all_to_all", moved)
-    x = 1e6 * (gemm_flops / n / profile.grouped_gemm_flops + profile.op_overhead * nodes)
+    x = 1e6 * (gemm_flops / n / profile.grouped_gemm_flops + max(profile.op_overhead, profile.host_op) * nodes)
     fwd = d + x + b + (n - 1) * max(x, d + b)
     bwd = d + 2 * x + b + (n - 1) * max(2 * x, d + b)
     return fwd + bwd
@@ -324,27 +325,38 @@ def _kind(n: fx.Node) -> str:
 
 
 class Streams:
-    """Predicted time on a compute stream and a communication stream, as the graph issues its nodes.
+    """Predicted time on a compute stream and a communication stream, as the host issues the graph's nodes.
 
-    compute   starts when the compute stream is free;
+    The host issues the nodes one after another, each taking its `host_us` (the profile's host costs); an
+    op reaches its stream when the host has issued it. Then:
+    compute   starts when the compute stream is free (an op with no device time, a view, only takes host
+              time);
     a start   (all-to-all, all-reduce) starts when the comm stream is free and everything issued on the
               compute stream before it is done (what NCCL's stream waits for), and holds the comm stream;
     a wait    holds the compute stream until its collective is done;
     blocking  (ep_plan's count exchange and host copy, an unsplit all-to-all) waits for both streams and
-              holds both.
+              holds both, and the host until it is done.
     """
+
+    LANES = ("compute", "comm", "host")
 
     def __init__(self) -> None:
         self.compute = 0.0
         self.comm = 0.0
+        self.host = 0.0
         self.done: dict[fx.Node, float] = {}
         self.events: list[dict[str, Any]] = []
 
     def issue(self, n: fx.Node) -> None:
         dur = ir.facts(n).get("cost_us", 0.0)
+        host = ir.facts(n).get("host_us", 0.0)
+        if host > 0:
+            self._event(n, self.host, host, 2)
+            self.host += host
+        ready = self.host
         kind = _kind(n)
         if kind in ("a2a", "all_reduce"):
-            start = max(self.comm, self.compute)
+            start = max(self.comm, self.compute, ready)
             self.comm = start + dur
             end, lane = self.comm, 1
         elif kind == "wait":
@@ -354,22 +366,28 @@ class Streams:
             end, lane = self.compute, 0
             dur = end - start  # a stall, if any
         elif kind == "blocking":
-            start = max(self.compute, self.comm)
-            self.compute = self.comm = start + dur
+            start = max(self.compute, self.comm, ready)
+            self.compute = self.comm = self.host = start + dur
             end, lane = self.compute, 1
-        else:
-            start = self.compute
+        elif dur > 0:
+            start = max(self.compute, ready)
             self.compute = start + dur
             end, lane = self.compute, 0
+        else:
+            start = end = ready
+            lane = 0
         self.done[n] = end
         if dur > 0:
-            self.events.append(
-                {"name": n.name, "cat": ir.op_name(n), "ph": "X", "ts": start, "dur": dur, "pid": 0, "tid": lane}
-            )
+            self._event(n, start, dur, lane)
+
+    def _event(self, n: fx.Node, start: float, dur: float, lane: int) -> None:
+        self.events.append(
+            {"name": n.name, "cat": ir.op_name(n), "ph": "X", "ts": start, "dur": dur, "pid": 0, "tid": lane}
+        )
 
     @property
     def total(self) -> float:
-        return max(self.compute, self.comm)
+        return max(self.compute, self.comm, self.host)
 
 
 def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
@@ -546,6 +564,7 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if n.op == "call_function":
             k = top_k.get(ir.facts(n).get("region"), 2)
             ir.set_facts(n, cost_us=cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep))
+            ir.set_facts(n, host_us=cost.host_us(n, ctx.profile))
             ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
     _, before = predicted_timeline(gm)
     moved, scheduled = reorder(gm)
@@ -566,7 +585,7 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.dumper is not None:
         meta: list[dict[str, Any]] = [
             {"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": s}}
-            for t, s in ((0, "compute"), (1, "comm"))
+            for t, s in enumerate(Streams.LANES)
         ]
         ctx.dumper.write_json(f"timeline.{ctx.graph_kind}.json", {"traceEvents": meta + events})
     return gm

@@ -190,3 +190,18 @@ def test_autocast_on_gpu_runs_the_fused_kernels_in_bf16_and_matches_eager() -> N
         for a in g.args
         if isinstance(a, torch.fx.Node) and a.meta["val"].is_floating_point()
     ), [(g.name, [a.meta["val"].dtype for a in g.args if isinstance(a, torch.fx.Node)]) for g in gemms]
+
+
+def test_calibrate_measures_the_host_cost_of_every_expert_op() -> None:
+    """The host lane's figures: an aten op, a view and each moecc op of an expert layer (fused ones
+    included), positive and in an order a host can have (a view below an op, a fused op above an aten op)."""
+    from moecc import calibrate, cost
+
+    host = calibrate.measure_host(torch.device("cuda"), quick=True)
+    ops = host["host_ops"]
+    assert set(ops) >= {"moecc.grouped_mm", "moecc.glu", "moecc.ep_dispatch_gemm", "moecc.ep_gemm_combine_backward"}
+    assert 0 < host["host_view"] < host["host_op"] < ops["moecc.ep_dispatch_gemm"], host
+    gap = calibrate._device_gap_s(torch.ones(8, device="cuda"))
+    assert 0 < gap < host["host_op"], (gap, host["host_op"])  # the device keeps up with the host on tiny ops
+    p = cost.HardwareProfile.from_json({**cost.PROFILES["h200"].to_json(), **host}, source="test")
+    assert dict(p.host_ops) == ops and p.host_op == host["host_op"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -217,6 +218,46 @@ def test_reorder_overlaps_waits_and_keeps_mutations_in_place() -> None:
     assert scheduled.total == total and scheduled.events == so.predicted_timeline(gm)[0]
 
 
+def test_predicted_timeline_has_a_host_lane() -> None:
+    """The host issues nodes one after another: where its time per node exceeds the device's, it sets the
+    pace; a view costs host time only; a blocking op holds the host until it is done; the dumps' trace has the
+    host's track beside compute and comm."""
+    from moecc.passes import schedule_overlap as so
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = x
+    for _ in range(10):
+        y = g.call_function(aten.add.Tensor, (y, 1))
+    v = g.call_function(aten.t.default, (y,))
+    big = g.call_function(aten.mm.default, (v, v))
+    plan = g.call_function(torch.ops.moecc.ep_plan.default, (big,))  # blocking: a copy to the host
+    g.output((plan,))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    for n in nodes:
+        ir.set_facts(n, cost_us=1.0, host_us=5.0)
+    ir.set_facts(v, cost_us=0.0, host_us=2.0)
+    ir.set_facts(big, cost_us=100.0, host_us=5.0)
+    ir.set_facts(plan, cost_us=10.0, host_us=5.0)
+    events, total = so.predicted_timeline(gm)
+    # 10 adds: the host's 50 us, the device's 10; the view 2 us of host; the mm starts once issued (57 us)
+    # and runs 100 us; ep_plan waits for it and holds everything for 10 us
+    assert total == pytest.approx(50 + 2 + 5 + 100 + 10), total
+    lanes = {e["tid"] for e in events if e["name"] == v.name}
+    assert lanes == {2}, "a view takes host time only"
+    for n in nodes:
+        ir.set_facts(n, host_us=0.0)
+    assert so.predicted_timeline(gm)[1] == pytest.approx(10 + 100 + 10), "without host costs: the device's time"
+    # the costs come from the profile: views and ops their own figures, multi-kernel ops theirs by name
+    p = dataclasses.replace(cost.PROFILES["h200"], host_op=4e-6, host_view=1e-6, host_ops=(("moecc.ep_plan", 30e-6),))
+    assert cost.host_us(nodes[0], p) == pytest.approx(4.0) and cost.host_us(v, p) == pytest.approx(1.0)
+    assert cost.host_us(plan, p) == pytest.approx(30.0)
+    back = cost.HardwareProfile.from_json(p.to_json(), source="x")
+    assert back.host_ops == p.host_ops and back.host_op == p.host_op
+
+
 def test_chunk_count_follows_the_cost_model() -> None:
     from moecc.passes import schedule_overlap as so
 
@@ -233,7 +274,6 @@ def test_chunk_count_follows_the_cost_model() -> None:
 
 
 def test_attention_and_fused_op_costs() -> None:
-    import dataclasses
 
     from torch.fx.experimental.proxy_tensor import make_fx
 
