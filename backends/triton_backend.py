@@ -18,6 +18,7 @@ under TRITON_INTERPRET=1 (how CI tests them).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 
 import torch
@@ -36,9 +37,24 @@ def available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
+def _cuda_properties(index: int) -> tuple[int, int]:
+    """(SMs, L2 bytes) of a CUDA device: asked once (torch's query costs host time on every call)."""
+    p = torch.cuda.get_device_properties(index)
+    return p.multi_processor_count, p.L2_cache_size
+
+
+def cuda_sms(device: torch.device) -> int:
+    return _cuda_properties(torch.cuda._get_device_index(device, optional=True))[0]
+
+
+def cuda_l2_bytes(device: torch.device) -> int:
+    return _cuda_properties(torch.cuda._get_device_index(device, optional=True))[1]
+
+
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return cuda_sms(device)
     return 4  # the interpreter runs programs one after another: a few keep tests fast
 
 
@@ -346,7 +362,7 @@ def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1
         return False
     if x_SK.device.type != "cuda":
         return True  # the interpreter tests it
-    l2 = torch.cuda.get_device_properties(x_SK.device).L2_cache_size
+    l2 = cuda_l2_bytes(x_SK.device)
     rows = x_SK.shape[0] // max(E * nsrc, 1)  # an expert's rows, on average (nsrc: buffers of nsrc x the rows)
     return rows * N * dy_SN.element_size() > l2 // 2
 

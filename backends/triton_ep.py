@@ -651,7 +651,7 @@ def _receiver_plan(buf: EPBuffers, bm: int) -> dict[str, torch.Tensor]:
 def _programs(device: torch.device) -> tuple[int, int]:
     """(all programs, send programs) of the merged kernel."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = triton_backend.cuda_sms(device)
         return sms, max(8, sms // 8)
     return 4, 2
 
@@ -668,7 +668,7 @@ def _group_m(w_EKN: torch.Tensor) -> int:
     group_m = triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5]
     if w_EKN.device.type != "cuda":
         return group_m  # the interpreter tests it
-    l2 = torch.cuda.get_device_properties(w_EKN.device).L2_cache_size
+    l2 = triton_backend.cuda_l2_bytes(w_EKN.device)
     return group_m if w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size() > l2 // 2 else 1
 
 
