@@ -46,6 +46,9 @@ Per variant (built, measured and freed before the next one is built, unless --in
   predicted_step_ms moecc's cost model: the sum over the compiled graphs of plan["predicted_us"], the forward
                     and backward critical paths the schedule pass predicts; none for eager, and none for
                     moecc_noschedule (the schedule pass is what predicts);
+  host_issue_ms     the host's time to issue one step (from its start, the device idle, until it returns; the
+                    median of 5, the slowest rank): where it nears step_ms, the host sets the pace;
+  predicted_host_ms the cost model's host lane for the same (moecc): its predicted time to issue the graphs;
   peak_mem_gib      torch.cuda.max_memory_allocated during the variant (reset before it), the rank max; GPU only;
   numerics          the first step's loss relative to eager's, and samples of the gradients of the first and
                     last layers, the embedding, the final norm and the LM head against eager's (recorded and
@@ -248,11 +251,25 @@ def build_moecc(run: layer_bench.Run, c: Config, backend: str, disable: tuple[st
     return StepModel(cm, dict(cm.named_parameters()), None, describe)
 
 
-def predicted_ms(m: StepModel) -> float | None:
-    """The cost model's step time: forward + backward critical paths over the compiled graphs."""
+def predicted_ms(m: StepModel, key: str = "predicted_us") -> float | None:
+    """The cost model's step time: forward + backward critical paths over the compiled graphs (with key
+    "predicted_host_us": the host's time to issue them)."""
     contexts = getattr(getattr(m.module, "session", None), "contexts", [])
-    total = sum(sum(ctx.plan.get("predicted_us", {}).values()) for ctx in contexts)
+    total = sum(sum(ctx.plan.get(key, {}).values()) for ctx in contexts)
     return total / 1e3 if total else None
+
+
+def host_issue_ms(run: layer_bench.Run, call: Callable[[], Any], steps: int = 5) -> float:
+    """Median host time from a step's start until it returns, the device idle at the start (synchronised
+    before, not inside): how long the host takes to issue the step, against the step time."""
+    times = []
+    for _ in range(steps):
+        run.sync()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+        run.sync()
+    return statistics.median(times)
 
 
 def step(m: StepModel, ids_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -426,6 +443,10 @@ def bench_variant(
         rec["tokens_per_s"] = run.world * c.tokens / (rec["step_ms"] / 1e3)
         rec["model_flops"] = flops
         rec["mfu"] = flops / (rec["step_ms"] / 1e3) / (run.world * peak_flops)
+        host, err = attempt(run, "host issue time", lambda: host_issue_ms(run, call))
+        if err is None:
+            rec["host_issue_ms_per_rank"] = run.gather(host)
+            rec["host_issue_ms"] = max(rec["host_issue_ms_per_rank"])
         comm, err = attempt(run, "profiled step", lambda: profile_comm(run, call))
     if err is None:
         per_rank = run.gather(comm)
@@ -439,6 +460,7 @@ def bench_variant(
         rec["error"] = err
     if name != "eager":
         rec["predicted_step_ms"] = predicted_ms(m)
+        rec["predicted_host_ms"] = predicted_ms(m, "predicted_host_us")
         if rec["predicted_step_ms"] is None:
             rec["predicted_note"] = "no plan['predicted_us'] in the compiled graphs (the schedule pass predicts)"
     if cuda:

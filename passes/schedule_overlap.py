@@ -573,6 +573,7 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     ctx.plan.setdefault("collective_order", {})[ctx.graph_kind] = order
     events, total = scheduled.events, scheduled.total
     ctx.plan.setdefault("predicted_us", {})[ctx.graph_kind] = total
+    ctx.plan.setdefault("predicted_host_us", {})[ctx.graph_kind] = scheduled.host
     ctx.plan.setdefault("predicted_unscheduled_us", {})[ctx.graph_kind] = before
     chunks = ctx.plan.get("chunks", {})
     chunk_note = ", ".join(f"{p}: {c}" for p, c in chunks.items()) or "none"
