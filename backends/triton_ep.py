@@ -594,33 +594,99 @@ def plan_numel(ep: int, T: int, K: int, E_l: int, device: torch.device, dtype: t
     return sum(Plan.sizes(ep, T, K, E_l, _gemm_config(device, dtype)[0]))
 
 
+@triton.jit
+def _route_scan_kernel(
+    idx_ptr, key_ptr, valid_ptr, pos_ptr, T, K, E, E_l,
+    EP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """One program over this rank's T x K slots: each slot's sort key (its expert, E where it is routed
+    nowhere) and whether it is routed; and pos[d, t], token t's place among the tokens this rank sends to
+    rank d (-1: none of its slots goes there), a running count over t per destination."""
+    ks = tl.arange(0, BK)
+    for d in tl.static_range(EP):
+        carry = tl.sum(tl.zeros([BT], dtype=tl.int64), 0)
+        for t0 in range(0, T, BT):
+            ts = t0 + tl.arange(0, BT)
+            m = (ts < T)[:, None] & (ks < K)[None, :]
+            at = ts[:, None].to(tl.int64) * K + ks[None, :]
+            e = tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int64)
+            ok = (e >= 0) & (e < E)
+            if d == 0:
+                tl.store(key_ptr + at, tl.where(ok, e, E).to(tl.int32), mask=m)
+                tl.store(valid_ptr + at, ok, mask=m)
+            hit = tl.max(tl.where(ok & (e // E_l == d), 1, 0), axis=1)
+            c = tl.cumsum(hit, 0).to(tl.int64) + carry
+            tl.store(pos_ptr + d * T + ts, tl.where(hit > 0, c - 1, -1), mask=ts < T)
+            carry += tl.sum(hit, 0).to(tl.int64)
+
+
+@triton.jit
+def _lower_bound(a_ptr, n, target, LOG: tl.constexpr):
+    """Per lane, the first i in [0, n) with a[i] >= target (n if none); a sorted."""
+    lo = tl.zeros_like(target)
+    hi = lo + n
+    for _ in tl.static_range(LOG):
+        mid = (lo + hi) // 2
+        inside = mid < hi
+        go = inside & (tl.load(a_ptr + mid, mask=inside, other=0) < target)
+        lo = tl.where(go, mid + 1, lo)
+        hi = tl.where(go, hi, mid)
+    return lo
+
+
+@triton.jit
+def _route_slots_kernel(
+    key_ptr, order_ptr, pos_ptr, dest_ptr, q_ptr, row_ptr, counts_ptr, TK, T, K, E, E_l, me,
+    LOG: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
+):  # fmt: skip
+    """Per slot j in expert order (key sorted, `order` its slot ids): its destination rank (-1: routed
+    nowhere), its place q among this rank's slots to that rank, its token's receive row there; program 0
+    also the slots per expert. Where a rank's, or an expert's, slots begin among the sorted keys is a
+    binary search."""
+    pid = tl.program_id(0)
+    js = pid * BJ + tl.arange(0, BJ)
+    ok = js < TK
+    key = tl.load(key_ptr + js, mask=ok, other=E)
+    dest = tl.where(key < E, key // E_l, -1)
+    dc = tl.maximum(dest, 0)
+    start = _lower_bound(key_ptr, TK, dc * E_l, LOG)
+    tok = tl.load(order_ptr + js, mask=ok, other=0) // K
+    row = me * T + tl.load(pos_ptr + dc.to(tl.int64) * T + tok, mask=ok, other=0)
+    tl.store(dest_ptr + js, dest.to(tl.int64), mask=ok)
+    tl.store(q_ptr + js, (js - start).to(tl.int64), mask=ok)
+    tl.store(row_ptr + js, row.to(tl.int64), mask=ok)
+    if pid == 0:
+        for e0 in range(0, E, BE):
+            es = e0 + tl.arange(0, BE)
+            c = _lower_bound(key_ptr, TK, es + 1, LOG) - _lower_bound(key_ptr, TK, es, LOG)
+            tl.store(counts_ptr + es, c.to(tl.int64), mask=es < E)
+
+
 def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor) -> dict[str, torch.Tensor]:
+    """This rank's slots, sorted by expert (stable), and where each goes: two kernels around one sort (the
+    same plan in torch ops took about forty launches, each with its host time)."""
     ep, me, T, K, E_l = buf.ep, buf.me, buf.T, buf.K, buf.E_l
-    E = ep * E_l
-    dev = idx_TK.device
-    flat = idx_TK.reshape(-1).to(torch.int64)
-    valid = (flat >= 0) & (flat < E)
-    key = torch.where(valid, flat, E)
+    E, TK, dev = ep * E_l, T * K, idx_TK.device
+    idx = idx_TK.contiguous()
+    key = torch.empty(TK, device=dev, dtype=torch.int32)
+    valid = torch.empty(T, K, device=dev, dtype=torch.bool)
+    pos_PT = torch.empty(ep, T, device=dev, dtype=torch.int64)
+    out = {n: torch.empty(TK, device=dev, dtype=torch.int64) for n in ("dest_J", "q_J", "row_J")}
+    counts_E = torch.zeros(E, device=dev, dtype=torch.int64)
+    if TK == 0:
+        return {"valid_TK": valid, "pos_PT": pos_PT, **out, "slot_J": out["q_J"].clone(), "counts_E": counts_E}
+    gpu = dev.type == "cuda"
+    _route_scan_kernel[(1,)](
+        idx, key, valid, pos_PT, T, K, E, E_l, EP=ep, BT=min(1024 if gpu else 64, triton.next_power_of_2(T)),
+        BK=triton.next_power_of_2(K),
+    )  # fmt: skip
     key_sorted, order = torch.sort(key, stable=True)
-    counts_E = torch_backend._histogram(key, E + 1)[:E]
-    dest_TK = torch.where(valid, flat // E_l, -1).view(T, K)
-    hit_PT = (dest_TK.unsqueeze(0) == torch.arange(ep, device=dev)[:, None, None]).any(-1)
-    pos_PT = torch.where(hit_PT, torch.cumsum(hit_PT, 1) - 1, -1)
-    dest_J = torch.where(key_sorted < E, key_sorted // E_l, -1)
-    per_dest = counts_E.view(ep, E_l).sum(1)
-    start_P = torch.cumsum(per_dest, 0) - per_dest
-    dc = dest_J.clamp(min=0)
-    q_J = torch.arange(T * K, device=dev) - start_P[dc]
-    row_J = me * T + pos_PT[dc, order // K]
-    return {
-        "valid_TK": valid.view(T, K),
-        "pos_PT": pos_PT,
-        "dest_J": dest_J,
-        "q_J": q_J,
-        "row_J": row_J,
-        "slot_J": order,
-        "counts_E": counts_E,
-    }
+    BJ = 1024 if gpu else 64
+    _route_slots_kernel[(triton.cdiv(TK, BJ),)](
+        key_sorted, order, pos_PT, out["dest_J"], out["q_J"], out["row_J"], counts_E, TK, T, K, E, E_l, me,
+        LOG=max(1, TK.bit_length()) + 1, BJ=BJ, BE=min(1024, triton.next_power_of_2(E)),
+    )  # fmt: skip
+    return {"valid_TK": valid, "pos_PT": pos_PT, **out, "slot_J": order, "counts_E": counts_E}
 
 
 def _receiver_plan(buf: EPBuffers, bm: int) -> dict[str, torch.Tensor]:

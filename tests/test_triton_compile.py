@@ -39,6 +39,10 @@ POINTERS: dict[str, dict[str, str]] = {
     "triton_ep._push_meta_kernel": dict.fromkeys(("dest_ptr", "q_ptr", "row_ptr", "slot_ptr"), "i64"),
     "triton_ep._wait_all_kernel": {},
     "triton_backend._tile_plan_kernel": {},
+    "triton_ep._route_scan_kernel": {"idx_ptr": "i64", "valid_ptr": "i1", "pos_ptr": "i64"},
+    "triton_ep._route_slots_kernel": dict.fromkeys(
+        ("order_ptr", "pos_ptr", "dest_ptr", "q_ptr", "row_ptr", "counts_ptr"), "i64"
+    ),
 }
 
 
@@ -102,6 +106,8 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
                 {},
             )
     out["tile_plan"] = ("triton_backend._tile_plan_kernel", {"BM": BM, "BSEG": 512, "BLOCK": 16}, {})
+    out["route_scan"] = ("triton_ep._route_scan_kernel", {"EP": 4, "BT": 1024, "BK": 8}, {})
+    out["route_slots"] = ("triton_ep._route_slots_kernel", {"LOG": 18, "BJ": 1024, "BE": 256}, {})
     out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
     out["push_meta"] = ("triton_ep._push_meta_kernel", {"EP": 4, "BJ": 128, "BE": 64}, {})
     out["wait_all"] = ("triton_ep._wait_all_kernel", {"EP": 4}, {})

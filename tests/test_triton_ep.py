@@ -150,6 +150,53 @@ def test_fused_layer_matches_eager(ep, kinds, dt, wide, T, desc, monkeypatch: py
     }, ran
 
 
+def _source_plan_reference(ep: int, me: int, E_l: int, idx_TK: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The source side of the plan by its definition, in torch ops."""
+    T, K = idx_TK.shape
+    E = ep * E_l
+    flat = idx_TK.reshape(-1).to(torch.int64)
+    valid = (flat >= 0) & (flat < E)
+    key = torch.where(valid, flat, E)
+    key_sorted, order = torch.sort(key, stable=True)
+    counts_E = torch.bincount(key, minlength=E + 1)[:E]
+    dest_TK = torch.where(valid, flat // E_l, -1).view(T, K)
+    hit_PT = (dest_TK.unsqueeze(0) == torch.arange(ep)[:, None, None]).any(-1)
+    pos_PT = torch.where(hit_PT, torch.cumsum(hit_PT, 1) - 1, -1)
+    dest_J = torch.where(key_sorted < E, key_sorted // E_l, -1)
+    per_dest = counts_E.view(ep, E_l).sum(1)
+    start_P = torch.cumsum(per_dest, 0) - per_dest
+    dc = dest_J.clamp(min=0)
+    return {
+        "valid_TK": valid.view(T, K),
+        "pos_PT": pos_PT,
+        "dest_J": dest_J,
+        "q_J": torch.arange(T * K) - start_P[dc],
+        "row_J": me * T + pos_PT[dc, order // K],
+        "slot_J": order,
+        "counts_E": counts_E,
+    }
+
+
+@pytest.mark.parametrize("ep,me,E_l,T,K", [(1, 0, 8, 40, 2), (2, 1, 3, 37, 3), (4, 2, 4, 130, 4), (3, 0, 1, 5, 1)])
+def test_source_plan_kernels_match_its_definition(ep: int, me: int, E_l: int, T: int, K: int) -> None:
+    """The two routing kernels around the sort give the plan's definition exactly: skewed routing, slots
+    routed nowhere (-1 and past the last expert), ranks that get no slot."""
+    gen = torch.Generator().manual_seed(ep * 100 + T)
+    E = ep * E_l
+    idx = torch.randint(0, E, (T, K), generator=gen)
+    idx[torch.rand(T, K, generator=gen) < 0.3] = 0  # skewed towards expert 0
+    idx[torch.rand(T, K, generator=gen) < 0.1] = -1
+    idx[torch.rand(T, K, generator=gen) < 0.05] = E + 2
+    if ep > 2:
+        idx[(idx >= E_l) & (idx < 2 * E_l)] = 0  # rank 1 gets nothing
+    world = triton_ep.SimWorld(ep, T, K, 16, E_l, torch.float32, DEV)
+    got = triton_ep._source_plan(world.ranks[me], idx.to(DEV))
+    want = _source_plan_reference(ep, me, E_l, idx)
+    assert set(got) == set(want)
+    for name, w in want.items():
+        assert torch.equal(got[name].cpu(), w), name
+
+
 def test_each_token_sent_once_per_destination():
     """A token whose top-k experts share a rank travels there once: the receive rows equal the distinct
     (token, rank) pairs, and a rank's slots for an expert all point at that one row."""
