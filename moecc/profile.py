@@ -143,6 +143,7 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
+        host_us = (time.perf_counter() - t0) * 1e6  # until the host has issued the step
         if cuda:
             torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
@@ -159,6 +160,13 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
     result = {
         "wall_us": wall_us,
         "predicted_us": predicted_total,
+        # the host's time to issue the step, measured and by the cost model's host lane (0 where the profile
+        # has no host costs: on the CPU the host runs the ops, and their time is the step's)
+        "host_us": host_us,
+        "predicted_host_us": sum(sum(c.plan.get("predicted_host_us", {}).values()) for c in cm.session.contexts),
+        # the nodes' own measured times summed: the device's busy time on a GPU (the step's other time is
+        # the device waiting, for the host or for a peer)
+        "busy_us": sum(r[2] for r in rows.values()),
         "error": (predicted_total - wall_us) / wall_us if wall_us else float("nan"),
         "ops": {op: {"nodes": int(n), "predicted_us": p, "measured_us": m} for op, (n, p, m) in rows.items()},
     }
@@ -189,6 +197,9 @@ def timeline_table(result: dict[str, Any]) -> str:
         "",
         f"Step: predicted {result['predicted_us']:.0f} us, measured {result['wall_us']:.0f} us "
         f"(error {100 * result['error']:+.1f} %).",
+        "",
+        f"Host: predicted {result['predicted_host_us']:.0f} us to issue the step, measured {result['host_us']:.0f} us. "
+        f"The nodes' measured times sum to {result['busy_us']:.0f} us.",
         "",
         "| operation | nodes | predicted us | measured us | measured / predicted |",
         "|---|---|---|---|---|",
