@@ -143,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """One process: compile the factory's model with node profiling, train a few steps, profile the last."""
-    from moecc import profile
+    from moecc import cost, profile
 
     model, inputs = build_from(args.factory)
     out = Path(args.out)
@@ -163,6 +163,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     res = profile.profile_step(cm, step, out)
     print(profile.timeline_table(res))
     print(f"wrote {out / 'timeline.md'} and {out / 'measured.json'}; predicted timelines in {cm.dump_root}")
+    if args.host_costs_into:
+        path = Path(args.host_costs_into)
+        data = json.loads(path.read_text())
+        data.update(res["host_costs"])
+        data.setdefault("measured", {})["host_costs_from"] = f"moecc profile of {args.factory}"
+        cost.HardwareProfile.from_json(data, source=str(path))  # still a valid profile
+        path.write_text(json.dumps(data, indent=1))
+        print(f"wrote the host's time per node of this step into {path}")
     return 0
 
 
@@ -223,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("factory", help="MODULE:FUNCTION or FILE.py:FUNCTION returning (model, example_inputs)")
     p.add_argument("--out", required=True, help="folder for timeline.md, measured.json and the dumps")
     p.add_argument("--steps", type=int, default=3, help="steps to run (the last one is profiled)")
+    p.add_argument("--host-costs-into", default=None, metavar="PROFILE",
+                   help="a profile file (from calibrate) whose host costs to replace with this step's")  # fmt: skip
     p.add_argument("--backend", default="auto", choices=list(moecc.options.BACKENDS))
     p.set_defaults(fn=cmd_profile)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import operator
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ import torch.fx as fx
 import torch.utils._python_dispatch
 import torch.utils._pytree
 
-from moecc import ir
+from moecc import cost, ir
 
 PREFIX = "moecc/"
 
@@ -118,15 +119,45 @@ def measured(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _nodes(cm: Any) -> dict[str, fx.Node]:
+    """range name -> node, for every call of every compiled graph."""
+    return {
+        f"{PREFIX}{ctx.graph_id}/{kind}/{n.name}": n
+        for ctx in cm.session.contexts
+        for kind, gm in ctx.final_graphs.items()
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    }
+
+
 def _predicted(cm: Any) -> dict[str, tuple[str, float]]:
     """range name -> (operation, predicted us) for every costed node of every compiled graph."""
-    out = {}
-    for ctx in cm.session.contexts:
-        for kind, gm in ctx.final_graphs.items():
-            for n in gm.graph.nodes:
-                if n.op == "call_function":
-                    out[f"{PREFIX}{ctx.graph_id}/{kind}/{n.name}"] = (ir.op_name(n), ir.facts(n).get("cost_us", 0.0))
-    return out
+    return {key: (ir.op_name(n), ir.facts(n).get("cost_us", 0.0)) for key, n in _nodes(cm).items()}
+
+
+def host_costs(cm: Any, events: Any) -> dict[str, Any]:
+    """The host's time per node of a profiled step, as a hardware profile's host fields (seconds; see
+    `cost.HardwareProfile.host_op`): each node range's CPU time, the mean per op for the multi-kernel moecc ops
+    (under the name the schedule pass costs them by: before lowering, `moecc.triton_x` is `moecc.x`), and
+    over all other ops and over the views. On a GPU this is what the host spends issuing each node at the
+    model's own sizes; on the CPU the ops' own time is in it."""
+    cpu: dict[str, float] = collections.defaultdict(float)
+    for ev in events:
+        if ev.name.startswith(PREFIX) and ev.device_type == torch.autograd.DeviceType.CPU:
+            cpu[ev.name] += ev.cpu_time_total
+    per: dict[str, list[float]] = collections.defaultdict(list)
+    for key, n in _nodes(cm).items():
+        if key not in cpu or n.target is operator.getitem:
+            continue
+        op = ir.op_name(n).replace("moecc.triton_", "moecc.")
+        group = op if op.startswith("moecc.") else ("view" if cost._is_view(n) else "op")
+        per[group].append(cpu[key] / 1e6)
+    mean = {g: sum(v) / len(v) for g, v in per.items()}
+    return {
+        "host_op": mean.get("op", 0.0),
+        "host_view": mean.get("view", 0.0),
+        "host_ops": {g: t for g, t in sorted(mean.items()) if g.startswith("moecc.")},
+    }
 
 
 def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -148,7 +179,8 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
             torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t0) * 1e6
     predicted = _predicted(cm)
-    measured = measured_us(prof.events(), cuda)
+    events = prof.events()
+    measured = measured_us(events, cuda)
     rows: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for key, (op, pred) in predicted.items():
         if key in measured:
@@ -167,6 +199,8 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
         # the nodes' own measured times summed: the device's busy time on a GPU (the step's other time is
         # the device waiting, for the host or for a peer)
         "busy_us": sum(r[2] for r in rows.values()),
+        # per node, what the host spent issuing it: a profile's host fields from this step (`host_costs`)
+        "host_costs": host_costs(cm, events),
         "error": (predicted_total - wall_us) / wall_us if wall_us else float("nan"),
         "ops": {op: {"nodes": int(n), "predicted_us": p, "measured_us": m} for op, (n, p, m) in rows.items()},
     }

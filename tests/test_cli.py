@@ -72,3 +72,19 @@ def test_demo_runs_on_two_ranks_and_matches_eager(tmp_path: Path, capfd: pytest.
     assert "expert parameters per rank: 96.0 KiB of 192.0 KiB (1/2)" in out
     assert out.count("| lifted") == 2
     assert sorted(p.parent.parent.name for p in tmp_path.glob("rank*/*/summary.md")) == ["rank0", "rank1"]
+
+
+def test_profile_writes_the_steps_host_costs_into_a_profile(tmp_path: Path) -> None:
+    """`moecc profile --host-costs-into`: the host's time per node of the profiled step replaces a profile's
+    host fields, and the file is still a profile compile can load."""
+    from moecc import cost
+
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps(cost.PROFILES["cpu"].to_json()))
+    out = tmp_path / "prof"
+    args = ["profile", "moecc.examples.mixtral_style:build", "--out", str(out), "--steps", "2"]
+    assert cli.main([*args, "--host-costs-into", str(prof)]) == 0
+    assert (out / "timeline.md").exists()
+    p = cost.load_profile(prof)
+    assert p.host_op > 0 and p.host_view > 0 and dict(p.host_ops)["moecc.grouped_mm"] > 0
+    assert p.gemm_flops == cost.PROFILES["cpu"].gemm_flops  # the rest of the profile as it was

@@ -380,6 +380,12 @@ def test_profile_step_compares_every_node_with_its_prediction(tmp_path: Path) ->
     assert res["busy_us"] == pytest.approx(sum(r["measured_us"] for r in ops.values()))
     table = (tmp_path / "timeline.md").read_text()
     assert "| moecc.grouped_mm | 8 |" in table and "error" in table and "to issue the step" in table
+    # the host's time per node, as a profile's host fields: the moecc ops by the name the cost model uses
+    host = res["host_costs"]
+    assert host["host_op"] > 0 and host["host_view"] > 0
+    assert {"moecc.grouped_mm", "moecc.route_permute", "moecc.unpermute_combine"} <= set(host["host_ops"])
+    p = cost.HardwareProfile.from_json({**cost.PROFILES["cpu"].to_json(), **host}, source="step")
+    assert dict(p.host_ops)["moecc.grouped_mm"] == host["host_ops"]["moecc.grouped_mm"] > 0
     trace = json.loads((tmp_path / "measured.json").read_text())
     assert any(e.get("name", "").startswith("moecc/") for e in trace["traceEvents"])
     plain = moecc.compile(copy.deepcopy(model))
