@@ -52,6 +52,12 @@ def cuda_l2_bytes(device: torch.device) -> int:
     return _cuda_properties(torch.cuda._get_device_index(device, optional=True))[1]
 
 
+def past_half_l2(nbytes: int, device: torch.device) -> bool:
+    """Whether nbytes of one operand overflow half the device's L2 cache, so that the tile order must keep it
+    from being read again and again. Under the interpreter (no cache), yes: the tests run that order."""
+    return device.type != "cuda" or nbytes > cuda_l2_bytes(device) // 2
+
+
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return cuda_sms(device)
@@ -358,13 +364,8 @@ def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1
     torch._grouped_mm, results/wgrad_band_2026-11-29.json). Where both fit, k-tile-major order was as fast or
     faster (DeepSeek-like: 0.83 against 0.75)."""
     K, N = x_SK.shape[1], dy_SN.shape[1]
-    if N <= K:
-        return False
-    if x_SK.device.type != "cuda":
-        return True  # the interpreter tests it
-    l2 = cuda_l2_bytes(x_SK.device)
     rows = x_SK.shape[0] // max(E * nsrc, 1)  # an expert's rows, on average (nsrc: buffers of nsrc x the rows)
-    return rows * N * dy_SN.element_size() > l2 // 2
+    return N > K and past_half_l2(rows * N * dy_SN.element_size(), x_SK.device)
 
 
 def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:

@@ -732,10 +732,8 @@ def _group_m(w_EKN: torch.Tensor) -> int:
     m-tile and so reads the whole matrix from DRAM once per m-tile: 16 times per expert, 30 GB per call, for
     the Mixtral-like GEMM 1 (4096 x 28672, 2048 rows an expert at one rank)."""
     group_m = triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5]
-    if w_EKN.device.type != "cuda":
-        return group_m  # the interpreter tests it
-    l2 = triton_backend.cuda_l2_bytes(w_EKN.device)
-    return group_m if w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size() > l2 // 2 else 1
+    big = triton_backend.past_half_l2(w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size(), w_EKN.device)
+    return group_m if big else 1
 
 
 def _wide(*operands: torch.Tensor) -> bool:

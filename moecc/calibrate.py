@@ -111,12 +111,7 @@ def measure_host(device: torch.device, quick: bool) -> dict[str, Any]:
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     T, H, F, E, K = 64, 128, 64, 8, 2
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
-    idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=-1).indices
-    w_TK = torch.rand(T, K, device=device, generator=gen).to(dtype)
-    w1 = torch.randn(E, H, 2 * F, device=device, dtype=dtype, generator=gen)
-    w2 = torch.randn(E, F, H, device=device, dtype=dtype, generator=gen)
+    x, idx, w_TK, w1, w2 = _layer_inputs(torch.Generator(device=device).manual_seed(0), device, dtype, T, H, F, E, K)
     x_SH, src_S, _, offs_E = ops.route_permute(x, idx, E, -1)
     mm, wgrad, glu, glu_bwd = m.triton_grouped_mm, m.triton_grouped_mm_wgrad, m.triton_glu, m.triton_glu_backward
     h = mm(x_SH, w1, offs_E)
@@ -164,6 +159,19 @@ def _device_gap_s(tiny: torch.Tensor, n: int = 200) -> float:
     return statistics.median(times)
 
 
+def _layer_inputs(
+    gen: torch.Generator, device: torch.device, dtype: torch.dtype, T: int, H: int, F: int, E: int, K: int
+) -> tuple[torch.Tensor, ...]:
+    """A GLU MoE layer's inputs, drawn from gen: tokens x [T, H], top-K experts and their gates, the expert
+    weights w1 [E, H, 2F] and w2 [E, F, H] (scaled so the activations stay of order one)."""
+    x = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
+    idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=-1).indices
+    w_TK = torch.rand(T, K, device=device, generator=gen).to(dtype)
+    w1 = torch.randn(E, H, 2 * F, device=device, dtype=dtype, generator=gen) * H**-0.5
+    w2 = torch.randn(E, F, H, device=device, dtype=dtype, generator=gen) * F**-0.5
+    return x, idx, w_TK, w1, w2
+
+
 def measure_fused(device: torch.device, quick: bool) -> float:
     """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU), in one rank: a
     MoE layer's forward (dispatch + expert GEMM 1, expert GEMM 2 + combine) and backward (the mirror ops: dX
@@ -175,11 +183,7 @@ def measure_fused(device: torch.device, quick: bool) -> float:
 
     T, H, F, E, K = (2048, 2048, 1024, 32, 4) if quick else (8192, 4096, 1536, 64, 6)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
-    idx = torch.rand(T, E, device=device, generator=gen).topk(K, dim=-1).indices
-    w_TK = torch.rand(T, K, device=device, generator=gen).to(torch.bfloat16)
-    w1 = torch.randn(E, H, 2 * F, device=device, dtype=torch.bfloat16, generator=gen) * H**-0.5
-    w2 = torch.randn(E, F, H, device=device, dtype=torch.bfloat16, generator=gen) * F**-0.5
+    x, idx, w_TK, w1, w2 = _layer_inputs(gen, device, torch.bfloat16, T, H, F, E, K)
     dout = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
     dh = torch.randn(T * K, 2 * F, device=device, dtype=torch.bfloat16, generator=gen)
 

@@ -19,6 +19,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from moecc import ir
 from moecc.options import MoeccError
 
 
@@ -330,9 +331,7 @@ def host_us(node: fx.Node, profile: HardwareProfile) -> float:
         return 0.0
     if _is_view(node):
         return 1e6 * profile.host_view
-    t = node.target
-    name = f"{t.namespace}.{t._schema.name.split('::')[-1]}" if isinstance(t, torch._ops.OpOverload) else str(t)
-    return 1e6 * dict(profile.host_ops).get(name, profile.host_op)
+    return 1e6 * dict(profile.host_ops).get(ir.op_name(node), profile.host_op)
 
 
 def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1) -> float:

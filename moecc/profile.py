@@ -142,9 +142,8 @@ def host_costs(cm: Any, events: Any) -> dict[str, Any]:
     over all other ops and over the views. On a GPU this is what the host spends issuing each node at the
     model's own sizes; on the CPU the ops' own time is in it."""
     cpu: dict[str, float] = collections.defaultdict(float)
-    for ev in events:
-        if ev.name.startswith(PREFIX) and ev.device_type == torch.autograd.DeviceType.CPU:
-            cpu[ev.name] += ev.cpu_time_total
+    for ev in _range_events(events):
+        cpu[ev.name] += ev.cpu_time_total
     per: dict[str, list[float]] = collections.defaultdict(list)
     for key, n in _nodes(cm).items():
         if key not in cpu or n.target is operator.getitem:
@@ -219,10 +218,14 @@ def measured_us(events: Any, cuda: bool) -> dict[str, float]:
     on the device timeline, spanning from its first kernel's start to its last one's end, gaps and the
     kernels of earlier ranges still queued included, which is not the range's own time."""
     out: dict[str, float] = collections.defaultdict(float)
-    for ev in events:
-        if ev.name.startswith(PREFIX) and ev.device_type == torch.autograd.DeviceType.CPU:
-            out[ev.name] += ev.device_time_total if cuda else ev.cpu_time_total
+    for ev in _range_events(events):
+        out[ev.name] += ev.device_time_total if cuda else ev.cpu_time_total
     return out
+
+
+def _range_events(events: Any) -> Iterator[Any]:
+    """The CPU-side events of the node ranges (`profile_nodes=True`)."""
+    return (e for e in events if e.name.startswith(PREFIX) and e.device_type == torch.autograd.DeviceType.CPU)
 
 
 def timeline_table(result: dict[str, Any]) -> str:
