@@ -256,9 +256,12 @@ def _wait_signal(sig_ptr, target):
 
 @triton.jit
 def _wait_all_kernel(sig_ptr, epoch_ptr, slot, EP: tl.constexpr):
+    """Wait until every rank has signalled `slot` for this call, then count the call as done here (the tick of
+    `EPBuffers.tick`, without a launch of its own)."""
     target = tl.load(epoch_ptr + slot) + 1
     for s in range(EP):
         _wait_signal(sig_ptr + slot * EP + s, target)
+    tl.store(epoch_ptr + slot, target)
 
 
 @triton.jit
@@ -294,7 +297,7 @@ def _push_meta_kernel(
 
 @triton.jit
 def _push_rows(
-    pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab,
+    pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, slot_ptr, gsrc_ptr, gates_tab,
     me, T, H, TK,
     EP: tl.constexpr, NSEND, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
 ):  # fmt: skip
@@ -319,7 +322,8 @@ def _push_rows(
             d = tl.load(dest_ptr + js, mask=js < TK, other=-1)
             ok = d >= 0
             q = tl.load(q_ptr + js, mask=ok, other=0)
-            g = tl.load(gsrc_ptr + js, mask=ok, other=0.0)
+            sl = tl.load(slot_ptr + js, mask=ok, other=0)
+            g = tl.load(gsrc_ptr + sl, mask=ok, other=0.0).to(tl.float32)
             base = tl.load(gates_tab + tl.maximum(d, 0), mask=ok, other=0).to(tl.pointer_type(tl.float32))
             tl.store(base + me * TK + q, g, mask=ok)
 
@@ -344,7 +348,7 @@ def _segment_tile(cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0
 @triton.jit
 def _dispatch_gemm_kernel(
     # send side
-    src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
+    src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, slot_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
     # gemm side
     recv_ptr, rowmap_ptr, gates_ptr, w_ptr, w_desc, y_ptr, save_ptr,
     offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
@@ -361,7 +365,7 @@ def _dispatch_gemm_kernel(
     pid = tl.program_id(0)
     if ROLE & 1:
         if pid < NSEND:
-            _push_rows(pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, gsrc_ptr, gates_tab, me, T, H, TK,
+            _push_rows(pid, src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, slot_ptr, gsrc_ptr, gates_tab, me, T, H, TK,
                        EP, NSEND, BT, BH, HAS_GATES)  # fmt: skip
             _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, NSEND)
     if ROLE & 2:
@@ -505,7 +509,7 @@ def combine_slots(
     if T == 0:
         return out
     BH = _block_h(src_TKH.device)
-    valid = valid_TK.to(torch.int8).contiguous()
+    valid = valid_TK.contiguous()
     w = w_TK.contiguous() if w_TK is not None else valid
     _combine_kernel[(T, triton.cdiv(H, BH))](
         src_TKH, w, valid, out, copy_TKH if copy_TKH is not None else out, H,
@@ -519,8 +523,7 @@ def gate_grad(dout_TH: torch.Tensor, y_TKH: torch.Tensor, valid_TK: torch.Tensor
     dw = torch.empty(T, K, device=y_TKH.device, dtype=dtype)
     if T == 0:
         return dw
-    valid = valid_TK.to(torch.int8).contiguous()
-    _gate_grad_kernel[(T,)](dout_TH.contiguous(), y_TKH, valid, dw, H, K=K, BH=_block_h(y_TKH.device))
+    _gate_grad_kernel[(T,)](dout_TH.contiguous(), y_TKH, valid_TK.contiguous(), dw, H, K=K, BH=_block_h(y_TKH.device))
     return dw
 
 
@@ -530,22 +533,25 @@ def gate_grad(dout_TH: torch.Tensor, y_TKH: torch.Tensor, valid_TK: torch.Tensor
 
 @dataclass
 class Plan:
-    """What a layer's forward learns about routing, kept for the second op and the backward."""
+    """What a layer's forward learns about routing, kept for the second op and the backward: views of one int32
+    tensor (`packed`, what flows through the graph between the ops), which the routing kernels fill in place,
+    so that handing the plan on costs neither a copy nor a cast."""
 
+    packed: torch.Tensor
     # source side (this rank's tokens)
-    valid_TK: torch.Tensor  # bool: slot routed to some expert
-    pos_PT: torch.Tensor  # int64 [ep, T]: receive row of token t in rank d's block of this rank, -1 if none
-    dest_J: torch.Tensor  # int64 [T*K]: destination rank of sorted slot j (-1: dropped)
-    q_J: torch.Tensor  # int64: position of sorted slot j among this rank's slots to its destination
-    slot_J: torch.Tensor  # int64: slot id t*K+k of sorted slot j
+    valid_TK: torch.Tensor  # [T, K]: 1 where the slot is routed to some expert, else 0
+    pos_PT: torch.Tensor  # [ep, T]: receive row of token t in rank d's block of this rank, -1 if none
+    dest_J: torch.Tensor  # [T*K]: destination rank of sorted slot j (-1: dropped)
+    q_J: torch.Tensor  # position of sorted slot j among this rank's slots to its destination
+    slot_J: torch.Tensor  # slot id t*K+k of sorted slot j
     # receiver side (rows this rank computes)
-    rowmap: torch.Tensor  # int32 [ep*T*K*2]: copy of the rowmap of this call
-    offs: torch.Tensor  # int32 [NSEG]: segment end rows (last: S, the zero tail)
-    cum: torch.Tensor  # int32 [NSEG]: cumulative m-tiles per segment (for the tile size BM)
-    mt_seg: torch.Tensor  # int32 [ceil(S / BM) + NSEG]: the segment of every m-tile (`triton_backend.tile_plan`)
-    seg_src: torch.Tensor  # int32 [NSEG]
-    seg_exp: torch.Tensor  # int32 [NSEG]
-    seg_q0: torch.Tensor  # int32 [NSEG]
+    rowmap: torch.Tensor  # [ep*T*K*2]: copy of the rowmap of this call
+    offs: torch.Tensor  # [NSEG]: segment end rows (last: S, the zero tail)
+    cum: torch.Tensor  # [NSEG]: cumulative m-tiles per segment (for the tile size BM)
+    mt_seg: torch.Tensor  # [ceil(S / BM) + NSEG]: the segment of every m-tile (as `triton_backend.tile_plan`)
+    seg_src: torch.Tensor  # [NSEG]
+    seg_exp: torch.Tensor  # [NSEG]
+    seg_q0: torch.Tensor  # [NSEG]
     bm: int
 
     FIELDS = (
@@ -554,8 +560,7 @@ class Plan:
     )  # fmt: skip
 
     def pack(self) -> torch.Tensor:
-        """All fields in one int64 tensor (what flows through the graph between the two ops)."""
-        return torch.cat([getattr(self, f).reshape(-1).to(torch.int64) for f in self.FIELDS])
+        return self.packed
 
     @staticmethod
     def sizes(ep: int, T: int, K: int, E_l: int, bm: int) -> list[int]:
@@ -564,29 +569,28 @@ class Plan:
         return [T * K, ep * T, T * K, T * K, T * K, ep * T * K * 2, nseg, nseg, nmt, nseg, nseg, nseg]
 
     @staticmethod
-    def unpack(packed: torch.Tensor, ep: int, T: int, K: int, E_l: int, bm: int) -> Plan:
-        parts = torch.split(packed, Plan.sizes(ep, T, K, E_l, bm))
-        f = dict(zip(Plan.FIELDS, parts, strict=True))
-        return Plan(
-            valid_TK=f["valid_TK"].view(T, K).bool(),
-            pos_PT=f["pos_PT"].view(ep, T),
-            dest_J=f["dest_J"],
-            q_J=f["q_J"],
-            slot_J=f["slot_J"],
-            rowmap=f["rowmap"].to(torch.int32),
-            offs=f["offs"].to(torch.int32),
-            cum=f["cum"].to(torch.int32),
-            mt_seg=f["mt_seg"].to(torch.int32),
-            seg_src=f["seg_src"].to(torch.int32),
-            seg_exp=f["seg_exp"].to(torch.int32),
-            seg_q0=f["seg_q0"].to(torch.int32),
-            bm=bm,
-        )
+    def view(packed: torch.Tensor, ep: int, T: int, K: int, E_l: int, bm: int) -> Plan:
+        sizes = Plan.sizes(ep, T, K, E_l, bm)
+        if packed.dtype != torch.int32 or packed.shape != (sum(sizes),):
+            raise ValueError(
+                f"moecc: a fused expert-parallel plan is int32 [{sum(sizes)}] for ep={ep}, T={T}, K={K}, "
+                f"E_l={E_l}, BM={bm}; got {packed.dtype} {list(packed.shape)}: pass the plan ep_dispatch_gemm "
+                f"returned for this layer"
+            )
+        f = dict(zip(Plan.FIELDS, torch.split(packed, sizes), strict=True))
+        f["valid_TK"] = f["valid_TK"].view(T, K)
+        f["pos_PT"] = f["pos_PT"].view(ep, T)
+        return Plan(packed=packed, bm=bm, **f)
+
+    @staticmethod
+    def empty(ep: int, T: int, K: int, E_l: int, bm: int, device: torch.device) -> Plan:
+        packed = torch.empty(sum(Plan.sizes(ep, T, K, E_l, bm)), dtype=torch.int32, device=device)
+        return Plan.view(packed, ep, T, K, E_l, bm)
 
 
 def unpack_plan(buf: EPBuffers, packed: torch.Tensor, dtype: torch.dtype) -> Plan:
     """The plan a forward call packed, for tiles of the height this device and dtype use."""
-    return Plan.unpack(packed, buf.ep, buf.T, buf.K, buf.E_l, _gemm_config(buf.device, dtype)[0])
+    return Plan.view(packed, buf.ep, buf.T, buf.K, buf.E_l, _gemm_config(buf.device, dtype)[0])
 
 
 def plan_numel(ep: int, T: int, K: int, E_l: int, device: torch.device, dtype: torch.dtype) -> int:
@@ -604,7 +608,7 @@ def _route_scan_kernel(
     rank d (-1: none of its slots goes there), a running count over t per destination."""
     ks = tl.arange(0, BK)
     for d in tl.static_range(EP):
-        carry = tl.sum(tl.zeros([BT], dtype=tl.int64), 0)
+        carry = tl.sum(tl.zeros([BT], dtype=tl.int32), 0)
         for t0 in range(0, T, BT):
             ts = t0 + tl.arange(0, BT)
             m = (ts < T)[:, None] & (ks < K)[None, :]
@@ -613,11 +617,11 @@ def _route_scan_kernel(
             ok = (e >= 0) & (e < E)
             if d == 0:
                 tl.store(key_ptr + at, tl.where(ok, e, E).to(tl.int32), mask=m)
-                tl.store(valid_ptr + at, ok, mask=m)
+                tl.store(valid_ptr + at, ok.to(tl.int32), mask=m)
             hit = tl.max(tl.where(ok & (e // E_l == d), 1, 0), axis=1)
-            c = tl.cumsum(hit, 0).to(tl.int64) + carry
-            tl.store(pos_ptr + d * T + ts, tl.where(hit > 0, c - 1, -1), mask=ts < T)
-            carry += tl.sum(hit, 0).to(tl.int64)
+            c = tl.cumsum(hit, 0).to(tl.int32) + carry
+            tl.store(pos_ptr + d * T + ts, tl.where(hit > 0, c - 1, -1).to(tl.int32), mask=ts < T)
+            carry += tl.sum(hit, 0).to(tl.int32)
 
 
 @triton.jit
@@ -636,13 +640,13 @@ def _lower_bound(a_ptr, n, target, LOG: tl.constexpr):
 
 @triton.jit
 def _route_slots_kernel(
-    key_ptr, order_ptr, pos_ptr, dest_ptr, q_ptr, row_ptr, counts_ptr, TK, T, K, E, E_l, me,
+    key_ptr, order_ptr, pos_ptr, dest_ptr, q_ptr, row_ptr, slot_ptr, counts_ptr, TK, T, K, E, E_l, me,
     LOG: tl.constexpr, BJ: tl.constexpr, BE: tl.constexpr,
 ):  # fmt: skip
-    """Per slot j in expert order (key sorted, `order` its slot ids): its destination rank (-1: routed
-    nowhere), its place q among this rank's slots to that rank, its token's receive row there; program 0
-    also the slots per expert. Where a rank's, or an expert's, slots begin among the sorted keys is a
-    binary search."""
+    """Per slot j in expert order (key sorted, `order` its slot ids, copied to `slot`): its destination rank
+    (-1: routed nowhere), its place q among this rank's slots to that rank, its token's receive row there;
+    program 0 also the slots per expert. Where a rank's, or an expert's, slots begin among the sorted keys is
+    a binary search."""
     pid = tl.program_id(0)
     js = pid * BJ + tl.arange(0, BJ)
     ok = js < TK
@@ -650,64 +654,103 @@ def _route_slots_kernel(
     dest = tl.where(key < E, key // E_l, -1)
     dc = tl.maximum(dest, 0)
     start = _lower_bound(key_ptr, TK, dc * E_l, LOG)
-    tok = tl.load(order_ptr + js, mask=ok, other=0) // K
+    slot = tl.load(order_ptr + js, mask=ok, other=0)
+    tok = slot // K
     row = me * T + tl.load(pos_ptr + dc.to(tl.int64) * T + tok, mask=ok, other=0)
-    tl.store(dest_ptr + js, dest.to(tl.int64), mask=ok)
-    tl.store(q_ptr + js, (js - start).to(tl.int64), mask=ok)
-    tl.store(row_ptr + js, row.to(tl.int64), mask=ok)
+    tl.store(dest_ptr + js, dest.to(tl.int32), mask=ok)
+    tl.store(q_ptr + js, (js - start).to(tl.int32), mask=ok)
+    tl.store(row_ptr + js, row.to(tl.int32), mask=ok)
+    tl.store(slot_ptr + js, slot.to(tl.int32), mask=ok)
     if pid == 0:
         for e0 in range(0, E, BE):
             es = e0 + tl.arange(0, BE)
             c = _lower_bound(key_ptr, TK, es + 1, LOG) - _lower_bound(key_ptr, TK, es, LOG)
-            tl.store(counts_ptr + es, c.to(tl.int64), mask=es < E)
+            tl.store(counts_ptr + es, c.to(tl.int32), mask=es < E)
 
 
-def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor) -> dict[str, torch.Tensor]:
-    """This rank's slots, sorted by expert (stable), and where each goes: two kernels around one sort (the
-    same plan in torch ops took about forty launches, each with its host time)."""
+def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor, plan: Plan) -> dict[str, torch.Tensor]:
+    """This rank's slots, sorted by expert (stable), and where each goes, into the plan's source fields: two
+    kernels around one sort (the same plan in torch ops took about forty launches, each with its host time).
+    Returns what only the meta push needs: each sorted slot's receive row at its destination, slots per
+    expert."""
     ep, me, T, K, E_l = buf.ep, buf.me, buf.T, buf.K, buf.E_l
     E, TK, dev = ep * E_l, T * K, idx_TK.device
-    idx = idx_TK.contiguous()
-    key = torch.empty(TK, device=dev, dtype=torch.int32)
-    valid = torch.empty(T, K, device=dev, dtype=torch.bool)
-    pos_PT = torch.empty(ep, T, device=dev, dtype=torch.int64)
-    out = {n: torch.empty(TK, device=dev, dtype=torch.int64) for n in ("dest_J", "q_J", "row_J")}
-    counts_E = torch.zeros(E, device=dev, dtype=torch.int64)
+    row_J = torch.empty(TK, device=dev, dtype=torch.int32)
     if TK == 0:
-        return {"valid_TK": valid, "pos_PT": pos_PT, **out, "slot_J": out["q_J"].clone(), "counts_E": counts_E}
+        return {"row_J": row_J, "counts_E": torch.zeros(E, device=dev, dtype=torch.int32)}
+    counts_E = torch.empty(E, device=dev, dtype=torch.int32)  # program 0 of the second kernel writes all
+    key = torch.empty(TK, device=dev, dtype=torch.int32)
     gpu = dev.type == "cuda"
     _route_scan_kernel[(1,)](
-        idx, key, valid, pos_PT, T, K, E, E_l, EP=ep, BT=min(1024 if gpu else 64, triton.next_power_of_2(T)),
-        BK=triton.next_power_of_2(K),
+        idx_TK.contiguous(), key, plan.valid_TK, plan.pos_PT, T, K, E, E_l, EP=ep,
+        BT=min(1024 if gpu else 64, triton.next_power_of_2(T)), BK=triton.next_power_of_2(K),
     )  # fmt: skip
     key_sorted, order = torch.sort(key, stable=True)
     BJ = 1024 if gpu else 64
     _route_slots_kernel[(triton.cdiv(TK, BJ),)](
-        key_sorted, order, pos_PT, out["dest_J"], out["q_J"], out["row_J"], counts_E, TK, T, K, E, E_l, me,
+        key_sorted, order, plan.pos_PT, plan.dest_J, plan.q_J, row_J, plan.slot_J, counts_E, TK, T, K, E, E_l, me,
         LOG=max(1, TK.bit_length()) + 1, BJ=BJ, BE=min(1024, triton.next_power_of_2(E)),
     )  # fmt: skip
-    return {"valid_TK": valid, "pos_PT": pos_PT, **out, "slot_J": order, "counts_E": counts_E}
+    return {"row_J": row_J, "counts_E": counts_E}
 
 
-def _receiver_plan(buf: EPBuffers, bm: int) -> dict[str, torch.Tensor]:
-    ep, me, T, K, E_l = buf.ep, buf.me, buf.T, buf.K, buf.E_l
-    dev = buf.device
-    counts_PE = buf.local["counts"].view(ep, E_l).to(torch.int64)
-    rot = (me + torch.arange(ep, device=dev)) % ep  # s' -> s: local rows first
-    cnt = counts_PE[rot].reshape(-1)
-    q0 = (torch.cumsum(counts_PE, 1) - counts_PE)[rot].reshape(-1)
-    S = ep * T * K
-    offs_ext, cum, mt_seg = triton_backend.tile_plan(torch.cumsum(cnt, 0), S, bm)  # the last segment: the tail
-    zero = torch.zeros(1, dtype=torch.int64, device=dev)
-    return {
-        "rowmap": buf.local["rowmap"].clone(),
-        "offs": offs_ext,
-        "cum": cum,
-        "mt_seg": mt_seg,
-        "seg_src": torch.cat([rot.repeat_interleave(E_l), zero]).to(torch.int32),
-        "seg_exp": torch.cat([torch.arange(E_l, device=dev).repeat(ep), zero]).to(torch.int32),
-        "seg_q0": torch.cat([q0, zero]).to(torch.int32),
-    }
+@triton.jit
+def _receiver_plan_kernel(
+    counts_ptr, rowmap_in_ptr, rowmap_ptr, offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr,
+    me, E_l, S, NRM, NMT,
+    EP: tl.constexpr, EP2: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
+    BCOPY: tl.constexpr,
+):  # fmt: skip
+    """The receiver side of the plan from the counts the sources announced (counts[s, e]: rows of source s
+    for local expert e). Segments (s', e) in that order, s = (me + s') mod EP, so local rows come first, then
+    the zero tail up to S; each program recomputes them (EP x E_l counts) and writes the segment of its
+    BLOCK m-tiles; program 0 the segment tables; all programs together a copy of the rowmap."""
+    pid = tl.program_id(0)
+    sp = tl.arange(0, EP2)
+    es = tl.arange(0, BE)
+    ok = (sp < EP)[:, None] & (es < E_l)[None, :]
+    src = (me + sp) % EP
+    c = tl.load(counts_ptr + src[:, None] * E_l + es[None, :], mask=ok, other=0)
+    q0 = tl.cumsum(c, 1) - c  # the segment's first row among its source's rows (the source's rowmap block)
+    per_src = tl.sum(c, 1)
+    end = (tl.cumsum(per_src, 0) - per_src)[:, None] + q0 + c
+    tiles = (c + BM - 1) // BM
+    tiles_src = tl.sum(tiles, 1)
+    cum = (tl.cumsum(tiles_src, 0) - tiles_src)[:, None] + tl.cumsum(tiles, 1)
+    rows = tl.sum(per_src, 0)
+    tail_cum = tl.sum(tiles_src, 0) + (S - rows + BM - 1) // BM
+    if pid == 0:
+        at = sp[:, None] * E_l + es[None, :]
+        tl.store(offs_ptr + at, end, mask=ok)
+        tl.store(cum_ptr + at, cum, mask=ok)
+        tl.store(seg_src_ptr + at, src[:, None] + es[None, :] * 0, mask=ok)
+        tl.store(seg_exp_ptr + at, es[None, :] + sp[:, None] * 0, mask=ok)
+        tl.store(seg_q0_ptr + at, q0, mask=ok)
+        tail = EP * E_l
+        tl.store(offs_ptr + tail, S)
+        tl.store(cum_ptr + tail, tail_cum)
+        tl.store(seg_src_ptr + tail, 0)
+        tl.store(seg_exp_ptr + tail, 0)
+        tl.store(seg_q0_ptr + tail, 0)
+    mts = pid * BLOCK + tl.arange(0, BLOCK)
+    before = (cum[None, :, :] <= mts[:, None, None]) & ok[None, :, :]
+    seg = tl.sum(tl.sum(before.to(tl.int32), 2), 1) + (tail_cum <= mts).to(tl.int32)
+    tl.store(mtseg_ptr + mts, seg, mask=mts < NMT)
+    for r0 in range(pid * BCOPY, NRM, tl.num_programs(0) * BCOPY):
+        rs = r0 + tl.arange(0, BCOPY)
+        tl.store(rowmap_ptr + rs, tl.load(rowmap_in_ptr + rs, mask=rs < NRM), mask=rs < NRM)
+
+
+def _receiver_plan(buf: EPBuffers, plan: Plan) -> None:
+    """The plan's receiver fields, in one launch, from the counts in this rank's buffer."""
+    ep, E_l = buf.ep, buf.E_l
+    nmt, block = plan.mt_seg.shape[0], 16
+    _receiver_plan_kernel[(triton.cdiv(nmt, block),)](
+        buf.local["counts"], buf.local["rowmap"], plan.rowmap, plan.offs, plan.cum, plan.mt_seg, plan.seg_src,
+        plan.seg_exp, plan.seg_q0, buf.me, E_l, ep * buf.T * buf.K, plan.rowmap.shape[0], nmt,
+        EP=ep, EP2=max(2, triton.next_power_of_2(ep)), BE=max(16, triton.next_power_of_2(E_l)), BM=plan.bm, BLOCK=block,
+        BCOPY=1024 if buf.device.type == "cuda" else 64,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -747,7 +790,7 @@ def _dispatch_gemm(
     plan: Plan,
     w_EKN: torch.Tensor,
     slot: int,
-    gates_J: torch.Tensor | None,
+    gates_TK: torch.Tensor | None,
     save_a: bool,
 ) -> Flow:
     """Push src rows (and the gates of the slots) to their destinations and run the gathering GEMM over the
@@ -760,7 +803,7 @@ def _dispatch_gemm(
     y_SN = torch.empty(S, N, device=buf.device, dtype=src_TH.dtype)
     save = torch.empty(S, H, device=buf.device, dtype=src_TH.dtype) if save_a else y_SN
     nseg = plan.offs.shape[0]
-    gsrc = gates_J if gates_J is not None else plan.q_J  # unused without gates
+    gsrc = gates_TK.contiguous() if gates_TK is not None else plan.q_J  # unused without gates
     src_TH = src_TH.contiguous()
     # the weights through a descriptor where the plain grouped GEMM reads them so (the gathered rows cannot be)
     wd = triton_backend.weight_descriptor(w_EKN, BN, BK)
@@ -770,7 +813,7 @@ def _dispatch_gemm(
         if role & ROLE_GEMM:
             buf.claim[slot : slot + 1].zero_()
         _dispatch_gemm_kernel[(NP,)](
-            src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, gsrc, buf.tables["gates"],
+            src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, plan.slot_J, gsrc, buf.tables["gates"],
             buf.tables["sig"], buf.done,
             buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, wd[0] if wd else None, y_SN, save,
             plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch,
@@ -778,7 +821,7 @@ def _dispatch_gemm(
             me, T, H, TK, N, nseg, slot,
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
-            BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_J is not None,
+            BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_TK is not None,
             BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN), ROLE=role, SAVE_A=save_a,
             WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
             UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), DESC_W=wd is not None,
@@ -821,8 +864,7 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
         DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     yield
-    _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)
-    buf.tick(slot)
+    _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)  # and the tick
     return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
 
 
@@ -840,24 +882,19 @@ def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: in
 
 
 def dispatch_gemm_forward(buf: EPBuffers, x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor) -> Flow:
-    """-> (h_SF, x_SH: the gathered rows of x, packed plan)."""
-    src = _source_plan(buf, idx_TK)
+    """-> (h_SF, x_SH: the gathered rows of x, plan)."""
+    plan = Plan.empty(buf.ep, buf.T, buf.K, buf.E_l, _gemm_config(buf.device, x_TH.dtype)[0], buf.device)
+    src = _source_plan(buf, idx_TK, plan)
     NP, _ = _programs(buf.device)
     _push_meta_kernel[(NP,)](
-        src["dest_J"], src["q_J"], src["row_J"], src["slot_J"], src["counts_E"],
+        plan.dest_J, plan.q_J, src["row_J"], plan.slot_J, src["counts_E"],
         buf.tables["rowmap"], buf.tables["counts"], buf.tables["sig"], buf.done, buf.epoch,
         buf.me, buf.T * buf.K, buf.E_l, NP, EP=buf.ep, BJ=128 if buf.device.type == "cuda" else 16,
         BE=max(16, triton.next_power_of_2(min(buf.E_l, 1024))),
     )  # fmt: skip
     yield
-    _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, META, EP=buf.ep)
-    buf.tick(META)
-    bm = _gemm_config(buf.device, x_TH.dtype)[0]
-    rcv = _receiver_plan(buf, bm)
-    plan = Plan(
-        valid_TK=src["valid_TK"], pos_PT=src["pos_PT"], dest_J=src["dest_J"], q_J=src["q_J"],
-        slot_J=src["slot_J"], bm=bm, **rcv,
-    )  # fmt: skip
+    _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, META, EP=buf.ep)  # and the tick
+    _receiver_plan(buf, plan)
     h_SF, x_SH = yield from _dispatch_gemm(buf, x_TH, plan, w1_EKN, DATA, None, save_a=True)
     COUNTERS["dispatch_gemm.forward"] += 1
     return h_SF, x_SH, plan
@@ -879,8 +916,7 @@ def gemm_combine_backward(
 ) -> Flow:  # fmt: skip
     """-> (da_SF, dw2_EKN, dw_TK). dout travels like x did (gates alongside); dX GEMM gathers and scales."""
     dw_TK = gate_grad(dout_TH, y_TKH, plan.valid_TK, w_TK.dtype)
-    gates_J = w_TK.reshape(-1).float()[plan.slot_J].contiguous()
-    da_SF, dy_SH = yield from _dispatch_gemm(buf, dout_TH, plan, w2_EKN.transpose(1, 2), GDATA, gates_J, save_a=True)
+    da_SF, dy_SH = yield from _dispatch_gemm(buf, dout_TH, plan, w2_EKN.transpose(1, 2), GDATA, w_TK, save_a=True)
     dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l, w2_EKN)
     COUNTERS["gemm_combine.backward"] += 1
     return da_SF, dw2, dw_TK

@@ -321,17 +321,18 @@ triton_glu_backward.register_fake(_glu_backward_fake)
 # ---------------------------------------------------------------------------------------------------------
 # fused expert parallelism (the fuse pass puts these in place of a region's dispatch, expert GEMMs and
 # combine; `moecc.backends.triton_ep`): one op for dispatch + expert GEMM 1, one for expert GEMM 2 + combine.
-# `plan` is an int64 tensor that carries the routing from the first op to the second and to the backward.
+# `plan` is an int32 tensor that carries the routing from the first op to the second and to the backward.
 #
 #     h_SF, x_SH, plan = ep_dispatch_gemm(x_TH, idx_TK, w1_EHF, ep, group)     # S = ep * T * K rows
 #     a_SF = <the expert's activation>(h_SF)
 #     out_TH, y_TKH = ep_gemm_combine(a_SF, w2_EFH, w_TK, plan, ep, group)
 
 
-def _ep_buffers(x: torch.Tensor, T: int, K: int, E_l: int, group_name: str):
+def _ep_buffers(like: torch.Tensor, T: int, K: int, H: int, E_l: int, group_name: str):
+    """The group's buffers for a layer of this shape, in the dtype and on the device of `like`."""
     from moecc.backends import triton_ep
 
-    return triton_ep.group_buffers(group_name, T, K, x.shape[-1], E_l, x.dtype, x.device)
+    return triton_ep.group_buffers(group_name, T, K, H, E_l, like.dtype, like.device)
 
 
 @torch.library.custom_op("moecc::ep_dispatch_gemm", mutates_args=())
@@ -341,7 +342,7 @@ def ep_dispatch_gemm(
     from moecc.backends import triton_ep
 
     T, K = idx_TK.shape
-    buf = _ep_buffers(x_TH, T, K, w1_EKN.shape[0], group_name)
+    buf = _ep_buffers(x_TH, T, K, x_TH.shape[1], w1_EKN.shape[0], group_name)
     h_SF, x_SH, plan = triton_ep.run_flow(triton_ep.dispatch_gemm_forward(buf, x_TH, idx_TK, w1_EKN))
     return h_SF, x_SH, plan.pack()
 
@@ -355,7 +356,7 @@ def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor, ep: int, g
     return (
         x_TH.new_empty(S, w1_EKN.shape[2]),
         x_TH.new_empty(S, x_TH.shape[1]),
-        x_TH.new_empty(triton_ep.plan_numel(ep, T, K, w1_EKN.shape[0], x_TH.device, x_TH.dtype), dtype=torch.int64),
+        x_TH.new_empty(triton_ep.plan_numel(ep, T, K, w1_EKN.shape[0], x_TH.device, x_TH.dtype), dtype=torch.int32),
     )
 
 
@@ -365,7 +366,7 @@ def ep_dispatch_gemm_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from moecc.backends import triton_ep
 
-    buf = _ep_buffers(x_SH, T, K, w1_EKN.shape[0], group_name)
+    buf = _ep_buffers(x_SH, T, K, x_SH.shape[1], w1_EKN.shape[0], group_name)
     p = triton_ep.unpack_plan(buf, plan, x_SH.dtype)
     return triton_ep.run_flow(triton_ep.dispatch_gemm_backward(buf, dh_SF, x_SH, w1_EKN, p))
 
@@ -409,7 +410,7 @@ def ep_gemm_combine(
     from moecc.backends import triton_ep
 
     T, K = w_TK.shape
-    buf = _ep_buffers(a_SF.new_empty(0, w2_EKN.shape[2]), T, K, w2_EKN.shape[0], group_name)
+    buf = _ep_buffers(a_SF, T, K, w2_EKN.shape[2], w2_EKN.shape[0], group_name)
     out, y_TKH = triton_ep.run_flow(
         triton_ep.gemm_combine_forward(buf, a_SF, w2_EKN, w_TK, triton_ep.unpack_plan(buf, plan, a_SF.dtype))
     )
@@ -436,7 +437,7 @@ def ep_gemm_combine_backward(
     from moecc.backends import triton_ep
 
     T, K = w_TK.shape
-    buf = _ep_buffers(y_TKH, T, K, w2_EKN.shape[0], group_name)
+    buf = _ep_buffers(y_TKH, T, K, y_TKH.shape[2], w2_EKN.shape[0], group_name)
     p = triton_ep.unpack_plan(buf, plan, a_SF.dtype)
     return triton_ep.run_flow(triton_ep.gemm_combine_backward(buf, dout_TH, a_SF, w2_EKN, w_TK, y_TKH, p))
 

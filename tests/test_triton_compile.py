@@ -24,25 +24,17 @@ POINTERS: dict[str, dict[str, str]] = {
     "triton_backend._grouped_wgrad_kernel": dict.fromkeys(("x_ptr", "dy_ptr", "dw_ptr"), BF16),
     "triton_ep._dispatch_gemm_kernel": {
         **dict.fromkeys(("src_ptr", "gsrc_ptr", "recv_ptr", "gates_ptr", "w_ptr", "y_ptr", "save_ptr"), BF16),
-        **dict.fromkeys(("pos_ptr", "dest_ptr", "q_ptr"), "i64"),
     },
     "triton_ep._gemm_scatter_kernel": dict.fromkeys(("a_ptr", "w_ptr"), BF16),
     "triton_backend._glu_kernel": dict.fromkeys(("h_ptr", "da_ptr", "out_ptr"), BF16),
-    "triton_ep._combine_kernel": {
-        "src_ptr": BF16,
-        "w_ptr": "fp32",
-        "out_ptr": BF16,
-        "copy_ptr": BF16,
-        "valid_ptr": "i8",
-    },
-    "triton_ep._gate_grad_kernel": {"dout_ptr": BF16, "y_ptr": BF16, "dw_ptr": "fp32", "valid_ptr": "i8"},
-    "triton_ep._push_meta_kernel": dict.fromkeys(("dest_ptr", "q_ptr", "row_ptr", "slot_ptr"), "i64"),
+    "triton_ep._combine_kernel": {"src_ptr": BF16, "w_ptr": "fp32", "out_ptr": BF16, "copy_ptr": BF16},
+    "triton_ep._gate_grad_kernel": {"dout_ptr": BF16, "y_ptr": BF16, "dw_ptr": "fp32"},
+    "triton_ep._push_meta_kernel": {},
     "triton_ep._wait_all_kernel": {},
     "triton_backend._tile_plan_kernel": {},
-    "triton_ep._route_scan_kernel": {"idx_ptr": "i64", "valid_ptr": "i1", "pos_ptr": "i64"},
-    "triton_ep._route_slots_kernel": dict.fromkeys(
-        ("order_ptr", "pos_ptr", "dest_ptr", "q_ptr", "row_ptr", "counts_ptr"), "i64"
-    ),
+    "triton_ep._route_scan_kernel": {"idx_ptr": "i64"},
+    "triton_ep._route_slots_kernel": {"order_ptr": "i64"},
+    "triton_ep._receiver_plan_kernel": {},
 }
 
 
@@ -108,6 +100,11 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
     out["tile_plan"] = ("triton_backend._tile_plan_kernel", {"BM": BM, "BSEG": 512, "BLOCK": 16}, {})
     out["route_scan"] = ("triton_ep._route_scan_kernel", {"EP": 4, "BT": 1024, "BK": 8}, {})
     out["route_slots"] = ("triton_ep._route_slots_kernel", {"LOG": 18, "BJ": 1024, "BE": 256}, {})
+    out["receiver_plan"] = (
+        "triton_ep._receiver_plan_kernel",
+        {"EP": 4, "EP2": 4, "BE": 64, "BM": BM, "BLOCK": 16, "BCOPY": 1024},
+        {},
+    )
     out["gate_grad"] = ("triton_ep._gate_grad_kernel", {"K": 8, "BH": 1024}, {})
     out["push_meta"] = ("triton_ep._push_meta_kernel", {"EP": 4, "BJ": 128, "BE": 64}, {})
     out["wait_all"] = ("triton_ep._wait_all_kernel", {"EP": 4}, {})

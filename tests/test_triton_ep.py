@@ -190,11 +190,68 @@ def test_source_plan_kernels_match_its_definition(ep: int, me: int, E_l: int, T:
     if ep > 2:
         idx[(idx >= E_l) & (idx < 2 * E_l)] = 0  # rank 1 gets nothing
     world = triton_ep.SimWorld(ep, T, K, 16, E_l, torch.float32, DEV)
-    got = triton_ep._source_plan(world.ranks[me], idx.to(DEV))
+    plan = triton_ep.Plan.empty(ep, T, K, E_l, 16, DEV)
+    plan.packed.fill_(-7)  # garbage: the kernels must write every source field
+    got = triton_ep._source_plan(world.ranks[me], idx.to(DEV), plan)
+    for name in ("valid_TK", "pos_PT", "dest_J", "q_J", "slot_J"):
+        got[name] = getattr(plan, name)
     want = _source_plan_reference(ep, me, E_l, idx)
     assert set(got) == set(want)
     for name, w in want.items():
-        assert torch.equal(got[name].cpu(), w), name
+        assert got[name].dtype == torch.int32, name
+        assert torch.equal(got[name].cpu().long(), w.long()), name
+
+
+def _receiver_plan_reference(ep: int, me: int, E_l: int, S: int, bm: int, counts_PE: torch.Tensor):
+    """The receiver side of the plan by its definition, in torch ops: segments (s', e), s = (me + s') % ep,
+    then the zero tail up to S; the segment of every m-tile by a search of the cumulative tiles."""
+    rot = (me + torch.arange(ep)) % ep
+    cnt = counts_PE[rot].reshape(-1)
+    ends = torch.cumsum(cnt, 0)
+    offs = torch.cat([ends, torch.tensor([S])])
+    tiles = torch.cat([(cnt + bm - 1) // bm, torch.tensor([(S - int(ends[-1]) + bm - 1) // bm])])
+    cum = torch.cumsum(tiles, 0)
+    nmt = -(-S // bm) + ep * E_l + 1
+    zero = torch.zeros(1, dtype=torch.int64)
+    return {
+        "offs": offs,
+        "cum": cum,
+        "mt_seg": torch.searchsorted(cum, torch.arange(nmt), right=True),
+        "seg_src": torch.cat([rot.repeat_interleave(E_l), zero]),
+        "seg_exp": torch.cat([torch.arange(E_l).repeat(ep), zero]),
+        "seg_q0": torch.cat([((torch.cumsum(counts_PE, 1) - counts_PE)[rot]).reshape(-1), zero]),
+    }
+
+
+@pytest.mark.parametrize("ep,me,E_l,T,K,bm", [(1, 0, 8, 40, 2, 16), (2, 1, 3, 37, 3, 16), (4, 2, 5, 30, 4, 32),
+                                              (3, 0, 1, 5, 1, 16), (4, 3, 40, 64, 6, 16)])  # fmt: skip
+def test_receiver_plan_kernel_matches_its_definition(ep: int, me: int, E_l: int, T: int, K: int, bm: int) -> None:
+    """One kernel builds the receiver side of the plan from the announced counts (skewed, with empty
+    experts and a source that sends nothing) and copies the rowmap: exactly the definition."""
+    gen = torch.Generator().manual_seed(ep * 1000 + E_l)
+    world = triton_ep.SimWorld(ep, T, K, 16, E_l, torch.float32, DEV)
+    buf = world.ranks[me]
+    # every source sends at most its T*K slots, over this rank's E_l experts
+    counts_PE = torch.zeros(ep, E_l, dtype=torch.int64)
+    for s in range(ep):
+        if ep > 1 and s == (me + 1) % ep:
+            continue  # sends nothing
+        n = int(torch.randint(0, T * K + 1, (1,), generator=gen))
+        counts_PE[s] = torch.bincount(torch.randint(0, max(1, E_l // 2), (n,), generator=gen), minlength=E_l)[:E_l]
+    buf.local["counts"].copy_(counts_PE.reshape(-1).to(torch.int32))
+    buf.local["rowmap"].copy_(torch.randint(-(2**31), 2**31 - 1, buf.local["rowmap"].shape, generator=gen))
+    plan = triton_ep.Plan.empty(ep, T, K, E_l, bm, DEV)
+    plan.packed.fill_(-7)
+    triton_ep._receiver_plan(buf, plan)
+    want = _receiver_plan_reference(ep, me, E_l, ep * T * K, bm, counts_PE)
+    for name, w in want.items():
+        assert torch.equal(getattr(plan, name).cpu().long(), w), name
+    assert torch.equal(plan.rowmap.cpu(), buf.local["rowmap"].cpu())
+
+
+def test_plan_of_the_wrong_shape_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"int32 \[.*ep=2, T=4, K=2, E_l=3.*got torch.int64"):
+        triton_ep.Plan.view(torch.zeros(5, dtype=torch.int64), 2, 4, 2, 3, 16)
 
 
 def test_each_token_sent_once_per_destination():
