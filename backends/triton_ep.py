@@ -58,6 +58,7 @@ PHASE_COUNTERS = ("dispatch_gemm.forward", "gemm_combine.forward", "dispatch_gem
 # signal slots (and per-slot call counters)
 META, DATA, COMB, GDATA, GCOMB = range(5)
 NSIG = 5
+CHAIN_PROGRAMS = 1024  # the most programs of the routing scan's chain
 ROLE_SEND, ROLE_GEMM, ROLE_BOTH = 1, 2, 3
 
 Flow = Generator[None, None, Any]
@@ -102,6 +103,7 @@ class EPBuffers:
     epoch: torch.Tensor  # int64 [NSIG]: calls of each phase completed on this rank
     done: torch.Tensor  # int64 [NSIG]: programs that finished each phase's sends (last-program detection)
     claim: torch.Tensor  # int32 [NSIG]: the next GEMM tile of a call (zeroed before each launch that claims)
+    chain: torch.Tensor  # int64 [ep * CHAIN_PROGRAMS]: the routing scan's running counts (`_route_scan_kernel`)
     simulated: bool
     keep: Any = None  # the allocation (symmetric memory handle or tensor) that owns the memory
 
@@ -118,7 +120,10 @@ class EPBuffers:
             tables[name] = torch.tensor([b + off for b in bases], dtype=torch.int64, device=raw.device)
         z = torch.zeros(NSIG, dtype=torch.int64, device=raw.device)
         claim = torch.zeros(NSIG, dtype=torch.int32, device=raw.device)
-        return EPBuffers(ep, me, T, K, H, E_l, dtype, raw.device, local, tables, z, z.clone(), claim, simulated, keep)
+        chain = torch.zeros(ep * CHAIN_PROGRAMS, dtype=torch.int64, device=raw.device)
+        return EPBuffers(
+            ep, me, T, K, H, E_l, dtype, raw.device, local, tables, z, z.clone(), claim, chain, simulated, keep
+        )
 
     def tick(self, slot: int) -> None:
         """This rank finished `slot` for the current call (a device-side increment)."""
@@ -599,29 +604,56 @@ def plan_numel(ep: int, T: int, K: int, E_l: int, device: torch.device, dtype: t
 
 
 @triton.jit
+def _route_hits(idx_ptr, key_ptr, valid_ptr, t0, t_end, K, E, E_l, d, STORE: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr):  # fmt: skip
+    """For tokens [t0, t0 + BT) below t_end: whether each sends a slot to rank d; STORE: also each slot's sort
+    key (its expert, E where it is routed nowhere) and whether it is routed."""
+    ts = t0 + tl.arange(0, BT)
+    ks = tl.arange(0, BK)
+    m = (ts < t_end)[:, None] & (ks < K)[None, :]
+    at = ts[:, None].to(tl.int64) * K + ks[None, :]
+    e = tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int64)
+    ok = (e >= 0) & (e < E)
+    if STORE:
+        tl.store(key_ptr + at, tl.where(ok, e, E).to(tl.int32), mask=m)
+        tl.store(valid_ptr + at, ok.to(tl.int32), mask=m)
+    return ts, tl.max(tl.where(ok & (e // E_l == d), 1, 0), axis=1).to(tl.int32)
+
+
+@triton.jit
 def _route_scan_kernel(
-    idx_ptr, key_ptr, valid_ptr, pos_ptr, T, K, E, E_l,
+    idx_ptr, key_ptr, valid_ptr, pos_ptr, chain_ptr, epoch_ptr, T, K, E, E_l, SPAN,
     EP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """One program over this rank's T x K slots: each slot's sort key (its expert, E where it is routed
-    nowhere) and whether it is routed; and pos[d, t], token t's place among the tokens this rank sends to
-    rank d (-1: none of its slots goes there), a running count over t per destination."""
-    ks = tl.arange(0, BK)
+    """Each slot's sort key and whether it is routed; and pos[d, t], token t's place among the tokens this
+    rank sends to rank d (-1: none of its slots goes there). A chained scan over programs that each take SPAN
+    consecutive tokens: a program counts its tokens per destination, waits for the count of all tokens before
+    its span (published by the program before it), publishes its own, then writes pos. A published word is
+    (call << 32) + count, the call numbered by the META counter, so the words are never reset: an older call's
+    words are smaller. (One program over all tokens took 0.3 ms for 16384 tokens on an H200.)"""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    t_lo = pid * SPAN
+    t_hi = tl.minimum(t_lo + SPAN, T)
+    stamp = (tl.load(epoch_ptr + 0) + 1) * 4294967296  # slot META = 0
     for d in tl.static_range(EP):
-        carry = tl.sum(tl.zeros([BT], dtype=tl.int32), 0)
-        for t0 in range(0, T, BT):
-            ts = t0 + tl.arange(0, BT)
-            m = (ts < T)[:, None] & (ks < K)[None, :]
-            at = ts[:, None].to(tl.int64) * K + ks[None, :]
-            e = tl.load(idx_ptr + at, mask=m, other=-1).to(tl.int64)
-            ok = (e >= 0) & (e < E)
-            if d == 0:
-                tl.store(key_ptr + at, tl.where(ok, e, E).to(tl.int32), mask=m)
-                tl.store(valid_ptr + at, ok.to(tl.int32), mask=m)
-            hit = tl.max(tl.where(ok & (e // E_l == d), 1, 0), axis=1)
-            c = tl.cumsum(hit, 0).to(tl.int32) + carry
-            tl.store(pos_ptr + d * T + ts, tl.where(hit > 0, c - 1, -1).to(tl.int32), mask=ts < T)
-            carry += tl.sum(hit, 0).to(tl.int32)
+        n = tl.sum(tl.zeros([BT], dtype=tl.int32), 0)
+        for t0 in range(t_lo, t_hi, BT):
+            _, hit = _route_hits(idx_ptr, key_ptr, valid_ptr, t0, t_hi, K, E, E_l, d, d == 0, BT, BK)
+            n += tl.sum(hit, 0)
+        before = stamp * 0
+        if pid > 0:
+            w = tl.atomic_add(chain_ptr + d * nprog + pid - 1, 0, sem="acquire", scope="gpu")
+            while w < stamp:
+                w = tl.atomic_add(chain_ptr + d * nprog + pid - 1, 0, sem="acquire", scope="gpu")
+            before = w - stamp
+        tl.atomic_xchg(chain_ptr + d * nprog + pid, stamp + before + n, sem="release", scope="gpu")
+        carry = before.to(tl.int32)
+        for t0 in range(t_lo, t_hi, BT):
+            ts, hit = _route_hits(idx_ptr, key_ptr, valid_ptr, t0, t_hi, K, E, E_l, d, False, BT, BK)
+            c = tl.cumsum(hit, 0) + carry
+            tl.store(pos_ptr + d * T + ts, tl.where(hit > 0, c - 1, -1), mask=ts < t_hi)
+            carry += tl.sum(hit, 0)
 
 
 @triton.jit
@@ -681,9 +713,13 @@ def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor, plan: Plan) -> dict[str, 
     counts_E = torch.empty(E, device=dev, dtype=torch.int32)  # program 0 of the second kernel writes all
     key = torch.empty(TK, device=dev, dtype=torch.int32)
     gpu = dev.type == "cuda"
-    _route_scan_kernel[(1,)](
-        idx_TK.contiguous(), key, plan.valid_TK, plan.pos_PT, T, K, E, E_l, EP=ep,
-        BT=min(1024 if gpu else 64, triton.next_power_of_2(T)), BK=triton.next_power_of_2(K),
+    BT = min(1024 if gpu else 16, triton.next_power_of_2(T))
+    # every program of the chain resident at once (each waits for the one before it): at most one per SM
+    nprog = min(triton.cdiv(T, BT), triton_backend.cuda_sms(dev) if gpu else 4, CHAIN_PROGRAMS)
+    span = triton.cdiv(triton.cdiv(T, BT), nprog) * BT
+    _route_scan_kernel[(triton.cdiv(T, span),)](
+        idx_TK.contiguous(), key, plan.valid_TK, plan.pos_PT, buf.chain, buf.epoch, T, K, E, E_l, span, EP=ep,
+        BT=BT, BK=triton.next_power_of_2(K),
     )  # fmt: skip
     key_sorted, order = torch.sort(key, stable=True)
     BJ = 1024 if gpu else 64

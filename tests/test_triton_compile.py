@@ -18,6 +18,8 @@ import pytest
 import torch
 
 BF16 = "bf16"
+# the signal words and call counters of the fused kernels (`triton_ep.EPBuffers`)
+COUNTERS_I64 = ("sig_ptr", "epoch_ptr", "done_ptr", "chain_ptr")
 # kernel -> pointer arguments whose element type is not int32 (index tables are int32, peer tables int64)
 POINTERS: dict[str, dict[str, str]] = {
     "triton_backend._grouped_mm_kernel": dict.fromkeys(("x_ptr", "w_ptr", "y_ptr"), BF16),
@@ -140,7 +142,7 @@ def _compile_all() -> dict[str, dict[str, Any]]:
                 sig[arg] = "constexpr"
             elif arg.endswith("_desc"):
                 sig[arg] = f"tensordesc<bf16{descs[arg]}>" if arg in descs else "constexpr"
-            elif arg.endswith("_tab"):
+            elif arg.endswith("_tab") or arg in COUNTERS_I64:
                 sig[arg] = "*i64"
             elif arg.endswith("_ptr"):
                 sig[arg] = "*" + POINTERS[kernel].get(arg, "i32")
