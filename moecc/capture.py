@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import re
 import time
 from collections.abc import Callable
@@ -62,20 +63,81 @@ def interface_experts(module: nn.Module) -> bool:
     return isinstance(down, torch.Tensor) and isinstance(up, torch.Tensor) and down.ndim == 3 and up.ndim == 3
 
 
+def _act_name(fn: Any) -> str | None:
+    """The moecc name of an activation module (None: not one moecc computes itself)."""
+    if isinstance(fn, nn.GELU):
+        return "gelu_tanh" if fn.approximate == "tanh" else "gelu"
+    return _ACT_NAMES.get(type(fn).__name__)
+
+
+_GLU_FUNCS = {torch.nn.functional.silu: "silu", torch.relu: "relu", torch.nn.functional.relu: "relu"}
+
+
+def gate_is_glu(module: nn.Module, act: str) -> bool:
+    """Whether the module's `_apply_gate(h)` computes act(gate) * up over the two halves of h's last dimension,
+    by its traced code (chunk into 2 along the last dim, the module's activation on the first half, times the
+    second), whatever class defines it: then `moecc.glu` computes the same. Anything else in the code (a clamp,
+    a bias, a scale, another split) and it is not."""
+
+    class _Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = module  # its submodules (the activation) are traced as module calls
+            self.apply_gate: Any = module._apply_gate
+
+        def forward(self, h: torch.Tensor) -> Any:
+            return self.apply_gate(h)
+
+    try:
+        gm = fx.symbolic_trace(_Gate())
+    except Exception:  # code fx cannot trace is not recognised: the module's own code runs
+        return False
+    env: dict[fx.Node, Any] = {}
+    for n in gm.graph.nodes:
+        args = [env.get(a, a) if isinstance(a, fx.Node) else a for a in n.args]
+        if n.op == "placeholder":
+            env[n] = ("h",)
+        elif n.op == "call_method" and n.target == "chunk" or n.op == "call_function" and n.target is torch.chunk:
+            dim = n.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+            if args[0] != ("h",) or args[1:2] != [2] or dim != -1 or set(n.kwargs) - {"dim"}:
+                return False
+            env[n] = ("halves",)
+        elif n.op == "call_function" and n.target is operator.getitem and args[0] == ("halves",):
+            env[n] = ("half", args[1])
+        elif n.op == "call_module" and _act_name(gm.get_submodule(str(n.target))) == act and not n.kwargs:
+            env[n] = ("act", args[0])
+        elif (
+            n.op == "call_function"
+            and _GLU_FUNCS.get(n.target) == act
+            and len(args) == 1
+            and not any(n.kwargs.values())
+        ):
+            env[n] = ("act", args[0])
+        elif n.op == "call_function" and n.target in (operator.mul, torch.mul) and not n.kwargs:
+            env[n] = ("mul", frozenset(map(repr, args)))
+        elif n.op == "output":
+            want = frozenset(map(repr, [("act", ("half", 0)), ("half", 1)]))
+            return args[0] == ("mul", want)
+        else:
+            return False
+    return False
+
+
 def interface_region(path: str, module: Any) -> ir.MoERegion:
     up = module.gate_up_proj if module.has_gate else module.up_proj
     E = int(up.shape[0])
     F_ = int(module.down_proj.shape[1] if module.is_transposed else module.down_proj.shape[2])
     H = int(up.shape[1] if module.is_transposed else up.shape[2])
-    act = _ACT_NAMES.get(type(getattr(module, "act_fn", None)).__name__)
+    act = _act_name(getattr(module, "act_fn", None))
     gate_is_default = False
-    if module.has_gate:
+    if module.has_gate and act is not None:
         try:
             from transformers.integrations.moe import _default_apply_gate
 
             gate_is_default = type(module)._apply_gate is _default_apply_gate
         except ImportError:
             gate_is_default = False
+        gate_is_default = gate_is_default or gate_is_glu(module, act)
     if getattr(module, "has_post_expert_norm", False) or act is None:
         fn = "module"
     elif module.has_gate:
