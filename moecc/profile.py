@@ -135,15 +135,16 @@ def _predicted(cm: Any) -> dict[str, tuple[str, float]]:
     return {key: (ir.op_name(n), ir.facts(n).get("cost_us", 0.0)) for key, n in _nodes(cm).items()}
 
 
-def host_costs(cm: Any, events: Any) -> dict[str, Any]:
+def host_costs(cm: Any, events: Any, scale: float = 1.0) -> dict[str, Any]:
     """The host's time per node of a profiled step, as a hardware profile's host fields (seconds; see
     `cost.HardwareProfile.host_op`): each node range's CPU time, the mean per op for the multi-kernel moecc ops
     (under the name the schedule pass costs them by: before lowering, `moecc.triton_x` is `moecc.x`), and
     over all other ops and over the views. On a GPU this is what the host spends issuing each node at the
-    model's own sizes; on the CPU the ops' own time is in it."""
+    model's own sizes; on the CPU the ops' own time is in it. `scale` multiplies every time: the profiler's
+    own time per op is in the ranges, and `profile_step` scales them by the step's host time without it."""
     cpu: dict[str, float] = collections.defaultdict(float)
     for ev in _range_events(events):
-        cpu[ev.name] += ev.cpu_time_total
+        cpu[ev.name] += ev.cpu_time_total * scale
     per: dict[str, list[float]] = collections.defaultdict(list)
     for key, n in _nodes(cm).items():
         if key not in cpu or n.target is operator.getitem:
@@ -167,16 +168,24 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
     if not cm.session.contexts:
         raise ValueError("moecc.profile_step: run the step once before profiling it (nothing is compiled yet)")
     cuda = torch.cuda.is_available()
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
+
+    def timed() -> tuple[float, float]:
+        """(us until the host has issued the step, us until the device has run it)"""
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         step()
-        host_us = (time.perf_counter() - t0) * 1e6  # until the host has issued the step
+        host = (time.perf_counter() - t0) * 1e6
         if cuda:
             torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - t0) * 1e6
+        return host, (time.perf_counter() - t0) * 1e6
+
+    # the step's time without the profiler, which adds its own to every op: on an H200 node it doubled the
+    # host's time to issue a training step (130 against 66 ms) and made the step 35 % slower
+    host_us, wall_us = timed()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        profiled_host_us, profiled_wall_us = timed()
     predicted = _predicted(cm)
     events = prof.events()
     measured = measured_us(events, cuda)
@@ -194,12 +203,16 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
         # the host's time to issue the step, measured and by the cost model's host lane (0 where the profile
         # has no host costs: on the CPU the host runs the ops, and their time is the step's)
         "host_us": host_us,
+        "profiled_host_us": profiled_host_us,
+        "profiled_wall_us": profiled_wall_us,
         "predicted_host_us": sum(sum(c.plan.get("predicted_host_us", {}).values()) for c in cm.session.contexts),
         # the nodes' own measured times summed: the device's busy time on a GPU (the step's other time is
         # the device waiting, for the host or for a peer)
         "busy_us": sum(r[2] for r in rows.values()),
-        # per node, what the host spent issuing it: a profile's host fields from this step (`host_costs`)
-        "host_costs": host_costs(cm, events),
+        # per node, what the host spent issuing it: a profile's host fields from this step (`host_costs`),
+        # scaled by the host's time without the profiler over its time with it
+        "host_scale": host_us / profiled_host_us,
+        "host_costs": host_costs(cm, events, host_us / profiled_host_us),
         "error": (predicted_total - wall_us) / wall_us if wall_us else float("nan"),
         "ops": {op: {"nodes": int(n), "predicted_us": p, "measured_us": m} for op, (n, p, m) in rows.items()},
     }

@@ -377,6 +377,9 @@ def test_profile_step_compares_every_node_with_its_prediction(tmp_path: Path) ->
     assert all(r["predicted_us"] >= 0 and r["measured_us"] > 0 for r in ops.values())
     assert res["wall_us"] > 0 and res["predicted_us"] > 0 and res["error"] > -1
     assert 0 < res["host_us"] <= res["wall_us"] and res["predicted_host_us"] == 0  # no host lane on the CPU
+    # the step's times come from a run without the profiler; the host costs are scaled to it
+    assert 0 < res["profiled_host_us"] <= res["profiled_wall_us"]
+    assert res["host_scale"] == pytest.approx(res["host_us"] / res["profiled_host_us"])
     assert res["busy_us"] == pytest.approx(sum(r["measured_us"] for r in ops.values()))
     table = (tmp_path / "timeline.md").read_text()
     assert "| moecc.grouped_mm | 8 |" in table and "error" in table and "to issue the step" in table
