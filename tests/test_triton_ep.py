@@ -119,23 +119,26 @@ def test_fused_layer_matches_eager(ep, kinds, dt, wide, T, desc, monkeypatch: py
         outs, dxs, dw1s, dw2s, dws, fwd1 = run_layer(
             world, dev(xs), dev(idxs), dev(ws), w1s, w2s, dev(douts)
         )  # fmt: skip
-        tol = {"rtol": 1e-4, "atol": 1e-4} if dt == torch.float32 else {"rtol": 4e-2, "atol": 4e-2}
+
+        def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+            """float32 to 1e-4; bfloat16 to 4 % of the tensor's largest entry (at least 0.04): its rows are
+            rounded to 8 bits on the way (h, the activation, the gated dout), which a float64 reference is not,
+            and an entry that is a small sum of larger terms carries their rounding (a dW entry of 0.2 was off
+            by 0.054 on an H200, of a tensor reaching several units)"""
+            if dt == torch.float32:
+                tol = {"rtol": 1e-4, "atol": 1e-4}
+            else:
+                tol = {"rtol": 4e-2, "atol": 4e-2 * max(1.0, float(want.abs().max()))}
+            torch.testing.assert_close(got.double().cpu(), want, **tol, msg=lambda m: f"{what}: {m}")
+
         for r in range(ep):
             what = f"ep={ep} {kind} rank {r}"
-            torch.testing.assert_close(outs[r].double().cpu(), ref[r], **tol, msg=lambda m, w=what: f"{w} out: {m}")
-            torch.testing.assert_close(
-                dxs[r].double().cpu(), leaves[r].grad, **tol, msg=lambda m, w=what: f"{w} dx: {m}"
-            )
-            torch.testing.assert_close(
-                dws[r].double().cpu(), leaves[ep + r].grad, **tol, msg=lambda m, w=what: f"{w} dgate: {m}"
-            )
+            close(outs[r], ref[r], f"{what} out")
+            close(dxs[r], leaves[r].grad, f"{what} dx")
+            close(dws[r], leaves[ep + r].grad, f"{what} dgate")
             sl = slice(r * E_l, (r + 1) * E_l)
-            torch.testing.assert_close(
-                dw1s[r].double().cpu(), w1r.grad[sl], **tol, msg=lambda m, w=what: f"{w} dw1: {m}"
-            )
-            torch.testing.assert_close(
-                dw2s[r].double().cpu(), w2r.grad[sl], **tol, msg=lambda m, w=what: f"{w} dw2: {m}"
-            )
+            close(dw1s[r], w1r.grad[sl], f"{what} dw1")
+            close(dw2s[r], w2r.grad[sl], f"{what} dw2")
             h, _, plan = fwd1[r]
             total = int(plan.offs[-2])
             assert not h[total:].any(), f"{what}: rows past the received ones must be zero"
