@@ -319,7 +319,7 @@ def comm_bytes(node: fx.Node, top_k: int) -> float:
     return float(_nbytes(_val(node.args[0])))
 
 
-def _is_view(node: fx.Node) -> bool:
+def is_view(node: fx.Node) -> bool:
     """A view (transpose, reshape, slice, ...): metadata only, no kernel and no launch."""
     t = node.target
     return isinstance(t, torch._ops.OpOverload) and (t.is_view or t is torch.ops.aten._unsafe_view.default)
@@ -329,7 +329,7 @@ def host_us(node: fx.Node, profile: HardwareProfile) -> float:
     """Predicted host time to issue one node in microseconds (see HardwareProfile.host_op)."""
     if node.op != "call_function" or node.target is operator.getitem:
         return 0.0
-    if _is_view(node):
+    if is_view(node):
         return 1e6 * profile.host_view
     return 1e6 * dict(profile.host_ops).get(ir.op_name(node), profile.host_op)
 
@@ -338,7 +338,7 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     """Predicted time of one node in microseconds: max(FLOPs / rate, bytes / bandwidth) for compute, the
     profile's collective curve for collectives; the fused expert-parallel ops overlap their transfers with
     their GEMMs, so they take the longer of the two."""
-    if node.op != "call_function" or node.target is operator.getitem or _is_view(node):
+    if node.op != "call_function" or node.target is operator.getitem or is_view(node):
         return 0.0
     name = str(node.target)
     if name in COLLECTIVE_KIND:

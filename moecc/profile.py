@@ -150,7 +150,7 @@ def host_costs(cm: Any, events: Any, scale: float = 1.0) -> dict[str, Any]:
         if key not in cpu or n.target is operator.getitem:
             continue
         op = ir.op_name(n).replace("moecc.triton_", "moecc.")
-        group = op if op.startswith("moecc.") else ("view" if cost._is_view(n) else "op")
+        group = op if op.startswith("moecc.") else ("view" if cost.is_view(n) else "op")
         per[group].append(cpu[key] / 1e6)
     mean = {g: sum(v) / len(v) for g, v in per.items()}
     return {

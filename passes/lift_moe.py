@@ -201,9 +201,6 @@ def match_expert_fn(expr: tuple) -> dict[str, Any]:
     raise Unrecognised("not a SwiGLU/GeGLU/MLP of linear layers")
 
 
-apply_act = torch_backend.act
-
-
 # --------------------------------------------------------------------------------------------------------
 # the lifted computation, built as a function over proxies (traced into the graph) or real tensors
 
@@ -222,9 +219,9 @@ def lifted_experts(
             h = ops.glu(h, spec["act"])  # one op (a kernel on the triton backend) for chunk, act and multiply
         else:
             gate, up = h.chunk(2, dim=-1)
-            h = apply_act(spec["act"], gate) * up
+            h = torch_backend.act(spec["act"], gate) * up
     else:
-        h = apply_act(spec["act"], h)
+        h = torch_backend.act(spec["act"], h)
     y = ops.grouped_mm(h, torch.stack(params[spec["w2"]]).transpose(1, 2), offs_E)
     if spec["b2"] is not None:
         y = y + torch.stack(params[spec["b2"]])[eid_S]

@@ -283,7 +283,7 @@ def test_replay_probe_catches_a_wrong_activation(monkeypatch, path: str):
         monkeypatch.setattr(lift_moe_module.ops, "glu", lambda h, kind: torch.ops.moecc.glu(h, "relu"))
     else:
         monkeypatch.setattr(torch_backend, "GLU_ACTS", ())
-        monkeypatch.setattr(lift_moe_module, "apply_act", lambda kind, h: F.relu(h))
+        monkeypatch.setattr(torch_backend, "act", lambda kind, h: F.relu(h))
     model, (ids,) = load_example("mixtral_style")
     cm = moecc.compile(model)
     with pytest.raises(moecc.MoeccError) as info:

@@ -34,6 +34,8 @@ def _segments(counts: list[int]) -> torch.Tensor:
 )
 def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", 0)  # descriptor loads at these small shapes too
+    # both dW tile orders at these small shapes (a GPU's L2 holds them: it would take only one)
+    monkeypatch.setattr(triton_backend, "past_half_l2", lambda nbytes, device: True)
     gen = torch.Generator().manual_seed(sum(counts) + S)
     E, K, N = len(counts), 24, 40
     x = torch.randn(S, K, generator=gen).to(_device())
