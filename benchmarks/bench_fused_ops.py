@@ -11,7 +11,10 @@ and the same GEMMs on already-sorted rows through moecc's plain Triton grouped G
 and the SwiGLU activation between the GEMMs, forward and backward, as the graph's own ops (aten_glu) and as
 moecc's kernels (triton_glu).
 Every kernel's time is the profiler's device time per call (mean of --iters calls after warm-up), so a fused
-kernel can be set beside the plain GEMM it replaces. Writes `fused_ops_<date><tag>.json` to --out.
+kernel can be set beside the plain GEMM it replaces; `host_us` is the host's time to issue one call (median
+of 3 * --iters calls, each after a synchronize, so that the device is idle and no launch waits for a full
+queue): what the op costs the host, launches, torch ops and Python, whatever the device does. Writes
+`fused_ops_<date><tag>.json` to --out.
 
     python benchmarks/bench_fused_ops.py --out benchmarks/results
 """
@@ -19,7 +22,9 @@ kernel can be set beside the plain GEMM it replaces. Writes `fused_ops_<date><ta
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +54,20 @@ def kernel_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> dict[str, f
         if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
             times[e.key[:60]] += e.self_device_time_total / iters / 1000
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def host_us(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
+    """The host's time to issue one call (us): median over calls that each start on an idle device."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
 
 
 def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
@@ -103,10 +122,14 @@ def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
     for case, (fn, flops) in cases.items():
         kernels = kernel_ms(fn, iters)
         total = sum(kernels.values())
+        host = host_us(fn, 3 * iters)
         records.append({"shape": name, "case": case, "total_ms": total, "gemm_flops": flops,
-                        "tflops": flops / total / 1e9, "kernels_ms": kernels})  # fmt: skip
+                        "tflops": flops / total / 1e9, "host_us": host, "kernels_ms": kernels})  # fmt: skip
         top = ", ".join(f"{k[:28]} {v:.3f}" for k, v in list(kernels.items())[:3])
-        print(f"  {case:13s} {total:7.3f} ms  {flops / total / 1e9:6.0f} TFLOP/s | {top}", flush=True)
+        print(
+            f"  {case:13s} {total:7.3f} ms  {flops / total / 1e9:6.0f} TFLOP/s  host {host:6.0f} us | {top}",
+            flush=True,
+        )
     return records
 
 
