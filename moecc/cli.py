@@ -150,17 +150,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
     cm = moecc.compile(model, backend=args.backend, dump_dir=out / "dumps", profile_nodes=True)
     params = [p for p in cm.parameters() if p.requires_grad]
 
-    def step() -> None:
-        result = cm(*inputs)
-        loss = getattr(result, "logits", result)
-        loss = loss.float().square().mean() if loss.dim() else loss
-        loss.backward()
-        for p in params:
-            p.grad = None
+    def stepper(m: Any) -> Any:
+        def step() -> None:
+            result = m(*inputs)
+            loss = getattr(result, "logits", result)
+            loss = loss.float().square().mean() if loss.dim() else loss
+            loss.backward()
+            for p in params:
+                p.grad = None
 
+        return step
+
+    reference = None
+    if args.host_costs_into:  # the host's time for the step without node ranges, which cost time of their own
+        plain = stepper(moecc.compile(model, backend=args.backend))
+        for _ in range(max(args.steps - 1, 1)):
+            plain()
+        reference = profile.host_issue_us(plain)
+    step = stepper(cm)
     for _ in range(max(args.steps - 1, 1)):
         step()
-    res = profile.profile_step(cm, step, out)
+    res = profile.profile_step(cm, step, out, host_reference_us=reference)
     print(profile.timeline_table(res))
     print(f"wrote {out / 'timeline.md'} and {out / 'measured.json'}; predicted timelines in {cm.dump_root}")
     if args.host_costs_into:

@@ -135,16 +135,17 @@ def _predicted(cm: Any) -> dict[str, tuple[str, float]]:
     return {key: (ir.op_name(n), ir.facts(n).get("cost_us", 0.0)) for key, n in _nodes(cm).items()}
 
 
-def host_costs(cm: Any, events: Any, scale: float = 1.0) -> dict[str, Any]:
+def host_costs(cm: Any, events: Any, scale: float = 1.0, less_us: float = 0.0) -> dict[str, Any]:
     """The host's time per node of a profiled step, as a hardware profile's host fields (seconds; see
     `cost.HardwareProfile.host_op`): each node range's CPU time, the mean per op for the multi-kernel moecc ops
     (under the name the schedule pass costs them by: before lowering, `moecc.triton_x` is `moecc.x`), and
     over all other ops and over the views. On a GPU this is what the host spends issuing each node at the
-    model's own sizes; on the CPU the ops' own time is in it. `scale` multiplies every time: the profiler's
-    own time per op is in the ranges, and `profile_step` scales them by the step's host time without it."""
+    model's own sizes; on the CPU the ops' own time is in it. `scale` multiplies every time (the profiler's
+    own time per op is in the ranges: `profile_step` scales them by the step's host time without it), and
+    `less_us` is then taken off each range, down to 0 (what a node range itself costs the host)."""
     cpu: dict[str, float] = collections.defaultdict(float)
     for ev in _range_events(events):
-        cpu[ev.name] += ev.cpu_time_total * scale
+        cpu[ev.name] += max(ev.cpu_time_total * scale - less_us, 0.0)
     per: dict[str, list[float]] = collections.defaultdict(list)
     for key, n in _nodes(cm).items():
         if key not in cpu or n.target is operator.getitem:
@@ -160,9 +161,31 @@ def host_costs(cm: Any, events: Any, scale: float = 1.0) -> dict[str, Any]:
     }
 
 
-def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+def host_issue_us(step: Callable[[], Any], calls: int = 3) -> float:
+    """The host's time to issue `step` (us, median of `calls`), each call starting on an idle device."""
+    cuda = torch.cuda.is_available()
+    times = []
+    for _ in range(calls):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e6)
+    if cuda:
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
+def profile_step(
+    cm: Any, step: Callable[[], Any], out_dir: str | Path | None = None, host_reference_us: float | None = None
+) -> dict[str, Any]:
     """Profile one call of `step` (a training step of the compiled model `cm`, which must have been compiled
-    with profile_nodes=True and run at least once); write measured.json and timeline.md; return the table."""
+    with profile_nodes=True and run at least once); write measured.json and timeline.md; return the table.
+
+    `host_reference_us`: the host's time to issue the same step from the model compiled without
+    profile_nodes (`host_issue_us`), whose node ranges cost the host time of their own (77 against 48 ms for
+    an 8-layer step on an H200 node); the difference, spread evenly over the ranges, is taken off the host
+    costs."""
     if not cm.options.profile_nodes:
         raise ValueError("moecc.profile_step: compile the model with profile_nodes=True first")
     if not cm.session.contexts:
@@ -188,6 +211,8 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
         profiled_host_us, profiled_wall_us = timed()
     predicted = _predicted(cm)
     events = prof.events()
+    ranges = sum(1 for _ in _range_events(events))
+    range_us = max(host_us - host_reference_us, 0.0) / max(ranges, 1) if host_reference_us is not None else 0.0
     measured = measured_us(events, cuda)
     rows: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])
     for key, (op, pred) in predicted.items():
@@ -210,9 +235,12 @@ def profile_step(cm: Any, step: Callable[[], Any], out_dir: str | Path | None = 
         # the device waiting, for the host or for a peer)
         "busy_us": sum(r[2] for r in rows.values()),
         # per node, what the host spent issuing it: a profile's host fields from this step (`host_costs`),
-        # scaled by the host's time without the profiler over its time with it
+        # scaled by the host's time without the profiler over its time with it, less what a range costs
         "host_scale": host_us / profiled_host_us,
-        "host_costs": host_costs(cm, events, host_us / profiled_host_us),
+        "host_reference_us": host_reference_us,
+        "host_ranges": ranges,
+        "host_less_per_node_us": range_us,
+        "host_costs": host_costs(cm, events, host_us / profiled_host_us, range_us),
         "error": (predicted_total - wall_us) / wall_us if wall_us else float("nan"),
         "ops": {op: {"nodes": int(n), "predicted_us": p, "measured_us": m} for op, (n, p, m) in rows.items()},
     }

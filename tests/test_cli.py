@@ -86,5 +86,6 @@ def test_profile_writes_the_steps_host_costs_into_a_profile(tmp_path: Path) -> N
     assert cli.main([*args, "--host-costs-into", str(prof)]) == 0
     assert (out / "timeline.md").exists()
     p = cost.load_profile(prof)
-    assert p.host_op > 0 and p.host_view > 0 and dict(p.host_ops)["moecc.grouped_mm"] > 0
+    # less what a node range costs (a view's own time may be no more than that)
+    assert p.host_op > 0 and p.host_view >= 0 and dict(p.host_ops)["moecc.grouped_mm"] > 0
     assert p.gemm_flops == cost.PROFILES["cpu"].gemm_flops  # the rest of the profile as it was

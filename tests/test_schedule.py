@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import moecc
-from moecc import cost, ir, testing
+from moecc import cost, ir, profile, testing
 from moecc.examples import deepseek_style, mixtral_style
 from moecc.options import MoeccError
 
@@ -336,8 +336,8 @@ def test_calibrated_profile_is_picked_up_by_compile(tmp_path: Path, monkeypatch:
     for kind in ("all_to_all", "all_reduce"):
         pts = data["curves"][kind]
         assert len(pts) == 4 and all(t > 0 for _, t in pts)
-    profile = cost.load_profile(path)
-    times = [t for _, t in dict(profile.curves)["all_to_all"]]
+    loaded = cost.load_profile(path)
+    times = [t for _, t in dict(loaded.curves)["all_to_all"]]
     assert times == sorted(times)
 
     model, (ids,) = mixtral_style.build(seed=0)
@@ -380,6 +380,19 @@ def test_profile_step_compares_every_node_with_its_prediction(tmp_path: Path) ->
     # the step's times come from a run without the profiler; the host costs are scaled to it
     assert 0 < res["profiled_host_us"] <= res["profiled_wall_us"]
     assert res["host_scale"] == pytest.approx(res["host_us"] / res["profiled_host_us"])
+    assert res["host_less_per_node_us"] == 0 and res["host_ranges"] >= sum(r["nodes"] for r in ops.values())
+    # against the host's time for the step without node ranges, what a range costs comes off every node
+    again = moecc.profile_step(cm, step, tmp_path, host_reference_us=0.5 * res["host_us"])
+    assert again["host_less_per_node_us"] == pytest.approx(
+        max(again["host_us"] - 0.5 * res["host_us"], 0.0) / again["host_ranges"]
+    )
+    with torch.profiler.profile() as prof:
+        step()
+    events = prof.events()
+    full, less = profile.host_costs(cm, events), profile.host_costs(cm, events, 1.0, 50.0)
+    assert max(full["host_op"] - 50e-6, 0.0) - 1e-12 <= less["host_op"] <= full["host_op"]
+    none = profile.host_costs(cm, events, 1.0, 1e12)
+    assert none["host_op"] == none["host_view"] == 0 and not any(none["host_ops"].values())
     assert res["busy_us"] == pytest.approx(sum(r["measured_us"] for r in ops.values()))
     table = (tmp_path / "timeline.md").read_text()
     assert "| moecc.grouped_mm | 8 |" in table and "error" in table and "to issue the step" in table
