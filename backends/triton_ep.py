@@ -715,7 +715,7 @@ def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor, plan: Plan) -> dict[str, 
     gpu = dev.type == "cuda"
     BT = min(1024 if gpu else 16, triton.next_power_of_2(T))
     # every program of the chain resident at once (each waits for the one before it): at most one per SM
-    nprog = min(triton.cdiv(T, BT), triton_backend.cuda_sms(dev) if gpu else 4, CHAIN_PROGRAMS)
+    nprog = min(triton.cdiv(T, BT), _programs(dev)[0], CHAIN_PROGRAMS)
     span = triton.cdiv(triton.cdiv(T, BT), nprog) * BT
     _route_scan_kernel[(triton.cdiv(T, span),)](
         idx_TK.contiguous(), key, plan.valid_TK, plan.pos_PT, buf.chain, buf.epoch, T, K, E, E_l, span, EP=ep,

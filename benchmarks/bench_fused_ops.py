@@ -22,9 +22,7 @@ queue): what the op costs the host, launches, torch ops and Python, whatever the
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +36,7 @@ import bench_moe_layer as bench  # noqa: E402
 
 import moecc.ops  # noqa: E402, F401  (registers torch.ops.moecc)
 from moecc.backends import triton_backend  # noqa: E402
+from moecc.profile import host_issue_us  # noqa: E402
 
 
 def kernel_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> dict[str, float]:
@@ -54,20 +53,6 @@ def kernel_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> dict[str, f
         if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
             times[e.key[:60]] += e.self_device_time_total / iters / 1000
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
-
-
-def host_us(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
-    """The host's time to issue one call (us): median over calls that each start on an idle device."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
 
 
 def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
@@ -122,7 +107,7 @@ def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
     for case, (fn, flops) in cases.items():
         kernels = kernel_ms(fn, iters)
         total = sum(kernels.values())
-        host = host_us(fn, 3 * iters)
+        host = host_issue_us(fn, 3 * iters)  # after kernel_ms's warm-up and calls
         records.append({"shape": name, "case": case, "total_ms": total, "gemm_flops": flops,
                         "tflops": flops / total / 1e9, "host_us": host, "kernels_ms": kernels})  # fmt: skip
         top = ", ".join(f"{k[:28]} {v:.3f}" for k, v in list(kernels.items())[:3])

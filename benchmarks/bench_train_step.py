@@ -259,19 +259,6 @@ def predicted_ms(m: StepModel, key: str = "predicted_us") -> float | None:
     return total / 1e3 if total else None
 
 
-def host_issue_ms(run: layer_bench.Run, call: Callable[[], Any], steps: int = 5) -> float:
-    """Median host time from a step's start until it returns, the device idle at the start (synchronised
-    before, not inside): how long the host takes to issue the step, against the step time."""
-    times = []
-    for _ in range(steps):
-        run.sync()
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1e3)
-        run.sync()
-    return statistics.median(times)
-
-
 def step(m: StepModel, ids_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     for p in m.params.values():
         p.grad = None
@@ -443,7 +430,8 @@ def bench_variant(
         rec["tokens_per_s"] = run.world * c.tokens / (rec["step_ms"] / 1e3)
         rec["model_flops"] = flops
         rec["mfu"] = flops / (rec["step_ms"] / 1e3) / (run.world * peak_flops)
-        host, err = attempt(run, "host issue time", lambda: host_issue_ms(run, call))
+        # the host's time to issue a step, the device idle at each start
+        host, err = attempt(run, "host issue time", lambda: moecc.profile.host_issue_us(call, 5) / 1e3)
         if err is None:
             rec["host_issue_ms_per_rank"] = run.gather(host)
             rec["host_issue_ms"] = max(rec["host_issue_ms_per_rank"])

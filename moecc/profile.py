@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import operator
+import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -161,19 +162,22 @@ def host_costs(cm: Any, events: Any, scale: float = 1.0, less_us: float = 0.0) -
     }
 
 
-def host_issue_us(step: Callable[[], Any], calls: int = 3) -> float:
-    """The host's time to issue `step` (us, median of `calls`), each call starting on an idle device."""
+def _timed_step(step: Callable[[], Any]) -> tuple[float, float]:
+    """One call of `step` on an idle device: (us until the host has issued it, us until the device has run it)."""
     cuda = torch.cuda.is_available()
-    times = []
-    for _ in range(calls):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e6)
     if cuda:
         torch.cuda.synchronize()
-    return sorted(times)[len(times) // 2]
+    t0 = time.perf_counter()
+    step()
+    host = (time.perf_counter() - t0) * 1e6
+    if cuda:
+        torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) * 1e6
+
+
+def host_issue_us(step: Callable[[], Any], calls: int = 3) -> float:
+    """The host's time to issue `step` (us, median of `calls`), each call starting on an idle device."""
+    return statistics.median(_timed_step(step)[0] for _ in range(calls))
 
 
 def profile_step(
@@ -191,24 +195,12 @@ def profile_step(
     if not cm.session.contexts:
         raise ValueError("moecc.profile_step: run the step once before profiling it (nothing is compiled yet)")
     cuda = torch.cuda.is_available()
-
-    def timed() -> tuple[float, float]:
-        """(us until the host has issued the step, us until the device has run it)"""
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        host = (time.perf_counter() - t0) * 1e6
-        if cuda:
-            torch.cuda.synchronize()
-        return host, (time.perf_counter() - t0) * 1e6
-
     # the step's time without the profiler, which adds its own to every op: on an H200 node it doubled the
     # host's time to issue a training step (130 against 66 ms) and made the step 35 % slower
-    host_us, wall_us = timed()
+    host_us, wall_us = _timed_step(step)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
-        profiled_host_us, profiled_wall_us = timed()
+        profiled_host_us, profiled_wall_us = _timed_step(step)
     predicted = _predicted(cm)
     events = prof.events()
     ranges = sum(1 for _ in _range_events(events))
