@@ -11,10 +11,12 @@ T tokens, K slots, ep ranks):
        counts; then signal META.
     2. wait for META from every rank; build the tile plan: segments (source s, local expert e), ordered by
        s' = (s - me) mod ep so that local rows come first (they need no transfer).
-    3. one persistent kernel: `P_SEND` programs push each token's row once to every rank that holds one of
-       its experts (local first) and signal DATA; the other programs walk the GEMM tiles, each waiting
-       (acquire) for the DATA signal of its segment's source rank, gathering its A rows from the receive
-       buffer through the rowmap. Rows past the last segment are zero.
+    3. one persistent kernel: `P_SEND` programs push each token's row once to every other rank that holds
+       one of its experts and signal DATA; the other programs walk the GEMM tiles, each waiting (acquire)
+       for the DATA signal of its segment's source rank, gathering its A rows from the receive buffer
+       through the rowmap. This rank's own rows are not sent: the rowmap points its own slots at their
+       tokens, the local tiles (first in the order) read them in place and start without waiting. Rows past
+       the last segment are zero.
   forward, second op (expert GEMM 2 fused with combine):
     4. each tile's result rows are stored straight into the source rank's `comb` buffer at the slot they
        belong to; the last program signals COMB to every rank.
@@ -306,10 +308,11 @@ def _push_rows(
     me, T, H, TK,
     EP: tl.constexpr, NSEND, BT: tl.constexpr, BH: tl.constexpr, HAS_GATES: tl.constexpr,
 ):  # fmt: skip
-    """Send programs: token t's row to every rank d with pos[d, t] >= 0, into d's recv[me, pos] (local
-    destination first); with HAS_GATES also the gate of every slot to its destination's gates[me, q]."""
+    """Send programs: token t's row to every other rank d with pos[d, t] >= 0, into d's recv[me, pos]; with
+    HAS_GATES also the gate of every slot to its destination's gates[me, q]. Rows and gates this rank computes
+    itself stay where they are (the GEMM reads them in place)."""
     n_tb = tl.cdiv(T, BT)
-    for w in range(pid, EP * n_tb, NSEND):
+    for w in range(n_tb + pid, EP * n_tb, NSEND):  # w // n_tb == 0 is this rank
         d = (me + w // n_tb) % EP
         ts = (w % n_tb) * BT + tl.arange(0, BT)
         pos = tl.load(pos_ptr + d * T + ts, mask=ts < T, other=-1)
@@ -325,7 +328,7 @@ def _push_rows(
         for j0 in range(pid * BT, TK, NSEND * BT):
             js = j0 + tl.arange(0, BT)
             d = tl.load(dest_ptr + js, mask=js < TK, other=-1)
-            ok = d >= 0
+            ok = (d >= 0) & (d != me)
             q = tl.load(q_ptr + js, mask=ok, other=0)
             sl = tl.load(slot_ptr + js, mask=ok, other=0)
             g = tl.load(gsrc_ptr + sl, mask=ok, other=0.0).to(tl.float32)
@@ -383,21 +386,32 @@ def _dispatch_gemm_kernel(
                 cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, BM, BN, GROUP_M
             )
             live = seg < NSEG - 1
-            # the zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always
-            # signals, and run no k-steps (the same loop shape as the plain grouped GEMM, no branch around it)
-            _wait_signal(sig_ptr + SLOT * EP + s, target)
+            # this rank's own rows are read in place (their rowmap rows are token rows of src) and need no
+            # wait: the local tiles, which come first, start at once while the senders push the rest. The
+            # zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always signals
+            # (or, on rank 0, for nothing), and run no k-steps (the same loop shape as the plain grouped GEMM)
+            local = s == me
+            if not local:
+                _wait_signal(sig_ptr + SLOT * EP + s, target)
+            a_src = tl.where(local, src_ptr, recv_ptr)
             mi = (s * TK + q).to(tl.int64)
             live_rows = rows < tl.where(live, hi, lo)
             rr = _index(tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0), WIDE)
-            if HAS_GATES:
-                g = tl.load(gates_ptr + mi, mask=live_rows, other=0.0)
+            if HAS_GATES:  # a local slot's gate from the gates themselves (by its slot id), a peer's as sent
+                mine = live_rows & ((rows * 0 + s) == me)
+                sl = tl.load(rowmap_ptr + mi * 2 + 1, mask=mine, other=0)
+                g = tl.where(
+                    mine,
+                    tl.load(gsrc_ptr + sl, mask=mine, other=0.0).to(tl.float32),
+                    tl.load(gates_ptr + mi, mask=live_rows & ((rows * 0 + s) != me), other=0.0),
+                )
             k_end = tl.where(live, H, 0)
             if SAVE_A:  # the gathered (and scaled) rows, once per m-tile, for the weight gradient
                 if nt == 0:
                     for k0 in range(0, k_end, BK):
                         ks = k0 + tl.arange(0, BK)
                         am = row_ok[:, None] & (ks < H)[None, :]
-                        a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
+                        a = tl.load(a_src + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
                         if HAS_GATES:
                             a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
                         tl.store(save_ptr + _index(rows, WIDE)[:, None] * H + ks[None, :], a, mask=am)
@@ -405,7 +419,7 @@ def _dispatch_gemm_kernel(
             for k0 in range(0, k_end, BK):
                 ks = k0 + tl.arange(0, BK)
                 k_ok = ks < H
-                a = tl.load(recv_ptr + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                a = tl.load(a_src + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
                             other=0.0)  # fmt: skip
                 if DESC_W:  # the gathered rows through pointers, the weights through a descriptor
                     b = triton_backend._weight_tile(w_desc, e, k0, nt, H, N, BN, W_KMAJOR)
@@ -688,7 +702,8 @@ def _route_slots_kernel(
     start = _lower_bound(key_ptr, TK, dc * E_l, LOG)
     slot = tl.load(order_ptr + js, mask=ok, other=0)
     tok = slot // K
-    row = me * T + tl.load(pos_ptr + dc.to(tl.int64) * T + tok, mask=ok, other=0)
+    # a slot this rank computes itself is read in place: its row is its token's (no copy, no wait)
+    row = tl.where(dest == me, tok, me * T + tl.load(pos_ptr + dc.to(tl.int64) * T + tok, mask=ok, other=0))
     tl.store(dest_ptr + js, dest.to(tl.int32), mask=ok)
     tl.store(q_ptr + js, (js - start).to(tl.int32), mask=ok)
     tl.store(row_ptr + js, row.to(tl.int32), mask=ok)

@@ -174,7 +174,8 @@ def _source_plan_reference(ep: int, me: int, E_l: int, idx_TK: torch.Tensor) -> 
         "pos_PT": pos_PT,
         "dest_J": dest_J,
         "q_J": torch.arange(T * K) - start_P[dc],
-        "row_J": me * T + pos_PT[dc, order // K],
+        # this rank's own slots point at their token (read in place), others at the token's receive row
+        "row_J": torch.where(dest_J == me, order // K, me * T + pos_PT[dc, order // K]),
         "slot_J": order,
         "counts_E": counts_E,
     }
@@ -259,12 +260,14 @@ def test_plan_of_the_wrong_shape_is_refused() -> None:
 
 def test_each_token_sent_once_per_destination():
     """A token whose top-k experts share a rank travels there once: the receive rows equal the distinct
-    (token, rank) pairs, and a rank's slots for an expert all point at that one row."""
+    (token, rank) pairs, and a rank's slots for an expert all point at that one row. A rank's own tokens do
+    not travel: its block of its own receive buffer is left as it was."""
     ep, T, K, H, E_l = 2, 6, 3, 16, 2
     world = triton_ep.SimWorld(ep, T, K, H, E_l, torch.float32, DEV)
     idx = torch.tensor([[0, 1, 2], [0, 1, 3], [2, 3, 0], [1, 0, 3], [3, 2, 1], [0, 2, 1]])
     xs = [torch.randn(T, H).to(DEV) for _ in range(ep)]
     w1s = [torch.randn(E_l, H, 8).to(DEV) for _ in range(ep)]
+    own = [b.local["recv"].view(ep, T, H)[r].clone() for r, b in enumerate(world.ranks)]
     fwd = world.run([triton_ep.dispatch_gemm_forward(world.ranks[r], xs[r], idx.to(DEV), w1s[r]) for r in range(ep)])
     for r in range(ep):
         pos = fwd[r][2].pos_PT.cpu()
@@ -273,9 +276,15 @@ def test_each_token_sent_once_per_destination():
             assert int((pos[d] >= 0).sum()) == int(hit.sum())
             assert sorted(pos[d][hit].tolist()) == list(range(int(hit.sum())))
         recv = world.ranks[r].local["recv"].view(ep, T, H)
-        for s in range(ep):  # the rows rank s sent to r arrived in order
-            hit = (idx // E_l == r).any(1)
-            torch.testing.assert_close(recv[s, : int(hit.sum())], xs[s][hit])
+        hit = (idx // E_l == r).any(1)
+        for s in range(ep):  # the rows rank s sent to r arrived in order; r's own stay in place, unsent
+            if s != r:
+                torch.testing.assert_close(recv[s, : int(hit.sum())], xs[s][hit])
+        assert torch.equal(recv[r], own[r])
+        rowmap = fwd[r][2].rowmap.view(ep, T * K, 2).cpu()
+        slots = (idx // E_l == r).sum().item()
+        # r's own slots (sorted by expert) point at their tokens: rows of x, not of the receive buffer
+        assert torch.equal(rowmap[r, :slots, 0], rowmap[r, :slots, 1] // K)
 
 
 def test_fused_ops_opcheck():
