@@ -642,8 +642,6 @@ def bench_moecc(
     run: Run, shape: str, s: Shape, backend: str, x: dict[str, torch.Tensor], ref: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
     name = f"moecc_{backend}"
-    # moecc_triton measures the fused expert-parallel kernels, which are opt-in across ranks
-    os.environ.setdefault("MOECC_FUSED_EP", "1")
     if backend == "triton" and run.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         why = "the triton backend runs on the CPU only under TRITON_INTERPRET=1"
         run.log(f"  {shape} {name}: skipped ({why})")

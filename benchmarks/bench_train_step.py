@@ -41,8 +41,9 @@ Per variant (built, measured and freed before the next one is built, unless --in
   exposed_comm_ms   the part of comm_ms that no other activity overlaps: on a GPU every other kernel, memcpy
                     and memset on any stream; on the CPU every other op that has no communication inside or
                     around it. Both are the mean over ranks, with per-rank lists. NCCL kernels include the time
-                    they wait for their peers; transfers inside fused moecc kernels (MOECC_FUSED_EP=1) count
-                    as compute. The profiled step's own wall time (profiling slows it) is recorded beside them;
+                    they wait for their peers; transfers inside fused moecc kernels (the default at ep > 1
+                    on GPUs; MOECC_FUSED_EP=0 turns them off) count as compute. The profiled step's own wall
+                    time (profiling slows it) is recorded beside them;
   predicted_step_ms moecc's cost model: the sum over the compiled graphs of plan["predicted_us"], the forward
                     and backward critical paths the schedule pass predicts; none for eager, and none for
                     moecc_noschedule (the schedule pass is what predicts);

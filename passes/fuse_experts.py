@@ -100,12 +100,21 @@ def fusion_refusal(backend: str, device: torch.device, ep: int) -> str | None:
         return "the torch backend has no fused dispatch/combine kernels"
     if ep > 1 and device.type != "cuda":
         return f"expert parallelism over {ep} ranks needs symmetric memory (CUDA devices); this graph runs on {device}"
-    if ep > 1 and os.environ.get(FUSED_EP_ENV) != "1":
+    if ep > 1 and not fused_ep_enabled():
         return (
-            f"fusion across {ep} ranks over symmetric memory is opt-in until it has been validated on multi-GPU "
-            f"nodes: set {FUSED_EP_ENV}=1 to use it (the kernels are tested in a simulated world)"
+            f"{FUSED_EP_ENV}=0 switches fusion across ranks off: the {ep} ranks exchange rows with all-to-alls "
+            f"and run the plain Triton grouped GEMMs"
         )
     return None
+
+
+def fused_ep_enabled() -> bool:
+    """Whether fusion across ranks is on: it is unless MOECC_FUSED_EP=0 (an opt-out, for comparing the fused
+    kernels with the all-to-all path); any value but 0 or 1 is an error, not a guess."""
+    value = os.environ.get(FUSED_EP_ENV, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{FUSED_EP_ENV}={value!r}: expected 1 (fuse across ranks, the default) or 0 (don't)")
+    return value == "1"
 
 
 def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m: _Match) -> None:

@@ -97,9 +97,9 @@ def test_ep_training_matches_eager(world: int, ep: int, names: list[str]) -> Non
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton kernels on the CPU need TRITON_INTERPRET=1")  # fmt: skip
 def test_ep_training_on_the_triton_backend_matches_eager() -> None:
-    """ep = 2 with backend="triton" and the fused kernels not selected across ranks (what a multi-GPU run gets
-    without MOECC_FUSED_EP): row all-to-alls over the process group, the Triton grouped GEMMs and GLU kernels
-    on the padded rows a rank receives. Two steps against the eager global batch."""
+    """ep = 2 with backend="triton" on the CPU, where fusion across ranks is refused (no symmetric memory; a
+    multi-GPU run gets this path with MOECC_FUSED_EP=0): row all-to-alls over the process group, the Triton
+    grouped GEMMs and GLU kernels on the padded rows a rank receives. Two steps against the eager global batch."""
     testing.spawn(train_matches_eager, 2, ["mixtral", "deepseek"], 2, 2, "triton")
 
 

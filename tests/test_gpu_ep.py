@@ -28,7 +28,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 2e-3) 
 
 
 def _train(rank: int, world: int, build_name: str) -> None:
-    os.environ["MOECC_FUSED_EP"] = "1"  # opt in to fusion across ranks (what this test validates)
+    os.environ.pop("MOECC_FUSED_EP", None)  # the default, fused across ranks, is what this test validates
     build = {"mixtral": mixtral_style.build, "deepseek": deepseek_style.build}[build_name]
     torch.manual_seed(0)
     model, (ids,) = build(tokens=64)
@@ -67,7 +67,7 @@ def _capture(rank: int, world: int) -> None:
     """The fused expert-parallel layer's forward and backward, captured in a CUDA graph and replayed with new
     inputs: no device-to-host synchronisation anywhere in them (the ranks meet through symmetric-memory
     signals, not the host)."""
-    os.environ["MOECC_FUSED_EP"] = "1"
+    os.environ.pop("MOECC_FUSED_EP", None)
     torch.manual_seed(0)
     model, _ = mixtral_style.build(dtype=torch.bfloat16, tokens=256)
     moe = model.layers[0].moe.cuda()

@@ -323,6 +323,12 @@ def test_fusion_refusal_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     assert fusion_refusal("triton", cpu, 1) is None  # one rank: the same kernels on a one-rank world
     assert "needs symmetric memory" in fusion_refusal("triton", cpu, 2)
     monkeypatch.delenv(FUSED_EP_ENV, raising=False)
-    assert f"set {FUSED_EP_ENV}=1" in fusion_refusal("triton", cuda, 4)
+    assert fusion_refusal("triton", cuda, 4) is None  # across ranks on GPUs: fused by default
+    monkeypatch.setenv(FUSED_EP_ENV, "0")
+    assert f"{FUSED_EP_ENV}=0 switches fusion across ranks off" in fusion_refusal("triton", cuda, 4)
+    assert fusion_refusal("triton", cuda, 1) is None  # one rank has nothing to exchange: the opt-out is moot
     monkeypatch.setenv(FUSED_EP_ENV, "1")
     assert fusion_refusal("triton", cuda, 4) is None
+    monkeypatch.setenv(FUSED_EP_ENV, "yes")
+    with pytest.raises(ValueError, match="MOECC_FUSED_EP='yes': expected 1"):
+        fusion_refusal("triton", cuda, 4)
