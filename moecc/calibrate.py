@@ -4,7 +4,8 @@ Measured: the dense GEMM rate (a square matmul), the grouped GEMM rate (the torc
 8 experts), on a GPU the rate of moecc's fused expert-parallel ops (one rank, a SwiGLU MoE layer's forward
 and backward), device memory bandwidth (a large copy), and, over a local world of `world_size` processes
 (gloo on the CPU, NCCL with one GPU per rank), the latency/bandwidth curves of `all_to_all_single` and
-`all_reduce`: the median time per call at message sizes from a few KB to tens of MB per rank.
+`all_reduce` (the median time per call at message sizes from a few KB to tens of MB per rank) and, on GPUs,
+the fused ops' rate across those ranks, which the cost model charges them at ep = `world_size`.
 
 The profile is written to `--out`, by default to the folder compile looks in for this device
 (`~/.cache/moecc/profiles/<device>.json`); `MOECC_PROFILE=<path>` or `moecc.compile(..., profile=<path>)`
@@ -172,32 +173,60 @@ def _layer_inputs(
     return x, idx, w_TK, w1, w2
 
 
-def measure_fused(device: torch.device, quick: bool) -> float:
-    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU), in one rank: a
-    MoE layer's forward (dispatch + expert GEMM 1, expert GEMM 2 + combine) and backward (the mirror ops: dX
-    and dW of both GEMMs), routing included, in FLOPs of the GEMMs per second. The cost model charges every
-    fused op by this rate, the backward ones with twice the forward's FLOPs. The activation between the two
+def _fused_layer(device: torch.device, quick: bool, ep: int = 1, group: str = "") -> tuple[Callable[[], None], float]:
+    """One call of moecc's fused expert-parallel ops for a MoE layer's forward (dispatch + expert GEMM 1,
+    expert GEMM 2 + combine) and backward (the mirror ops: dX and dW of both GEMMs), routing included, over
+    `ep` ranks of `group` (this rank holds 1/ep of the experts; every rank draws its own tokens), and the GEMM
+    FLOPs one rank does in it, expected under the uniform routing drawn here. The activation between the two
     GEMMs is an op of its own, which the cost model charges by memory bandwidth: it is computed once, outside
-    the timed calls, so that its time does not lower this rate."""
+    the call, so that its time does not count."""
+    from moecc import dist as moecc_dist
     from moecc import ops
 
     T, H, F, E, K = (2048, 2048, 1024, 32, 4) if quick else (8192, 4096, 1536, 64, 6)
-    gen = torch.Generator(device=device).manual_seed(0)
+    rank = dist.get_rank(moecc_dist.group_by_name(group)) if ep > 1 else 0
+    gen = torch.Generator(device=device).manual_seed(rank)
     x, idx, w_TK, w1, w2 = _layer_inputs(gen, device, torch.bfloat16, T, H, F, E, K)
+    mine = slice(rank * E // ep, (rank + 1) * E // ep)
+    w1, w2 = w1[mine].contiguous(), w2[mine].contiguous()
     dout = torch.randn(T, H, device=device, dtype=torch.bfloat16, generator=gen)
-    dh = torch.randn(T * K, 2 * F, device=device, dtype=torch.bfloat16, generator=gen)
 
-    h, _, _ = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
+    h, _, _ = ops.ep_dispatch_gemm(x, idx, w1, ep, group)
     a = torch.nn.functional.silu(h[:, :F]) * h[:, F:]  # the same rows every call: the routing is fixed
+    dh = torch.randn(h.shape, device=device, dtype=torch.bfloat16, generator=gen)
 
     def layer() -> None:
-        _, x_SH, plan = ops.ep_dispatch_gemm(x, idx, w1, 1, "")
-        _, y_TKH = ops.ep_gemm_combine(a, w2, w_TK, plan, 1, "")
-        ops.ep_gemm_combine_backward(dout, a, w2, w_TK, y_TKH, plan, "")
-        ops.ep_dispatch_gemm_backward(dh, x_SH, w1, plan, T, K, "")
+        _, x_SH, plan = ops.ep_dispatch_gemm(x, idx, w1, ep, group)
+        _, y_TKH = ops.ep_gemm_combine(a, w2, w_TK, plan, ep, group)
+        ops.ep_gemm_combine_backward(dout, a, w2, w_TK, y_TKH, plan, group)
+        ops.ep_dispatch_gemm_backward(dh, x_SH, w1, plan, T, K, group)
 
     forward = 2 * T * K * H * 2 * F + 2 * T * K * F * H
-    return 3 * forward / _time_s(layer, device, 5 if quick else 20)
+    return layer, 3.0 * forward
+
+
+def measure_fused(device: torch.device, quick: bool) -> float:
+    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU) in one rank, in
+    FLOPs of the GEMMs per second: a MoE layer's forward and backward (`_fused_layer`). The cost model charges
+    every fused op by this rate, the backward ones with twice the forward's FLOPs."""
+    layer, flops = _fused_layer(device, quick)
+    return flops / _time_s(layer, device, 5 if quick else 20)
+
+
+def _fused_ep_rate(device: torch.device, world: int, quick: bool) -> float:
+    """The fused ops' rate across the `world` ranks of this node (each rank's GEMM FLOPs over the slowest
+    rank's time): with the rows' transfers to and from the other ranks, the waits for them and the remote
+    stores, which the one-rank rate does not see (on 2 x H200 the fused layer took 12-20 % longer than on one
+    GPU at the same tokens per rank)."""
+    from moecc import dist as moecc_dist
+
+    group = moecc_dist.make_mesh(world).ep_group
+    layer, flops = _fused_layer(device, quick, world, group)
+    dist.barrier()
+    t = _time_s(layer, device, 5 if quick else 20)
+    worst = [0.0] * world
+    dist.all_gather_object(worst, t)
+    return flops / max(worst)
 
 
 def _sizes(quick: bool) -> list[int]:
@@ -226,11 +255,14 @@ def _collectives(rank: int, world: int, quick: bool, out: str) -> None:
             worst = [0.0] * world
             dist.all_gather_object(worst, t)  # the slowest rank sets the pace of a collective
             curves[kind].append([float(n * 4), max(worst)])
+    fused_ep = {world: _fused_ep_rate(device, world, quick)} if device.type == "cuda" else {}
     if rank == 0:
-        Path(out).write_text(json.dumps(curves))
+        Path(out).write_text(json.dumps({"curves": curves, "fused_ep_gemm_flops": fused_ep}))
 
 
-def measure_collectives(world_size: int, quick: bool) -> dict[str, list[list[float]]]:
+def measure_collectives(world_size: int, quick: bool) -> dict[str, Any]:
+    """Over a local world of `world_size` processes: the collectives' curves ("curves") and, on GPUs, the fused
+    ops' rate across the ranks ("fused_ep_gemm_flops", by world size)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "curves.json")
         testing.spawn(_collectives, world_size, quick, out, timeout_s=300)
@@ -246,7 +278,8 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
         n = torch.cuda.device_count()
         raise MoeccError(f"calibrate: --world-size {world_size} needs as many GPUs; this machine has {n}")
     rates = measure_compute(dev, quick)
-    curves = measure_collectives(world_size, quick) if world_size > 1 else {}
+    across = measure_collectives(world_size, quick) if world_size > 1 else {}
+    curves = across.get("curves", {})
     a2a = curves.get("all_to_all", [])
     builtin = cost.PROFILES["cpu" if dev.type == "cpu" else "h200"]  # for what one process cannot measure
     key = cost.device_key(dev)
@@ -258,6 +291,7 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
             "a2a_bw": a2a[-1][0] / a2a[-1][1] if a2a else builtin.a2a_bw,
             "a2a_latency": a2a[0][1] if a2a else builtin.a2a_latency,
             "curves": curves,
+            "fused_ep_gemm_flops": across.get("fused_ep_gemm_flops", {}),
         },
         source="measured",
     )

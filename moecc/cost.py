@@ -38,6 +38,10 @@ class HardwareProfile:
     # rate of moecc's fused expert-parallel ops (gathering / scattering GEMMs, with their routing), FLOP/s;
     # None: the grouped GEMM rate
     fused_gemm_flops: float | None = None
+    # the fused ops' rate across ep ranks of one node, by ep (calibrate measures it at its world size): with
+    # the rows' transfers, the waits for them and the remote stores. An ep without an entry: the one-rank rate,
+    # and no less than the op's transfer time at the all-to-all bandwidth
+    fused_ep_gemm_flops: tuple[tuple[int, float], ...] = ()
     # the host's time to issue one node of a graph (Python, the dispatcher, kernel launches), s: an op's
     # kernels start no earlier than the host has issued it, so where the host is slower than the device the
     # host sets the pace. host_op: any op without an entry in host_ops (which holds the multi-kernel ops,
@@ -66,6 +70,7 @@ class HardwareProfile:
         d = dataclasses.asdict(self)
         d["curves"] = {k: [list(p) for p in pts] for k, pts in self.curves}
         d["host_ops"] = dict(self.host_ops)
+        d["fused_ep_gemm_flops"] = {str(ep): rate for ep, rate in self.fused_ep_gemm_flops}
         return d
 
     @staticmethod
@@ -78,7 +83,10 @@ class HardwareProfile:
             raise ValueError(f"not a moecc profile: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
         curves = tuple((k, _monotone(pts)) for k, pts in sorted(d.get("curves", {}).items()))
         host_ops = tuple(sorted((str(k), float(v)) for k, v in d.get("host_ops", {}).items()))
-        return HardwareProfile(**{**d, "curves": curves, "host_ops": host_ops, "source": source})
+        fused_ep = tuple(sorted((int(k), float(v)) for k, v in d.get("fused_ep_gemm_flops", {}).items()))
+        return HardwareProfile(
+            **{**d, "curves": curves, "host_ops": host_ops, "fused_ep_gemm_flops": fused_ep, "source": source}
+        )
 
 
 def _monotone(points: Any) -> tuple[tuple[float, float], ...]:
@@ -337,7 +345,8 @@ def host_us(node: fx.Node, profile: HardwareProfile) -> float:
 def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1) -> float:
     """Predicted time of one node in microseconds: max(FLOPs / rate, bytes / bandwidth) for compute, the
     profile's collective curve for collectives; the fused expert-parallel ops overlap their transfers with
-    their GEMMs, so they take the longer of the two."""
+    their GEMMs, so they take the longer of the two, at the rate measured across `ep` ranks where the profile
+    has one."""
     if node.op != "call_function" or node.target is operator.getitem or is_view(node):
         return 0.0
     name = str(node.target)
@@ -350,6 +359,9 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     rate = profile.grouped_gemm_flops if grouped else profile.gemm_flops
     if "moecc.ep_" in name and profile.fused_gemm_flops:
         rate = profile.fused_gemm_flops
+    across = dict(profile.fused_ep_gemm_flops).get(ep) if ep > 1 else None
+    if "moecc.ep_" in name and across:
+        rate = across
     flops = 0.0
     if f is not None:
         flops = float(f.subs(S_e, expected_rows_per_expert(node))) if grouped else float(f)

@@ -90,3 +90,14 @@ def _capture(rank: int, world: int) -> None:
 
 def test_fused_expert_parallel_layer_captures_in_a_cuda_graph() -> None:
     testing.spawn(_capture, 2, timeout_s=300)
+
+
+def test_calibrate_measures_the_fused_ops_across_the_ranks() -> None:
+    """`moecc calibrate` times the fused layer over the node's ranks (transfers and waits included) and saves
+    that rate by world size, beside the one-rank rate, for the cost model to charge the fused ops at ep > 1."""
+    from moecc import calibrate
+
+    across = calibrate.measure_collectives(2, quick=True)
+    rate = across["fused_ep_gemm_flops"]["2"]  # by world size; JSON keys are strings
+    assert 1e12 < rate < 2e15, rate  # a real rate in FLOP/s, below any GPU's peak
+    assert {"all_to_all", "all_reduce"} <= set(across["curves"])

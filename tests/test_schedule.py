@@ -302,6 +302,14 @@ def test_attention_and_fused_op_costs() -> None:
     slow = dataclasses.replace(base, fused_gemm_flops=base.grouped_gemm_flops / 4)
     assert cost.estimate_us(node, base) == pytest.approx(1e6 * flops / base.grouped_gemm_flops)
     assert cost.estimate_us(node, slow) == pytest.approx(4 * cost.estimate_us(node, base))
+    # across ranks: the rate calibrate measured at that ep, with the transfers in it; an ep it did not measure
+    # keeps the one-rank rate (and the transfer time as a floor)
+    across = dataclasses.replace(slow, fused_ep_gemm_flops=((2, base.grouped_gemm_flops / 8),))
+    assert cost.estimate_us(node, across, top_k=2, ep=2) == pytest.approx(8 * cost.estimate_us(node, base))
+    assert cost.estimate_us(node, across, top_k=2, ep=4) == cost.estimate_us(node, slow, top_k=2, ep=4)
+    assert cost.estimate_us(node, across) == cost.estimate_us(node, slow)  # one rank: the one-rank rate
+    back = cost.HardwareProfile.from_json({k: v for k, v in across.to_json().items() if k != "source"}, "test")
+    assert back.fused_ep_gemm_flops == across.fused_ep_gemm_flops
 
 
 def test_profile_curves_interpolate_and_stay_monotone() -> None:
@@ -333,6 +341,7 @@ def test_calibrated_profile_is_picked_up_by_compile(tmp_path: Path, monkeypatch:
     path = calibrate.calibrate(tmp_path / "p.json", world_size=2, device="cpu", quick=True)
     data = json.loads(path.read_text())
     assert data["name"] == "calibrated:cpu:2" and data["gemm_flops"] > 0 and data["mem_bw"] > 0
+    assert data["fused_ep_gemm_flops"] == {}  # the fused ops across ranks need GPUs (symmetric memory)
     for kind in ("all_to_all", "all_reduce"):
         pts = data["curves"][kind]
         assert len(pts) == 4 and all(t > 0 for _, t in pts)
