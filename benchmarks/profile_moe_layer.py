@@ -1,16 +1,22 @@
-"""Where the time of one compiled MoE layer goes on one GPU: torch.profiler's top CUDA kernels of a
-forward+backward step for moecc's torch and triton backends (the shapes of bench_moe_layer.py).
+"""Where the time of one compiled MoE layer goes: torch.profiler's top CUDA kernels of a forward+backward
+step for moecc's torch and triton backends (the shapes of bench_moe_layer.py), on one GPU or, under
+torchrun, with expert parallelism over the node's GPUs (ep = world size; every rank its own tokens; rank 0's
+table is written, with the GPU count in its name).
 
     python benchmarks/profile_moe_layer.py --shapes deepseek mixtral --out $OUT
+    torchrun --nproc-per-node 2 benchmarks/profile_moe_layer.py --shapes qwen3 --backends triton --out $OUT
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -20,11 +26,12 @@ import bench_moe_layer as bench  # noqa: E402
 import moecc  # noqa: E402
 
 
-def profile(shape: str, backend: str, rows: int, out: Path) -> None:
+def profile(shape: str, backend: str, rows: int, out: Path, rank: int = 0, world: int = 1) -> None:
     s = bench.SHAPES[shape]
-    layer = bench.build_layer(s, torch.device("cuda"), torch.bfloat16)
-    cm = moecc.compile(layer, backend=backend)
-    x = torch.randn(s.tokens, s.hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer = bench.build_layer(s, torch.device("cuda"), torch.bfloat16)  # the same weights on every rank
+    cm = moecc.compile(layer, ep=world, backend=backend)
+    gen = torch.Generator(device="cuda").manual_seed(1000 + rank)
+    x = torch.randn(s.tokens, s.hidden, device="cuda", dtype=torch.bfloat16, generator=gen, requires_grad=True)
 
     def step() -> None:
         cm(x).float().square().mean().backward()
@@ -42,9 +49,11 @@ def profile(shape: str, backend: str, rows: int, out: Path) -> None:
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="cuda_time_total", row_limit=rows, max_name_column_width=50, max_shapes_column_width=90
     )
-    text = f"## {shape} {backend} (3 steps of forward+backward)\n\n{table}\n"
-    print(text, flush=True)
-    (out / f"profile_{shape}_{backend}.txt").write_text(text)
+    if rank == 0:
+        where = f", ep = {world}, rank 0's kernels" if world > 1 else ""
+        text = f"## {shape} {backend} (3 steps of forward+backward{where})\n\n{table}\n"
+        print(text, flush=True)
+        (out / f"profile_{shape}_{backend}{f'_{world}gpu' if world > 1 else ''}.txt").write_text(text)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
 
@@ -58,9 +67,17 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: one GPU per rank
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300), device_id=dev)
+    rank = dist.get_rank() if world > 1 else 0
     for shape in args.shapes:
         for backend in args.backends:
-            profile(shape, backend, args.rows, out)
+            profile(shape, backend, args.rows, out, rank, world)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
