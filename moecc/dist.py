@@ -8,6 +8,7 @@ hold the same experts (their "expert data-parallel" group).
 from __future__ import annotations
 
 import hashlib
+import socket
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from moecc.options import MoeccError
 from moecc.pass_manager import Mesh
 
-_GROUPS: dict[tuple[int, int], tuple[str, str]] = {}
+_GROUPS: dict[tuple[int, int], tuple[str, str, int]] = {}
 
 
 def world() -> tuple[int, int]:
@@ -64,18 +65,34 @@ def make_mesh(ep: int) -> Mesh:
     key = (world_size, ep)
     if key not in _GROUPS:  # every rank creates every group (a collective), keeps the ones it is in
         mine = {}
-        for kind, groups in (
-            ("ep", [[d * ep + i for i in range(ep)] for d in range(dp)]),
-            ("dp", [[d * ep + i for d in range(dp)] for i in range(ep)]),
-        ):
+        ep_groups = [[d * ep + i for i in range(ep)] for d in range(dp)]
+        for kind, groups in (("ep", ep_groups), ("dp", [[d * ep + i for d in range(dp)] for i in range(ep)])):
             for ranks in groups:
                 g = dist.new_group(ranks, timeout=_world_timeout())
                 if rank in ranks:
                     mine[kind] = g.group_name
-        _GROUPS[key] = (mine["ep"], mine["dp"])
-    ep_name, dp_name = _GROUPS[key]
+        _GROUPS[key] = (mine["ep"], mine["dp"], hosts_per_group(_hosts(world_size), ep_groups))
+    ep_name, dp_name, ep_hosts = _GROUPS[key]
     world_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
-    return Mesh(dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name)
+    return Mesh(
+        dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name, ep_hosts=ep_hosts
+    )
+
+
+def _hosts(world_size: int) -> list[str]:
+    """Every rank's host name, by rank (an ahead-of-time compile's fake process group moves nothing: its ranks
+    are taken to share this host)."""
+    if is_fake():
+        return [socket.gethostname()] * world_size
+    names: list[Any] = [None] * world_size
+    dist.all_gather_object(names, socket.gethostname())
+    return [str(n) for n in names]
+
+
+def hosts_per_group(hosts: list[str], groups: list[list[int]]) -> int:
+    """The most distinct hosts among the ranks of any one group: the same answer on every rank, so that
+    decisions made from it (fusing across the ep-group or not) agree everywhere."""
+    return max((len({hosts[r] for r in ranks}) for ranks in groups), default=1)
 
 
 def _world_timeout() -> Any:

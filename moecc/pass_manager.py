@@ -31,6 +31,9 @@ class Mesh:
     ep_group: str = ""  # the ranks that split one copy of the experts between them
     dp_group: str = ""  # the ranks holding the same experts as this one
     world_group: str = ""
+    # the most hosts any ep-group's ranks are spread over (1: every ep-group within one node, where the fused
+    # kernels can reach their peers through symmetric memory)
+    ep_hosts: int = 1
 
     @property
     def world(self) -> int:

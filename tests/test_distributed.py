@@ -283,6 +283,32 @@ def _ep_does_not_divide(rank: int, world: int) -> None:
         moecc.compile(model, ep=3)
 
 
+def _mesh_hosts(rank: int, world: int) -> None:
+    import socket
+
+    from moecc import dist as moecc_dist
+    from moecc.passes.fuse_experts import fusion_refusal
+
+    assert moecc_dist.make_mesh(2).ep_hosts == 1  # every rank on this machine
+    moecc_dist._GROUPS.clear()
+    socket.gethostname = lambda: f"node{rank // 2}"  # ranks 0, 1 on one "host", 2, 3 on another
+    assert moecc_dist.make_mesh(2).ep_hosts == 1  # ep-groups [0, 1] and [2, 3]: each within a host
+    assert moecc_dist.make_mesh(4).ep_hosts == 2  # one ep-group over both hosts
+    why = fusion_refusal("triton", torch.device("cuda"), 4, moecc_dist.make_mesh(4).ep_hosts)
+    assert why is not None and "spans 2 hosts" in why and "all-to-alls instead" in why
+
+
+def test_ep_groups_across_hosts_are_counted_alike_on_every_rank() -> None:
+    """The fused kernels reach their peers through symmetric memory, so an ep-group spread over several hosts
+    must not take them: the mesh counts the hosts of the widest ep-group, the same number on every rank."""
+    from moecc.dist import hosts_per_group
+
+    assert hosts_per_group(["a", "a", "b", "b"], [[0, 1], [2, 3]]) == 1
+    assert hosts_per_group(["a", "a", "b", "b"], [[0, 2], [1, 3]]) == 2
+    assert hosts_per_group(["a", "b", "b", "b"], [[0, 1], [2, 3]]) == 2  # the widest group counts
+    testing.spawn(_mesh_hosts, 4, timeout_s=120)
+
+
 def test_single_process_mesh_is_one_by_one() -> None:
     from moecc.examples import switch_style
 
