@@ -267,6 +267,7 @@ def _grouped_wgrad_kernel(
 CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm": (128, 256, 64, 8, 3, 8),
     "grouped_mm_wgrad": (256, 128, 64, 8, 3, 1),  # descriptor loads (TMA)
+    "grouped_mm_wgrad_long": (128, 256, 64, 8, 3, 1),  # descriptor loads, experts of WGRAD_LONG_ROWS rows or more
     "grouped_mm_wgrad_pointer": (128, 128, 64, 8, 3, 1),
 }
 
@@ -356,6 +357,18 @@ def weight_descriptor(w_EKN: torch.Tensor, BN: int, BK: int) -> tuple[TensorDesc
     return TensorDescriptor.from_tensor(w2, block), k_major
 
 
+# dW tiles 128 x 256 rather than 256 x 128 where an expert has this many rows on average. On 1 x H200, as a
+# fraction of torch._grouped_mm in the same runs (results/wgrad_tiles_2026-11-29.json): Mixtral (2048 rows an
+# expert) 0.91 -> 0.95 (dW1), 0.93 -> 0.99 (dW2); Qwen3 (1024) 0.79-0.83 -> 0.86-0.88, 0.78-0.81 -> 0.82-0.85;
+# DeepSeek (256) the other way, 0.82 -> 0.78 and 0.81 -> 0.80.
+WGRAD_LONG_ROWS = 512
+
+
+def _wgrad_rows(x_SK: torch.Tensor, E: int, nsrc: int) -> int:
+    """An expert's rows in a dW call, on average (nsrc: buffers of nsrc x the rows, as the fused path's)."""
+    return x_SK.shape[0] // max(E * nsrc, 1)
+
+
 def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1) -> bool:
     """Whether the dW kernel sweeps bands of n-tiles over all k-tiles (`_wgrad_tile`) rather than all n-tiles
     k-tile by k-tile: where dy is the wider operand and an expert's rows of it do not fit in half the L2 cache.
@@ -364,8 +377,7 @@ def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1
     torch._grouped_mm, results/wgrad_band_2026-11-29.json). Where both fit, k-tile-major order was as fast or
     faster (DeepSeek-like: 0.83 against 0.75)."""
     K, N = x_SK.shape[1], dy_SN.shape[1]
-    rows = x_SK.shape[0] // max(E * nsrc, 1)  # an expert's rows, on average (nsrc: buffers of nsrc x the rows)
-    return N > K and past_half_l2(rows * N * dy_SN.element_size(), x_SK.device)
+    return N > K and past_half_l2(_wgrad_rows(x_SK, E, nsrc) * N * dy_SN.element_size(), x_SK.device)
 
 
 def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -383,7 +395,8 @@ def grouped_mm_wgrad_segments(
         return dw_EKN
     P = _num_programs(x_SK.device)
     desc = _descriptor_ok(x_SK) and _descriptor_ok(dy_SN)  # else strides a descriptor cannot express
-    kernel = "grouped_mm_wgrad" if desc else "grouped_mm_wgrad_pointer"
+    long = _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
+    kernel = ("grouped_mm_wgrad_long" if long else "grouped_mm_wgrad") if desc else "grouped_mm_wgrad_pointer"
     BK, BN, BS, warps, stages, group_n = _config(kernel, x_SK.device, x_SK.dtype)
     group_n = group_n if _wgrad_banded(x_SK, dy_SN, E, nsrc) else triton.cdiv(N, BN)
     descs = (
@@ -399,6 +412,7 @@ def grouped_mm_wgrad_segments(
         UPCAST=_upcast(x_SK.device, x_SK.dtype), DESC=desc, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     COUNTERS["grouped_mm_wgrad.descriptor" if desc else "grouped_mm_wgrad.pointer"] += 1
+    COUNTERS["grouped_mm_wgrad.long_tiles"] += int(desc and long)
     COUNTERS["grouped_mm_wgrad"] += 1
     return dw_EKN
 

@@ -74,9 +74,7 @@ def make_mesh(ep: int) -> Mesh:
         _GROUPS[key] = (mine["ep"], mine["dp"], hosts_per_group(_hosts(world_size), ep_groups))
     ep_name, dp_name, ep_hosts = _GROUPS[key]
     world_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
-    return Mesh(
-        dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name, ep_hosts=ep_hosts
-    )
+    return Mesh(dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name, ep_hosts=ep_hosts)
 
 
 def _hosts(world_size: int) -> list[str]:

@@ -27,6 +27,22 @@ def _segments(counts: list[int]) -> torch.Tensor:
     return torch.cumsum(torch.tensor(counts), 0).to(torch.int32).to(_device())
 
 
+def test_wgrad_tiles_follow_the_rows_an_expert_has() -> None:
+    """dW takes 128 x 256 tiles where experts have WGRAD_LONG_ROWS rows or more on average (Mixtral- and
+    Qwen3-like), 256 x 128 below (DeepSeek-like, 256 rows an expert); both give the torch backend's result."""
+    gen = torch.Generator().manual_seed(3)
+    E, K, N = 2, 16, 32
+    for rows, long in ((triton_backend.WGRAD_LONG_ROWS, True), (triton_backend.WGRAD_LONG_ROWS // 2, False)):
+        x = torch.randn(E * rows, K, generator=gen).to(_device())
+        dy = torch.randn(E * rows, N, generator=gen).to(_device())
+        offs = _segments([rows - 3, rows + 3])
+        before = triton_backend.COUNTERS["grouped_mm_wgrad.long_tiles"]
+        want = torch_backend.grouped_mm_wgrad(x, dy, offs)  # sums of ~500 products: float32's order shows
+        got = triton_backend.grouped_mm_wgrad(x, dy, offs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+        assert triton_backend.COUNTERS["grouped_mm_wgrad.long_tiles"] == before + int(long), rows
+
+
 @pytest.mark.parametrize(
     "counts,S",
     [([10, 0, 17, 3, 12], 50), ([40, 0, 0, 0], 40), ([0, 0, 0], 8), ([1, 2, 33, 5, 0, 7, 16, 9], 73)],

@@ -79,9 +79,13 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
         {**out["dispatch_gemm-none-gates1-save1"][1], "WIDE": True},
         {},
     )
-    for kernel, desc in (("grouped_mm_wgrad", True), ("grouped_mm_wgrad_pointer", False)):
+    for kernel, desc in (
+        ("grouped_mm_wgrad", True),
+        ("grouped_mm_wgrad_long", True),
+        ("grouped_mm_wgrad_pointer", False),
+    ):
         WK, WN, WS, _, _, _ = triton_backend._config(kernel, cuda, bf)
-        out[f"wgrad-{'descriptor' if desc else 'pointer'}"] = (
+        out[f"wgrad-{kernel}"] = (
             "triton_backend._grouped_wgrad_kernel",
             {**common, "BK": WK, "BN": WN, "BS": WS, "NUM_PROGRAMS": 132, "DESC": desc},
             {"x_desc": [WS, WK], "dy_desc": [WS, WN]} if desc else {},
