@@ -28,6 +28,7 @@ from moecc import cost, dump, ir, ops
 from moecc.backends import torch_backend
 from moecc.options import CompileOptions, MoeccError
 from moecc.pass_manager import CompileContext, Mesh, run_stage
+from moecc.passes.lift_moe import call_activation
 
 # ---------------------------------------------------------------------------------------------------------
 # module tree
@@ -70,9 +71,6 @@ def _act_name(fn: Any) -> str | None:
     return _ACT_NAMES.get(type(fn).__name__)
 
 
-_GLU_FUNCS = {torch.nn.functional.silu: "silu", torch.relu: "relu", torch.nn.functional.relu: "relu"}
-
-
 def gate_is_glu(module: nn.Module, act: str) -> bool:
     """Whether the module's `_apply_gate(h)` computes act(gate) * up over the two halves of h's last dimension,
     by its traced code (chunk into 2 along the last dim, the module's activation on the first half, times the
@@ -106,12 +104,7 @@ def gate_is_glu(module: nn.Module, act: str) -> bool:
             env[n] = ("half", args[1])
         elif n.op == "call_module" and _act_name(gm.get_submodule(str(n.target))) == act and not n.kwargs:
             env[n] = ("act", args[0])
-        elif (
-            n.op == "call_function"
-            and _GLU_FUNCS.get(n.target) == act
-            and len(args) == 1
-            and not any(n.kwargs.values())
-        ):
+        elif call_activation(n) == act:  # F.silu, F.relu, F.gelu (with its approximate) ...
             env[n] = ("act", args[0])
         elif n.op == "call_function" and n.target in (operator.mul, torch.mul) and not n.kwargs:
             env[n] = ("mul", frozenset(map(repr, args)))

@@ -111,6 +111,24 @@ _ACTS = {
     torch._C._nn.gelu: "gelu",
 }
 _LINEAR = {torch._C._nn.linear, F.linear}
+
+
+def call_activation(node: fx.Node) -> str | None:
+    """The moecc name of the activation a call_function node applies to its tensor (F.silu, F.relu, torch.relu,
+    F.gelu: "gelu", or "gelu_tanh" with approximate="tanh"); None for any other node, and for arguments that
+    change the function (anything but gelu's approximate and a false inplace)."""
+    if node.op != "call_function" or node.target not in _ACTS:
+        return None
+    kind = _ACTS[node.target]
+    options = dict(node.kwargs)
+    if kind == "gelu" and len(node.args) == 2:
+        options["approximate"] = node.args[1]
+    elif len(node.args) != 1:
+        return None
+    approximate = options.pop("approximate", "none") if kind == "gelu" else "none"
+    if options.pop("inplace", False) or options or approximate not in ("none", "tanh"):
+        return None
+    return "gelu_tanh" if approximate == "tanh" else kind
 _MUL = {operator.mul, torch.mul}
 
 
@@ -137,9 +155,9 @@ def _interpret_expert(nodes: list[fx.Node], x_in: fx.Node, params: dict[fx.Node,
             wv, bv = v(n.args[1]), v(b)
             env[n] = ("linear", v(n.args[0]), wv[1], bv[1] if bv is not None else None)
         elif n.op == "call_function" and t in _ACTS:
-            kind = _ACTS[t]
-            if kind == "gelu" and n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none") == "tanh":
-                kind = "gelu_tanh"
+            kind = call_activation(n)
+            if kind is None:
+                raise Unrecognised(f"{t.__name__} with arguments {n.args[1:]} {n.kwargs}: another function")
             env[n] = ("act", kind, v(n.args[0]))
         elif n.op == "call_function" and t in _MUL:
             env[n] = ("mul", v(n.args[0]), v(n.args[1]))

@@ -64,6 +64,24 @@ class Scaled(Experts):
         return self.act_fn(gate) * up * 2
 
 
+class GeluTanhFunctional(Experts):
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+class GeluFunctional(Experts):
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.gelu(gate) * up
+
+
+class InplaceRelu(Experts):
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.relu(gate, inplace=True) * up
+
+
 class Layer(nn.Module):
     def __init__(self, experts: Experts, top_k: int = 2) -> None:
         super().__init__()
@@ -86,23 +104,37 @@ class Layer(nn.Module):
         (Clamped, nn.SiLU(), "silu", False),
         (Swapped, nn.SiLU(), "silu", False),
         (Scaled, nn.SiLU(), "silu", False),
+        # functional GELU gates, read with their approximation: the module's activation must be the one applied
+        (GeluTanhFunctional, nn.GELU(approximate="tanh"), "gelu_tanh", True),
+        (GeluTanhFunctional, nn.GELU(), "gelu", False),
+        (GeluFunctional, nn.GELU(), "gelu", True),
+        (GeluFunctional, nn.GELU(approximate="tanh"), "gelu_tanh", False),
+        (InplaceRelu, nn.ReLU(), "relu", False),  # writes into its input: not what the GLU op does
     ],
 )
 def test_gate_is_recognised_by_its_code(cls: type[Experts], act: nn.Module, name: str, glu: bool) -> None:
     assert capture.gate_is_glu(cls(2, 4, 3, act), name) is glu
 
 
-@pytest.mark.parametrize("cls,fn", [(Experts, "swiglu"), (UpTimesFunctional, "swiglu"), (Clamped, "module")])
-def test_interface_experts_with_their_own_gate_train_like_eager(cls: type[Experts], fn: str) -> None:
+@pytest.mark.parametrize(
+    "cls,act,fn",
+    [
+        (Experts, nn.SiLU(), "swiglu"),
+        (UpTimesFunctional, nn.SiLU(), "swiglu"),
+        (GeluTanhFunctional, nn.GELU(approximate="tanh"), "geglu_tanh"),
+        (Clamped, nn.SiLU(), "module"),
+    ],
+)
+def test_interface_experts_with_their_own_gate_train_like_eager(cls: type[Experts], act: nn.Module, fn: str) -> None:
     torch.manual_seed(0)
-    model = Layer(cls(4, 16, 12))
+    model = Layer(cls(4, 16, 12, act))
     ref = copy.deepcopy(model)
     cm = moecc.compile(model, backend="torch")
     x = torch.randn(24, 16)
     before = torch_backend.COUNTERS["glu.torch"]
     out = cm(x)
     assert [(r.kind, r.expert_fn) for r in cm.regions] == [("hf_experts", fn)]
-    assert (torch_backend.COUNTERS["glu.torch"] > before) is (fn == "swiglu")  # the GLU op, or the module's code
+    assert (torch_backend.COUNTERS["glu.torch"] > before) is (fn != "module")  # the GLU op, or the module's code
     want = ref(x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     out.square().mean().backward()
