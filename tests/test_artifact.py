@@ -110,3 +110,23 @@ def test_tampered_file_is_refused(tmp_path: Path, switch_w1: Path) -> None:
     target.unlink()
     with pytest.raises(moecc.MoeccError, match=r"program/rank0.fwd.pt is missing"):
         moecc.load(copy_dir, model)
+
+
+def test_fused_program_is_refused_where_an_ep_group_spans_hosts() -> None:
+    """`moecc compile` takes its fake world to be one node; a program that fuses dispatch and combine across
+    ranks is refused at load where the job's ep-groups span hosts (symmetric memory reaches one node)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moecc import ops
+
+    def layer(x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        h, _, plan = ops.ep_dispatch_gemm(x, idx, w1, 2, "moecc:ep_group")
+        return ops.ep_gemm_combine(h[:, :24], w2, w, plan, 2, "moecc:ep_group")[0]
+
+    args = (torch.randn(64, 16), torch.randint(0, 8, (64, 2)), torch.randn(4, 16, 48), torch.randn(4, 24, 16))
+    graph = make_fx(layer, tracing_mode="fake")(*args, torch.rand(64, 2)).graph
+    artifact.check_fused_reach(Path("art"), [graph], 1)  # one node: runs
+    with pytest.raises(moecc.MoeccError, match=r"art: node ep_dispatch_gemm .*ep=2.*span 2 hosts.*MOECC_FUSED_EP=0"):
+        artifact.check_fused_reach(Path("art"), [graph], 2)
+    one_rank = make_fx(lambda x, i, w1: ops.ep_dispatch_gemm(x, i, w1, 1, "")[0], tracing_mode="fake")(*args[:3])
+    artifact.check_fused_reach(Path("art"), [one_rank.graph], 2)  # one rank's fused ops exchange nothing
