@@ -201,7 +201,7 @@ class ArtifactModule(nn.Module):
         spec = manifest["ranks"][rank]
         roles = {f"moecc:{r}": getattr(self.mesh, r) for r in _GROUP_ROLES}
         self.fwd, self.bwd = (self._load(root / "program" / f"rank{rank}.{k}.pt", roles) for k in ("fwd", "bwd"))
-        check_fused_reach(root, [self.fwd.graph, self.bwd.graph], self.mesh.ep_hosts)
+        check_fused_reach(root, [self.fwd.graph, self.bwd.graph], self.mesh.ep_hosts, self.mesh.ep_peer_access)
         self.inputs: list[list[Any]] = spec["inputs"]
         self.num_outputs: int = spec["num_outputs"]
 
@@ -262,12 +262,14 @@ def _check_files(root: Path) -> dict[str, Any]:
 FUSED_ACROSS_RANKS = {"moecc.ep_dispatch_gemm": 3, "moecc.ep_gemm_combine": 4}  # op -> position of its ep
 
 
-def check_fused_reach(root: Path, graphs: list[fx.Graph], ep_hosts: int) -> None:
+def check_fused_reach(root: Path, graphs: list[fx.Graph], ep_hosts: int, peer_access: bool = True) -> None:
     """An artifact whose program fuses dispatch and combine across ranks (compiled in a fake world, which
-    `moecc compile` takes to be one node) cannot run where an ep-group spans hosts: its kernels reach their
-    peers through symmetric memory, within one node."""
-    if ep_hosts <= 1:
+    `moecc compile` takes to be one node of GPUs with peer access) cannot run where an ep-group spans hosts,
+    or where its GPUs cannot access each other's memory: its kernels reach their peers through symmetric
+    memory, directly."""
+    if ep_hosts <= 1 and peer_access:
         return
+    where = f"span {ep_hosts} hosts" if ep_hosts > 1 else "have GPUs without peer-to-peer access between them"
     for graph in graphs:
         for n in graph.nodes:
             name = str(n.target).removesuffix(".default")
@@ -275,8 +277,8 @@ def check_fused_reach(root: Path, graphs: list[fx.Graph], ep_hosts: int) -> None
             if int(ep) > 1:
                 raise MoeccError(
                     f"{root}: node {n.name} ({name}, ep={ep}) exchanges rows over symmetric memory, "
-                    f"which reaches the GPUs of one node; this job's ep-groups span {ep_hosts} hosts. Run it "
-                    f"with each ep-group on one node, or recompile with MOECC_FUSED_EP=0"
+                    f"which reaches the GPUs of one node that have peer access; this job's ep-groups {where}. "
+                    f"Run it with each ep-group on such GPUs, or recompile with MOECC_FUSED_EP=0"
                 )
 
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from moecc.options import MoeccError
 from moecc.pass_manager import Mesh
 
-_GROUPS: dict[tuple[int, int], tuple[str, str, int]] = {}
+_GROUPS: dict[tuple[int, int], tuple[str, str, int, bool]] = {}
 
 
 def world() -> tuple[int, int]:
@@ -71,20 +71,83 @@ def make_mesh(ep: int) -> Mesh:
                 g = dist.new_group(ranks, timeout=_world_timeout())
                 if rank in ranks:
                     mine[kind] = g.group_name
-        _GROUPS[key] = (mine["ep"], mine["dp"], hosts_per_group(_hosts(world_size), ep_groups))
-    ep_name, dp_name, ep_hosts = _GROUPS[key]
+        places = _places(world_size)
+        my_group = next(ranks for ranks in ep_groups if rank in ranks)
+        _GROUPS[key] = (
+            mine["ep"],
+            mine["dp"],
+            hosts_per_group([host for host, _ in places], ep_groups),
+            _all_ranks(not _unreachable_peers(places, my_group, rank), world_size),
+        )
+    ep_name, dp_name, ep_hosts, peer_access = _GROUPS[key]
     world_name = dist.group.WORLD.group_name  # type: ignore[union-attr]
-    return Mesh(dp=dp, ep=ep, rank=rank, ep_group=ep_name, dp_group=dp_name, world_group=world_name, ep_hosts=ep_hosts)
+    return Mesh(
+        dp=dp,
+        ep=ep,
+        rank=rank,
+        ep_group=ep_name,
+        dp_group=dp_name,
+        world_group=world_name,
+        ep_hosts=ep_hosts,
+        ep_peer_access=peer_access,
+    )
 
 
-def _hosts(world_size: int) -> list[str]:
-    """Every rank's host name, by rank (an ahead-of-time compile's fake process group moves nothing: its ranks
-    are taken to share this host)."""
+def _gpu_uuid() -> str:
+    """The UUID of this process's current GPU ("" off CUDA: a gloo world's ranks have none to compare)."""
+    if not torch.cuda.is_available() or dist.get_backend() != "nccl":
+        return ""
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def _places(world_size: int) -> list[tuple[str, str]]:
+    """Every rank's (host name, GPU UUID), by rank (an ahead-of-time compile's fake process group moves
+    nothing: its ranks are taken to share this host, GPUs unknown)."""
     if is_fake():
-        return [socket.gethostname()] * world_size
-    names: list[Any] = [None] * world_size
-    dist.all_gather_object(names, socket.gethostname())
-    return [str(n) for n in names]
+        return [(socket.gethostname(), "")] * world_size
+    places: list[Any] = [None] * world_size
+    dist.all_gather_object(places, (socket.gethostname(), _gpu_uuid()))
+    return [(str(h), str(u)) for h, u in places]
+
+
+def _all_ranks(ok: bool, world_size: int) -> bool:
+    """Whether `ok` holds on every rank (each rank's own answer, gathered: the same result everywhere)."""
+    if is_fake():
+        return ok
+    every: list[Any] = [None] * world_size
+    dist.all_gather_object(every, ok)
+    return all(every)
+
+
+def _unreachable_peers(places: list[tuple[str, str]], ranks: list[int], me: int) -> list[int]:
+    """The ranks of `ranks` on this host whose GPU this rank's GPU cannot access directly (peer to peer)."""
+    if not places[me][1]:
+        return []
+    visible = {str(torch.cuda.get_device_properties(i).uuid): i for i in range(torch.cuda.device_count())}
+    return unreachable(places, ranks, me, visible, torch.cuda.current_device(), torch.cuda.can_device_access_peer)
+
+
+def unreachable(
+    places: list[tuple[str, str]],
+    ranks: list[int],
+    me: int,
+    visible: dict[str, int],
+    mine: int,
+    can_access: Any,
+) -> list[int]:
+    """The ranks of `ranks` on rank `me`'s host whose GPU (by UUID, among the GPUs this process sees: `visible`,
+    UUID -> index) `can_access(mine, theirs)` denies. GPUs this process cannot see, and a GPU shared with
+    `me`, are not judged."""
+    host, uuid = places[me]
+    return [
+        r
+        for r in ranks
+        if r != me
+        and places[r][0] == host
+        and places[r][1] not in ("", uuid)
+        and places[r][1] in visible
+        and not can_access(mine, visible[places[r][1]])
+    ]
 
 
 def hosts_per_group(hosts: list[str], groups: list[list[int]]) -> int:

@@ -34,6 +34,9 @@ class Mesh:
     # the most hosts any ep-group's ranks are spread over (1: every ep-group within one node, where the fused
     # kernels can reach their peers through symmetric memory)
     ep_hosts: int = 1
+    # whether every GPU of an ep-group can load from and store to the others' memory directly (peer to peer),
+    # as the fused kernels do through symmetric memory; the same on every rank
+    ep_peer_access: bool = True
 
     @property
     def world(self) -> int:

@@ -94,9 +94,11 @@ class _Match:
             self.reason = f"tokens of dtype {xv.dtype}; the fused kernels take {', '.join(map(str, FUSED_DTYPES))}"
 
 
-def fusion_refusal(backend: str, device: torch.device, ep: int, ep_hosts: int = 1) -> str | None:
+def fusion_refusal(
+    backend: str, device: torch.device, ep: int, ep_hosts: int = 1, peer_access: bool = True
+) -> str | None:
     """Why no region of a graph can be fused on `backend` (None if regions can be, subject to the checker).
-    `ep_hosts`: the most hosts one ep-group spans (Mesh.ep_hosts)."""
+    `ep_hosts`: the most hosts one ep-group spans (Mesh.ep_hosts); `peer_access`: Mesh.ep_peer_access."""
     if backend == "torch":
         return "the torch backend has no fused dispatch/combine kernels"
     if ep > 1 and device.type != "cuda":
@@ -106,6 +108,12 @@ def fusion_refusal(backend: str, device: torch.device, ep: int, ep_hosts: int = 
             f"an ep-group of {ep} ranks spans {ep_hosts} hosts: the fused kernels reach their peers through "
             f"symmetric memory, within one node; the ranks exchange rows with all-to-alls instead (an ep of at "
             f"most the GPUs of one node keeps the fused kernels)"
+        )
+    if ep > 1 and not peer_access:
+        return (
+            f"the GPUs of an ep-group of {ep} ranks cannot access each other's memory directly (no peer-to-peer "
+            f"between some of them), which the fused kernels' loads and stores through symmetric memory need; "
+            f"the ranks exchange rows with all-to-alls instead"
         )
     if ep > 1 and not fused_ep_enabled():
         return (
@@ -144,7 +152,7 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
 def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     device = graph_device(gm)
     backend = resolve_backend(ctx.options.backend, device)
-    blocked = fusion_refusal(backend, device, ctx.mesh.ep, ctx.mesh.ep_hosts)
+    blocked = fusion_refusal(backend, device, ctx.mesh.ep, ctx.mesh.ep_hosts, ctx.mesh.ep_peer_access)
     present = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.grouped_mm.default}
     for r in ctx.regions:
         if r.path not in present:

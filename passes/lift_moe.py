@@ -129,6 +129,8 @@ def call_activation(node: fx.Node) -> str | None:
     if options.pop("inplace", False) or options or approximate not in ("none", "tanh"):
         return None
     return "gelu_tanh" if approximate == "tanh" else kind
+
+
 _MUL = {operator.mul, torch.mul}
 
 

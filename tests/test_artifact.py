@@ -128,5 +128,7 @@ def test_fused_program_is_refused_where_an_ep_group_spans_hosts() -> None:
     artifact.check_fused_reach(Path("art"), [graph], 1)  # one node: runs
     with pytest.raises(moecc.MoeccError, match=r"art: node ep_dispatch_gemm .*ep=2.*span 2 hosts.*MOECC_FUSED_EP=0"):
         artifact.check_fused_reach(Path("art"), [graph], 2)
+    with pytest.raises(moecc.MoeccError, match=r"without peer-to-peer access"):
+        artifact.check_fused_reach(Path("art"), [graph], 1, peer_access=False)
     one_rank = make_fx(lambda x, i, w1: ops.ep_dispatch_gemm(x, i, w1, 1, "")[0], tracing_mode="fake")(*args[:3])
     artifact.check_fused_reach(Path("art"), [one_rank.graph], 2)  # one rank's fused ops exchange nothing

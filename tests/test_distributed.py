@@ -309,6 +309,24 @@ def test_ep_groups_across_hosts_are_counted_alike_on_every_rank() -> None:
     testing.spawn(_mesh_hosts, 4, timeout_s=120)
 
 
+def test_gpus_without_peer_access_are_found() -> None:
+    """Ranks whose GPUs cannot reach each other's memory directly: found by GPU UUID among the GPUs a process
+    sees, only on its own host; and the fuse pass refuses fusion across them, naming why."""
+    from moecc.dist import unreachable
+    from moecc.passes.fuse_experts import fusion_refusal
+
+    places = [("a", "gpu0"), ("a", "gpu1"), ("a", "gpu2"), ("b", "gpu9"), ("a", "gpu7")]
+    visible = {"gpu0": 0, "gpu1": 1, "gpu2": 2}  # gpu7 is on this host but not visible to this process
+    no_p2p = {(0, 2)}  # gpu0 cannot access gpu2
+    can = lambda mine, theirs: (mine, theirs) not in no_p2p  # noqa: E731
+    assert unreachable(places, [0, 1, 2, 3, 4], 0, visible, 0, can) == [2]  # rank 3 is on another host
+    assert unreachable(places, [0, 1], 0, visible, 0, can) == []  # only its ep-group's ranks count
+    assert unreachable(places, [0, 1, 2], 1, visible, 1, can) == []
+    why = fusion_refusal("triton", torch.device("cuda"), 2, 1, peer_access=False)
+    assert why is not None and "cannot access each other's memory directly" in why
+    assert fusion_refusal("triton", torch.device("cuda"), 2, 1, peer_access=True) is None
+
+
 def test_single_process_mesh_is_one_by_one() -> None:
     from moecc.examples import switch_style
 
