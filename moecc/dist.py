@@ -95,7 +95,7 @@ def make_mesh(ep: int) -> Mesh:
 
 def _gpu_uuid() -> str:
     """The UUID of this process's current GPU ("" off CUDA: a gloo world's ranks have none to compare)."""
-    if not torch.cuda.is_available() or dist.get_backend() != "nccl":
+    if not torch.cuda.is_available() or "nccl" not in str(dist.get_backend()):  # "nccl", "cuda:nccl,cpu:gloo"
         return ""
     return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
