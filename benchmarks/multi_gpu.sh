@@ -6,6 +6,7 @@
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh layer    # bench_moe_layer.py, the three shapes
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh train    # bench_train_step.py: eager, moecc without / with schedule
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh profile  # calibrate this node, then the training step again
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh kernels  # the layer's kernels with expert parallelism (rank 0's)
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh fused    # one GPU: the fused ops kernel by kernel (bench_fused_ops.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,8 @@ case "${1:-}" in
     timeout 240 python3 -m moecc.cli calibrate --world-size "$N" --out "$OUT/profile_${N}gpu.json"
     MOECC_PROFILE="$OUT/profile_${N}gpu.json" timeout 300 torchrun --nproc-per-node "$N" \
       benchmarks/bench_train_step.py --out "$OUT" --tag "_${N}gpu_calibrated" --variants moecc --timeout-s 250 ;;
+  kernels) timeout 300 torchrun --nproc-per-node "$N" benchmarks/profile_moe_layer.py --shapes qwen3 deepseek \
+             --backends triton --out "$OUT" ;;
   fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$OUT" --tag "_1gpu" ;;
-  *) echo "usage: $0 tests|layer|train|profile|fused" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|layer|train|profile|kernels|fused" >&2; exit 2 ;;
 esac
