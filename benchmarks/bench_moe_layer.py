@@ -225,6 +225,15 @@ def grouped_mm_refusal(device: torch.device, dtype: torch.dtype, s: Shape) -> st
     return None
 
 
+def grouped_mm_choice(run: Run, dtype: torch.dtype, s: Shape) -> dict[str, str]:
+    """What eager's expert FFN runs, the same on every rank: {"gemm": "torch._grouped_mm"}, or the per-expert
+    loop with the first rank's reason (`grouped_mm_refusal`) where any rank refuses it."""
+    refusals = [r for r in run.gather(grouped_mm_refusal(run.device, dtype, s)) if r]
+    if refusals:
+        return {"gemm": "per-expert loop", "gemm_refusal": refusals[0]}
+    return {"gemm": "torch._grouped_mm"}
+
+
 class EagerEPLayer(nn.Module):
     """The layer with this rank's E/W experts, dispatching tokens with hand-written all-to-alls."""
 
@@ -627,13 +636,12 @@ def bench_eager(
     run: Run, shape: str, s: Shape, variants: list[str], x: dict[str, torch.Tensor], ref: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
     """eager and eager_compiled (the same module); returns their records and eager's results."""
-    refusals = [r for r in run.gather(grouped_mm_refusal(run.device, run.dtype, s)) if r]
+    gemm = grouped_mm_choice(run, run.dtype, s)
     full = build_layer(s, run.device, run.dtype)
-    eager = EagerEPLayer(full, run.rank, run.world, grouped=not refusals)
+    eager = EagerEPLayer(full, run.rank, run.world, grouped="gemm_refusal" not in gemm)
     del full
     _free(run)
     params = dict(eager.named_parameters())
-    gemm = {"gemm": "torch._grouped_mm"} if not refusals else {"gemm": "per-expert loop", "gemm_refusal": refusals[0]}
 
     def variant(module: Callable[[torch.Tensor], torch.Tensor]) -> Variant:
         return Variant(module, params, lambda: ddp_grad_sync(params, run.world), lambda: gemm)

@@ -270,8 +270,7 @@ FLOOR_FACTOR, FLOOR_SLACK = 2.0, 1e-3  # a variant's error vs float32 may be 2x 
 def float32_reference(run: layer_bench.Run, c: Config) -> dict[str, Any]:
     """Eager's first step in float32 on this rank's tokens: its loss and gradient samples, the reference for a
     run in a lower precision (see the module docstring, numerics)."""
-    refusals = [r for r in run.gather(layer_bench.grouped_mm_refusal(run.device, torch.float32, c.moe_shape())) if r]
-    gemm = {"gemm": "per-expert loop" if refusals else "torch._grouped_mm"}
+    gemm = layer_bench.grouped_mm_choice(run, torch.float32, c.moe_shape())
     m = build_eager(run, c, gemm, upcast=True)
     ids_BS, targets_BS = batch(c, run.rank, run.device)
     loss = float(step(m, ids_BS, targets_BS))
@@ -657,11 +656,8 @@ def main() -> None:
     alive: dict[str, Callable[[], Any]] = {}
     for name in variants if not records else []:
         if name == "eager":
-            refusals = [r for r in run.gather(layer_bench.grouped_mm_refusal(device, dtype, c.moe_shape())) if r]
+            gemm = layer_bench.grouped_mm_choice(run, dtype, c.moe_shape())
             torch._dynamo.reset()
-            gemm = {"gemm": "torch._grouped_mm"}
-            if refusals:
-                gemm = {"gemm": "per-expert loop", "gemm_refusal": refusals[0]}
             build: Callable[[], StepModel] = functools.partial(build_eager, run, c, gemm)
         else:
             disable = ("schedule",) if name == "moecc_noschedule" else ()

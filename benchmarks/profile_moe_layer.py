@@ -10,7 +10,6 @@ table is written, with the GPU count in its name).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -67,16 +66,12 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # under torchrun: one GPU per rank
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300), device_id=dev)
-    rank = dist.get_rank() if world > 1 else 0
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: one GPU per rank
+    rank, world, _ = bench.init_distributed("cuda", 300.0) if distributed else (0, 1, None)
     for shape in args.shapes:
         for backend in args.backends:
             profile(shape, backend, args.rows, out, rank, world)
-    if world > 1:
+    if distributed:
         dist.destroy_process_group()
 
 
