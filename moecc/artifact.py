@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import moecc
-from moecc import api, capture, ir
+from moecc import api, capture, cost, ir
 from moecc import dist as mdist
 from moecc.options import CompileOptions, MoeccError
 
@@ -259,7 +259,7 @@ def _check_files(root: Path) -> dict[str, Any]:
     return manifest
 
 
-FUSED_ACROSS_RANKS = {"moecc.ep_dispatch_gemm": 3, "moecc.ep_gemm_combine": 4}  # op -> position of its ep
+FUSED_ACROSS_RANKS = ("moecc.ep_dispatch_gemm", "moecc.ep_gemm_combine")  # the fused ops that take an ep
 
 
 def check_fused_reach(root: Path, graphs: list[fx.Graph], ep_hosts: int, peer_access: bool = True) -> None:
@@ -273,7 +273,7 @@ def check_fused_reach(root: Path, graphs: list[fx.Graph], ep_hosts: int, peer_ac
     for graph in graphs:
         for n in graph.nodes:
             name = str(n.target).removesuffix(".default")
-            ep = n.args[FUSED_ACROSS_RANKS[name]] if n.op == "call_function" and name in FUSED_ACROSS_RANKS else 1
+            ep = cost.schema_args(n)["ep"] if n.op == "call_function" and name in FUSED_ACROSS_RANKS else 1
             if int(ep) > 1:
                 raise MoeccError(
                     f"{root}: node {n.name} ({name}, ep={ep}) exchanges rows over symmetric memory, "

@@ -259,7 +259,7 @@ def flops_formula(node: fx.Node) -> sympy.Expr | None:
     return None
 
 
-def _schema_args(node: fx.Node) -> dict[str, Any]:
+def schema_args(node: fx.Node) -> dict[str, Any]:
     """An op node's arguments by their schema names (defaults filled in)."""
     out = {}
     for i, arg in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
@@ -276,7 +276,7 @@ def attention_flops(node: fx.Node) -> sympy.Expr | None:
     (2.5x)."""
     if not isinstance(node.target, torch._ops.OpOverload):
         return None
-    a = _schema_args(node)
+    a = schema_args(node)
     q, k = _val(a.get("query")), _val(a.get("key"))
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() != 4:
         return None
@@ -357,11 +357,9 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     f = flops_formula(node)
     grouped = "moecc.grouped" in name or "moecc.ep_" in name
     rate = profile.grouped_gemm_flops if grouped else profile.gemm_flops
-    if "moecc.ep_" in name and profile.fused_gemm_flops:
-        rate = profile.fused_gemm_flops
-    across = dict(profile.fused_ep_gemm_flops).get(ep) if ep > 1 else None
-    if "moecc.ep_" in name and across:
-        rate = across
+    if "moecc.ep_" in name:  # the rate measured across ep ranks, else in one rank, else the grouped GEMM's
+        across = dict(profile.fused_ep_gemm_flops).get(ep) if ep > 1 else None
+        rate = across or profile.fused_gemm_flops or rate
     flops = 0.0
     if f is not None:
         flops = float(f.subs(S_e, expected_rows_per_expert(node))) if grouped else float(f)
