@@ -111,6 +111,7 @@ _ACTS = {
     torch._C._nn.gelu: "gelu",
 }
 _LINEAR = {torch._C._nn.linear, F.linear}
+_MUL = {operator.mul, torch.mul}
 
 
 def call_activation(node: fx.Node) -> str | None:
@@ -129,9 +130,6 @@ def call_activation(node: fx.Node) -> str | None:
     if options.pop("inplace", False) or options or approximate not in ("none", "tanh"):
         return None
     return "gelu_tanh" if approximate == "tanh" else kind
-
-
-_MUL = {operator.mul, torch.mul}
 
 
 class Unrecognised(Exception):
