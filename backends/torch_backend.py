@@ -73,8 +73,8 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     return y_SN
 
 
-def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """dw[e] = x[rows of e]^T @ dy[rows of e]; an expert with no rows gets a zero gradient."""
+def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """dw[e] = scale * x[rows of e]^T @ dy[rows of e]; an expert with no rows gets a zero gradient."""
     E, K, N = offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1]
     xt_KS = x_SK.t()
     if x_SK.shape[0] > 0 and can_use_native_grouped_mm(xt_KS, dy_SN):
@@ -82,12 +82,15 @@ def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tens
         dw_EKN = torch._grouped_mm(xt_KS, dy_SN, offs=offs_E)
         # experts with no rows are left unwritten by the native kernel
         counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-        return torch.where((counts_E > 0)[:, None, None], dw_EKN, dw_EKN.new_zeros(()))
+        live = (counts_E > 0)[:, None, None]
+        if scale != 1.0:  # in the pass that masks the empty experts anyway
+            return torch.where(live, dw_EKN * scale, dw_EKN.new_zeros(()))
+        return torch.where(live, dw_EKN, dw_EKN.new_zeros(()))
     COUNTERS["grouped_mm_wgrad.loop"] += 1
     dw_EKN = x_SK.new_zeros(E, K, N)
     for e, (lo, hi) in enumerate(_segments(offs_E)):
         if hi > lo:
-            dw_EKN[e] = x_SK[lo:hi].t() @ dy_SN[lo:hi]
+            torch.addmm(dw_EKN[e], x_SK[lo:hi].t(), dy_SN[lo:hi], beta=0, alpha=scale, out=dw_EKN[e])
     return dw_EKN
 
 

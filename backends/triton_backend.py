@@ -214,7 +214,7 @@ def _grouped_mm_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, offs_ptr, x_desc, dy_desc,
-    K, N, E, NSRC, GROUP_N,
+    K, N, E, NSRC, GROUP_N, scale,
     sxm, sxk, sym, syn, swe, swk, swn,
     BK: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, DESC: tl.constexpr,
@@ -258,7 +258,7 @@ def _grouped_wgrad_kernel(
                                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
                     acc = _dot(a, b, acc, PRECISION, UPCAST)
         dw_tile = dw_ptr + e.to(tl.int64) * swe + ks[:, None] * swk + cols[None, :] * swn
-        tl.store(dw_tile, acc.to(dw_ptr.dtype.element_ty),
+        tl.store(dw_tile, (acc * scale).to(dw_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & col_ok[None, :])  # fmt: skip
 
 
@@ -380,14 +380,16 @@ def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1
     return N > K and past_half_l2(_wgrad_rows(x_SK, E, nsrc) * N * dy_SN.element_size(), x_SK.device)
 
 
-def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return grouped_mm_wgrad_segments(x_SK, dy_SN, offs_E, 1, offs_E.shape[0])
+def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return grouped_mm_wgrad_segments(x_SK, dy_SN, offs_E, 1, offs_E.shape[0], scale)
 
 
 def grouped_mm_wgrad_segments(
-    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs: torch.Tensor, nsrc: int, E: int
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs: torch.Tensor, nsrc: int, E: int, scale: float = 1.0
 ) -> torch.Tensor:
-    """dw[e] = sum over s < nsrc of x[rows of segment s*E + e]^T @ dy[same rows] (offs: nsrc*E segment ends)."""
+    """dw[e] = scale * sum over s < nsrc of x[rows of segment s*E + e]^T @ dy[same rows] (offs: nsrc*E segment
+    ends). `scale` is applied to the float32 sums before the store: a gradient's 1/W (sync_grads) costs no pass
+    over the weight gradient of its own."""
     K = x_SK.shape[1]
     N = dy_SN.shape[1]
     dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
@@ -405,7 +407,7 @@ def grouped_mm_wgrad_segments(
         else (None, None)
     )
     _grouped_wgrad_kernel[(P,)](
-        x_SK, dy_SN, dw_EKN, offs, *descs, K, N, E, nsrc, group_n,
+        x_SK, dy_SN, dw_EKN, offs, *descs, K, N, E, nsrc, group_n, float(scale),
         x_SK.stride(0), x_SK.stride(1), dy_SN.stride(0), dy_SN.stride(1),
         dw_EKN.stride(0), dw_EKN.stride(1), dw_EKN.stride(2),
         BK=BK, BN=BN, BS=BS, NUM_PROGRAMS=P, PRECISION=_precision(x_SK.dtype),
@@ -447,9 +449,16 @@ def _glu_act(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _glu_kernel(h_ptr, da_ptr, out_ptr, F, ACT: tl.constexpr, BF: tl.constexpr, BACKWARD: tl.constexpr):
-    """Forward: out[r] = act(h[r, :F]) * h[r, F:]. BACKWARD: out[r] = [da * up * act'(gate) | da * act(gate)]."""
+def _glu_kernel(
+    h_ptr, da_ptr, out_ptr, rows_ptr, F,
+    ACT: tl.constexpr, BF: tl.constexpr, BACKWARD: tl.constexpr, HAS_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Forward: out[r] = act(h[r, :F]) * h[r, F:]. BACKWARD: out[r] = [da * up * act'(gate) | da * act(gate)].
+    HAS_ROWS: only the rows before rows_ptr[0] (the rest is left as it is)."""
     row = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        if row >= tl.load(rows_ptr):
+            return
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     m = cols < F
     g = tl.load(h_ptr + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
@@ -463,7 +472,9 @@ def _glu_kernel(h_ptr, da_ptr, out_ptr, F, ACT: tl.constexpr, BF: tl.constexpr, 
         tl.store(out_ptr + row * F + cols, (y * u).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _glu_launch(h_SF2: torch.Tensor, da_SF: torch.Tensor | None, kind: str) -> torch.Tensor:
+def _glu_launch(
+    h_SF2: torch.Tensor, da_SF: torch.Tensor | None, kind: str, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     S, F2 = h_SF2.shape
     F = F2 // 2
     h_SF2 = h_SF2.contiguous()
@@ -475,7 +486,8 @@ def _glu_launch(h_SF2: torch.Tensor, da_SF: torch.Tensor | None, kind: str) -> t
     BF = min(2048, triton.next_power_of_2(F)) if h_SF2.device.type == "cuda" else 16
     da = da_SF.contiguous() if da_SF is not None else h_SF2
     _glu_kernel[(S, triton.cdiv(F, BF))](
-        h_SF2, da, out, F, ACT=GLU_ACT_CODES[kind], BF=BF, BACKWARD=da_SF is not None
+        h_SF2, da, out, rows if rows is not None else h_SF2, F, ACT=GLU_ACT_CODES[kind], BF=BF,
+        BACKWARD=da_SF is not None, HAS_ROWS=rows is not None,
     )  # fmt: skip
     return out
 
@@ -488,3 +500,16 @@ def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
 def glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
     COUNTERS["glu_backward"] += 1
     return _glu_launch(h_SF2, da_SF, kind)
+
+
+def glu_rows(h_SF2: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor:
+    """glu over the first rows[0] rows of h only (rows: an int32 tensor of one element on h's device, read by
+    the kernel, not the host); the result's later rows are left unwritten. For the rows between the fused
+    expert-parallel ops: h has room for the worst case, ep times the rows a rank computes on average."""
+    COUNTERS["glu_rows"] += 1
+    return _glu_launch(h_SF2, None, kind, rows)
+
+
+def glu_rows_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor:
+    COUNTERS["glu_rows_backward"] += 1
+    return _glu_launch(h_SF2, da_SF, kind, rows)

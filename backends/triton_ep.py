@@ -15,8 +15,9 @@ T tokens, K slots, ep ranks):
        one of its experts and signal DATA; the other programs walk the GEMM tiles, each waiting (acquire)
        for the DATA signal of its segment's source rank, gathering its A rows from the receive buffer
        through the rowmap. This rank's own rows are not sent: the rowmap points its own slots at their
-       tokens, the local tiles (first in the order) read them in place and start without waiting. Rows past
-       the last segment are zero.
+       tokens, the local tiles (first in the order) read them in place and start without waiting. The rows
+       past the last segment (the worst case's room, ep - 1 of every ep rows on average) are not written;
+       nothing reads them: the GLU between the ops (`ep_glu`) stops at the plan's row count.
   forward, second op (expert GEMM 2 fused with combine):
     4. each tile's result rows are stored straight into the source rank's `comb` buffer at the slot they
        belong to; the last program signals COMB to every rank.
@@ -379,36 +380,33 @@ def _dispatch_gemm_kernel(
     if ROLE & 2:
         target = tl.load(epoch_ptr + SLOT) + 1
         n_tiles_n = tl.cdiv(N, BN)
-        total = tl.load(cum_ptr + NSEG - 1) * n_tiles_n  # the last segment is the zero tail
+        # not the tail segment (NSEG - 1): the rows past the received ones are left as they are; nothing reads
+        # them (the GEMMs, dW and the GLU between the fused ops stop at the plan's segments and row count)
+        total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n
         t = tl.atomic_add(claim_ptr + SLOT, 1)
         while t < total:
             seg, nt, lo, hi, _, rows, row_ok, cols, col_ok, s, e, q = _segment_tile(
                 cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, t, n_tiles_n, N, BM, BN, GROUP_M
             )
-            live = seg < NSEG - 1
             # this rank's own rows are read in place (their rowmap rows are token rows of src) and need no
-            # wait: the local tiles, which come first, start at once while the senders push the rest. The
-            # zero tail's entries in the segment tables are 0: its tiles wait for rank 0, which always signals
-            # (or, on rank 0, for nothing), and run no k-steps (the same loop shape as the plain grouped GEMM)
+            # wait: the local tiles, which come first, start at once while the senders push the rest
             local = s == me
             if not local:
                 _wait_signal(sig_ptr + SLOT * EP + s, target)
             a_src = tl.where(local, src_ptr, recv_ptr)
             mi = (s * TK + q).to(tl.int64)
-            live_rows = rows < tl.where(live, hi, lo)
-            rr = _index(tl.load(rowmap_ptr + mi * 2, mask=live_rows, other=0), WIDE)
+            rr = _index(tl.load(rowmap_ptr + mi * 2, mask=row_ok, other=0), WIDE)
             if HAS_GATES:  # a local slot's gate from the gates themselves (by its slot id), a peer's as sent
-                mine = live_rows & ((rows * 0 + s) == me)
+                mine = row_ok & ((rows * 0 + s) == me)
                 sl = tl.load(rowmap_ptr + mi * 2 + 1, mask=mine, other=0)
                 g = tl.where(
                     mine,
                     tl.load(gsrc_ptr + sl, mask=mine, other=0.0).to(tl.float32),
-                    tl.load(gates_ptr + mi, mask=live_rows & ((rows * 0 + s) != me), other=0.0),
+                    tl.load(gates_ptr + mi, mask=row_ok & ((rows * 0 + s) != me), other=0.0),
                 )
-            k_end = tl.where(live, H, 0)
             if SAVE_A:  # the gathered (and scaled) rows, once per m-tile, for the weight gradient
                 if nt == 0:
-                    for k0 in range(0, k_end, BK):
+                    for k0 in range(0, H, BK):
                         ks = k0 + tl.arange(0, BK)
                         am = row_ok[:, None] & (ks < H)[None, :]
                         a = tl.load(a_src + rr[:, None] * H + ks[None, :], mask=am, other=0.0)
@@ -416,7 +414,7 @@ def _dispatch_gemm_kernel(
                             a = (a.to(tl.float32) * g[:, None]).to(recv_ptr.dtype.element_ty)
                         tl.store(save_ptr + _index(rows, WIDE)[:, None] * H + ks[None, :], a, mask=am)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            for k0 in range(0, k_end, BK):
+            for k0 in range(0, H, BK):
                 ks = k0 + tl.arange(0, BK)
                 k_ok = ks < H
                 a = tl.load(a_src + rr[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
@@ -557,6 +555,7 @@ class Plan:
     so that handing the plan on costs neither a copy nor a cast."""
 
     packed: torch.Tensor
+    rows: torch.Tensor  # [1]: the rows this rank computes (received and its own), the first of `packed`
     # source side (this rank's tokens)
     valid_TK: torch.Tensor  # [T, K]: 1 where the slot is routed to some expert, else 0
     pos_PT: torch.Tensor  # [ep, T]: receive row of token t in rank d's block of this rank, -1 if none
@@ -574,8 +573,8 @@ class Plan:
     bm: int
 
     FIELDS = (
-        "valid_TK", "pos_PT", "dest_J", "q_J", "slot_J", "rowmap", "offs", "cum", "mt_seg", "seg_src", "seg_exp",
-        "seg_q0",
+        "rows", "valid_TK", "pos_PT", "dest_J", "q_J", "slot_J", "rowmap", "offs", "cum", "mt_seg", "seg_src",
+        "seg_exp", "seg_q0",
     )  # fmt: skip
 
     def pack(self) -> torch.Tensor:
@@ -585,7 +584,7 @@ class Plan:
     def sizes(ep: int, T: int, K: int, E_l: int, bm: int) -> list[int]:
         nseg = ep * E_l + 1
         nmt = triton.cdiv(ep * T * K, bm) + nseg
-        return [T * K, ep * T, T * K, T * K, T * K, ep * T * K * 2, nseg, nseg, nmt, nseg, nseg, nseg]
+        return [1, T * K, ep * T, T * K, T * K, T * K, ep * T * K * 2, nseg, nseg, nmt, nseg, nseg, nseg]
 
     @staticmethod
     def view(packed: torch.Tensor, ep: int, T: int, K: int, E_l: int, bm: int) -> Plan:
@@ -747,15 +746,15 @@ def _source_plan(buf: EPBuffers, idx_TK: torch.Tensor, plan: Plan) -> dict[str, 
 
 @triton.jit
 def _receiver_plan_kernel(
-    counts_ptr, rowmap_in_ptr, rowmap_ptr, offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr,
-    me, E_l, S, NRM, NMT,
+    counts_ptr, rowmap_in_ptr, rowmap_ptr, rows_ptr, offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr,
+    seg_q0_ptr, me, E_l, S, NRM, NMT,
     EP: tl.constexpr, EP2: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr,
     BCOPY: tl.constexpr,
 ):  # fmt: skip
     """The receiver side of the plan from the counts the sources announced (counts[s, e]: rows of source s
     for local expert e). Segments (s', e) in that order, s = (me + s') mod EP, so local rows come first, then
     the zero tail up to S; each program recomputes them (EP x E_l counts) and writes the segment of its
-    BLOCK m-tiles; program 0 the segment tables; all programs together a copy of the rowmap."""
+    BLOCK m-tiles; program 0 the row count and the segment tables; all programs together a copy of the rowmap."""
     pid = tl.program_id(0)
     sp = tl.arange(0, EP2)
     es = tl.arange(0, BE)
@@ -771,6 +770,7 @@ def _receiver_plan_kernel(
     rows = tl.sum(per_src, 0)
     tail_cum = tl.sum(tiles_src, 0) + (S - rows + BM - 1) // BM
     if pid == 0:
+        tl.store(rows_ptr, rows)
         at = sp[:, None] * E_l + es[None, :]
         tl.store(offs_ptr + at, end, mask=ok)
         tl.store(cum_ptr + at, cum, mask=ok)
@@ -797,8 +797,8 @@ def _receiver_plan(buf: EPBuffers, plan: Plan) -> None:
     ep, E_l = buf.ep, buf.E_l
     nmt, block = plan.mt_seg.shape[0], 16
     _receiver_plan_kernel[(triton.cdiv(nmt, block),)](
-        buf.local["counts"], buf.local["rowmap"], plan.rowmap, plan.offs, plan.cum, plan.mt_seg, plan.seg_src,
-        plan.seg_exp, plan.seg_q0, buf.me, E_l, ep * buf.T * buf.K, plan.rowmap.shape[0], nmt,
+        buf.local["counts"], buf.local["rowmap"], plan.rowmap, plan.rows, plan.offs, plan.cum, plan.mt_seg,
+        plan.seg_src, plan.seg_exp, plan.seg_q0, buf.me, E_l, ep * buf.T * buf.K, plan.rowmap.shape[0], nmt,
         EP=ep, EP2=max(2, triton.next_power_of_2(ep)), BE=max(16, triton.next_power_of_2(E_l)), BM=plan.bm, BLOCK=block,
         BCOPY=1024 if buf.device.type == "cuda" else 64,
     )  # fmt: skip
@@ -919,13 +919,14 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
 
 
-def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: int, w_EKN: torch.Tensor):
-    """dw[e] = sum over sources s of a[rows of (s, e)]^T @ dy[rows of (s, e)], laid out like w's parameter
-    (dw^T = dy^T a where w is a transposed view), so that no strided copy of the weight gradient follows."""
+def _wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, plan: Plan, ep: int, E_l: int, w_EKN: torch.Tensor, scale: float):
+    """dw[e] = scale * sum over sources s of a[rows of (s, e)]^T @ dy[rows of (s, e)], laid out like w's
+    parameter (dw^T = dy^T a where w is a transposed view), so that no strided copy of the weight gradient
+    follows."""
     offs = plan.offs[: ep * E_l]
     if torch_backend.transposed_weight(w_EKN):
-        return triton_backend.grouped_mm_wgrad_segments(dy_SN, a_SK, offs, ep, E_l).transpose(1, 2)
-    return triton_backend.grouped_mm_wgrad_segments(a_SK, dy_SN, offs, ep, E_l)
+        return triton_backend.grouped_mm_wgrad_segments(dy_SN, a_SK, offs, ep, E_l, scale).transpose(1, 2)
+    return triton_backend.grouped_mm_wgrad_segments(a_SK, dy_SN, offs, ep, E_l, scale)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -963,21 +964,26 @@ def gemm_combine_forward(buf: EPBuffers, a_SF: torch.Tensor, w2_EKN: torch.Tenso
 
 def gemm_combine_backward(
     buf: EPBuffers, dout_TH: torch.Tensor, a_SF: torch.Tensor, w2_EKN: torch.Tensor, w_TK: torch.Tensor,
-    y_TKH: torch.Tensor, plan: Plan,
+    y_TKH: torch.Tensor, plan: Plan, wgrad_scale: float = 1.0,
 ) -> Flow:  # fmt: skip
-    """-> (da_SF, dw2_EKN, dw_TK). dout travels like x did (gates alongside); dX GEMM gathers and scales."""
+    """-> (da_SF, dw2_EKN, dw_TK). dout travels like x did (gates alongside); dX GEMM gathers and scales.
+    dw2 is multiplied by `wgrad_scale` in its kernel."""
     dw_TK = gate_grad(dout_TH, y_TKH, plan.valid_TK, w_TK.dtype)
     da_SF, dy_SH = yield from _dispatch_gemm(buf, dout_TH, plan, w2_EKN.transpose(1, 2), GDATA, w_TK, save_a=True)
-    dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l, w2_EKN)
+    dw2 = _wgrad(a_SF, dy_SH, plan, buf.ep, buf.E_l, w2_EKN, wgrad_scale)
     COUNTERS["gemm_combine.backward"] += 1
     return da_SF, dw2, dw_TK
 
 
-def dispatch_gemm_backward(buf: EPBuffers, dh_SF: torch.Tensor, x_SH: torch.Tensor, w1_EKN: torch.Tensor, plan: Plan):
-    """-> (dx_TH, dw1_EKN). dX GEMM scatters back to the sources like the combine did."""
+def dispatch_gemm_backward(
+    buf: EPBuffers, dh_SF: torch.Tensor, x_SH: torch.Tensor, w1_EKN: torch.Tensor, plan: Plan,
+    wgrad_scale: float = 1.0,
+) -> Flow:  # fmt: skip
+    """-> (dx_TH, dw1_EKN). dX GEMM scatters back to the sources like the combine did; dw1 is multiplied by
+    `wgrad_scale` in its kernel."""
     dh_SF = dh_SF.contiguous()
     comb = yield from _gemm_scatter(buf, dh_SF, w1_EKN.transpose(1, 2), plan, GCOMB)
-    dw1 = _wgrad(x_SH, dh_SF, plan, buf.ep, buf.E_l, w1_EKN)
+    dw1 = _wgrad(x_SH, dh_SF, plan, buf.ep, buf.E_l, w1_EKN, wgrad_scale)
     dx = combine_slots(comb, plan.valid_TK, None)
     COUNTERS["dispatch_gemm.backward"] += 1
     return dx, dw1

@@ -1,8 +1,10 @@
-"""Predicted against measured, per operation, for one training step of bench_train_step's model (one
-process): compiles it with `profile_nodes=True`, runs a step to compile, and writes `moecc.profile_step`'s
-table (`timeline.md`) and the profiler's trace (`measured.json`) to --out.
+"""Predicted against measured, per operation, for one training step of bench_train_step's model: compiles it
+with `profile_nodes=True` (expert parallelism over the ranks under torchrun), runs a step to compile, and
+writes `moecc.profile_step`'s table (`timeline.md`) and the profiler's trace (`measured.json`) to --out
+(rank r > 0: --out/rank<r>).
 
     python benchmarks/profile_train_step.py --out /tmp/prof [--layers 2] [--tiny]
+    torchrun --nproc-per-node 2 benchmarks/profile_train_step.py --out /tmp/prof
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_moe_layer as layer_bench  # noqa: E402
 import bench_train_step as ts  # noqa: E402
 
 import moecc  # noqa: E402
@@ -26,14 +29,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--profile", default=None, help="a hardware profile file for the cost model")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="process-group timeout")
     args = parser.parse_args()
     c = ts.CONFIGS["deepseek_small_tiny" if args.tiny else "deepseek_small"]
     if args.layers:
         c = dataclasses.replace(c, layers=args.layers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = layer_bench.init_distributed("auto", args.timeout_s)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cm = moecc.compile(ts.build_model(c, device, dtype), profile_nodes=True, profile=args.profile)
-    ids, targets = ts.batch(c, 0, device)
+    cm = moecc.compile(ts.build_model(c, device, dtype), ep=world, profile_nodes=True, profile=args.profile)
+    ids, targets = ts.batch(c, rank, device)
+    out = Path(args.out) if rank == 0 else Path(args.out) / f"rank{rank}"
 
     def step() -> None:
         for p in cm.parameters():
@@ -42,9 +47,11 @@ def main() -> None:
 
     step()
     step()
-    res = moecc.profile_step(cm, step, args.out)
-    print((Path(args.out) / "timeline.md").read_text())
-    print(f"predicted {res['predicted_us'] / 1e3:.1f} ms, measured {res['wall_us'] / 1e3:.1f} ms")
+    res = moecc.profile_step(cm, step, out)
+    if rank == 0:
+        print((out / "timeline.md").read_text())
+        print(f"predicted {res['predicted_us'] / 1e3:.1f} ms, measured {res['wall_us'] / 1e3:.1f} ms (ep={world})")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -127,9 +127,11 @@ def measure_host(device: torch.device, quick: bool) -> dict[str, Any]:
         "moecc.unpermute_combine": lambda: m.unpermute_combine(y, src_S, offs_E, w_TK),
     }
     hf, xs, plan = m.ep_dispatch_gemm(x, idx, w1, 1, "")
-    af = glu(hf, "silu")
+    af = m.ep_glu(hf, plan, "silu")
     _, y_TKH = m.ep_gemm_combine(af, w2, w_TK, plan, 1, "")
     cases |= {
+        "moecc.ep_glu": lambda: m.ep_glu(hf, plan, "silu"),
+        "moecc.ep_glu_backward": lambda: m.ep_glu_backward(af, hf, plan, "silu"),
         "moecc.ep_dispatch_gemm": lambda: m.ep_dispatch_gemm(x, idx, w1, 1, ""),
         "moecc.ep_gemm_combine": lambda: m.ep_gemm_combine(af, w2, w_TK, plan, 1, ""),
         "moecc.ep_gemm_combine_backward": lambda: m.ep_gemm_combine_backward(x, af, w2, w_TK, y_TKH, plan, ""),

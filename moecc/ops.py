@@ -75,13 +75,15 @@ def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
     return x_SK.new_empty(x_SK.shape[0], w_EKN.shape[2])
 
 
+# `scale` (1.0 as the autograd formula emits them) multiplies a weight gradient inside its kernel: sync_grads
+# sets it to 1/W instead of a multiplication over the whole gradient (WGRAD_SCALE below).
 @torch.library.custom_op("moecc::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return torch_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E)
+def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return torch_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale)
 
 
 @grouped_mm_wgrad.register_fake
-def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor):
+def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0):
     return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
 
 
@@ -287,14 +289,16 @@ def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
 
 
 @torch.library.custom_op("moecc::triton_grouped_mm_wgrad", mutates_args=())
-def triton_grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+def triton_grouped_mm_wgrad(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     from moecc.backends import triton_backend
 
-    return triton_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E)
+    return triton_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale)
 
 
 @triton_grouped_mm_wgrad.register_fake
-def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor):
+def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0):
     return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
 
 
@@ -362,13 +366,20 @@ def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, w1_EKN: torch.Tensor, ep: int, g
 
 @torch.library.custom_op("moecc::ep_dispatch_gemm_backward", mutates_args=())
 def ep_dispatch_gemm_backward(
-    dh_SF: torch.Tensor, x_SH: torch.Tensor, w1_EKN: torch.Tensor, plan: torch.Tensor, T: int, K: int, group_name: str
+    dh_SF: torch.Tensor,
+    x_SH: torch.Tensor,
+    w1_EKN: torch.Tensor,
+    plan: torch.Tensor,
+    T: int,
+    K: int,
+    group_name: str,
+    wgrad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from moecc.backends import triton_ep
 
     buf = _ep_buffers(x_SH, T, K, x_SH.shape[1], w1_EKN.shape[0], group_name)
     p = triton_ep.unpack_plan(buf, plan, x_SH.dtype)
-    return triton_ep.run_flow(triton_ep.dispatch_gemm_backward(buf, dh_SF, x_SH, w1_EKN, p))
+    return triton_ep.run_flow(triton_ep.dispatch_gemm_backward(buf, dh_SF, x_SH, w1_EKN, p, wgrad_scale))
 
 
 def _grad_like(w_EKN: torch.Tensor) -> torch.Tensor:
@@ -379,7 +390,7 @@ def _grad_like(w_EKN: torch.Tensor) -> torch.Tensor:
 
 
 @ep_dispatch_gemm_backward.register_fake
-def _(dh_SF, x_SH, w1_EKN, plan, T: int, K: int, group_name: str):
+def _(dh_SF, x_SH, w1_EKN, plan, T: int, K: int, group_name: str, wgrad_scale: float = 1.0):
     return x_SH.new_empty(T, x_SH.shape[1]), _grad_like(w1_EKN)
 
 
@@ -433,17 +444,18 @@ def ep_gemm_combine_backward(
     y_TKH: torch.Tensor,
     plan: torch.Tensor,
     group_name: str,
+    wgrad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from moecc.backends import triton_ep
 
     T, K = w_TK.shape
     buf = _ep_buffers(y_TKH, T, K, y_TKH.shape[2], w2_EKN.shape[0], group_name)
     p = triton_ep.unpack_plan(buf, plan, a_SF.dtype)
-    return triton_ep.run_flow(triton_ep.gemm_combine_backward(buf, dout_TH, a_SF, w2_EKN, w_TK, y_TKH, p))
+    return triton_ep.run_flow(triton_ep.gemm_combine_backward(buf, dout_TH, a_SF, w2_EKN, w_TK, y_TKH, p, wgrad_scale))
 
 
 @ep_gemm_combine_backward.register_fake
-def _(dout_TH, a_SF, w2_EKN, w_TK, y_TKH, plan, group_name: str):
+def _(dout_TH, a_SF, w2_EKN, w_TK, y_TKH, plan, group_name: str, wgrad_scale: float = 1.0):
     return torch.empty_like(a_SF), _grad_like(w2_EKN), torch.empty_like(w_TK)
 
 
@@ -463,6 +475,50 @@ def _ep_combine_backward(ctx: Any, dout_TH: torch.Tensor, _dy: Any):
 
 
 ep_gemm_combine.register_autograd(_ep_combine_backward, setup_context=_ep_combine_setup)
+
+
+# The GLU between the fused ops: h has room for the worst case (every token of every rank routed here, ep
+# times the rows a rank computes on average); only the plan's row count (its first element) is computed, the
+# later rows are left unwritten, which nothing reads (the fused GEMMs and dW stop at the plan's segments).
+
+
+@torch.library.custom_op("moecc::ep_glu", mutates_args=())
+def ep_glu(h_SF2: torch.Tensor, plan: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    _glu_check(h_SF2, kind)
+    return triton_backend.glu_rows(h_SF2, plan[:1], kind)
+
+
+@ep_glu.register_fake
+def _(h_SF2: torch.Tensor, plan: torch.Tensor, kind: str):
+    return _glu_fake(h_SF2, kind)
+
+
+@torch.library.custom_op("moecc::ep_glu_backward", mutates_args=())
+def ep_glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, plan: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.glu_rows_backward(da_SF, h_SF2, plan[:1], kind)
+
+
+@ep_glu_backward.register_fake
+def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, plan: torch.Tensor, kind: str):
+    return _glu_backward_fake(da_SF, h_SF2, kind)
+
+
+def _ep_glu_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    h_SF2, plan, kind = inputs
+    ctx.save_for_backward(h_SF2, plan)
+    ctx.kind = kind
+
+
+def _ep_glu_backward(ctx: Any, da_SF: torch.Tensor):
+    h_SF2, plan = ctx.saved_tensors
+    return torch.ops.moecc.ep_glu_backward(da_SF.contiguous(), h_SF2, plan, ctx.kind), None, None
+
+
+ep_glu.register_autograd(_ep_glu_backward, setup_context=_ep_glu_setup)
 
 
 def expert_capacity(capacity_factor: float | None, T: int, K: int, E: int) -> int:
@@ -487,6 +543,16 @@ MOE_OPS = {
     torch.ops.moecc.ep_dispatch_gemm_backward.default,
     torch.ops.moecc.ep_gemm_combine.default,
     torch.ops.moecc.ep_gemm_combine_backward.default,
+}
+
+
+# The ops that produce expert weight gradients and can scale them in their kernels: op -> (the scale's argument,
+# the outputs that are weight gradients). sync_grads folds a gradient's 1/W into these instead of multiplying.
+WGRAD_SCALE = {
+    torch.ops.moecc.grouped_mm_wgrad.default: ("scale", (None,)),
+    torch.ops.moecc.triton_grouped_mm_wgrad.default: ("scale", (None,)),
+    torch.ops.moecc.ep_dispatch_gemm_backward.default: ("wgrad_scale", (1,)),
+    torch.ops.moecc.ep_gemm_combine_backward.default: ("wgrad_scale", (1,)),
 }
 
 

@@ -11,10 +11,15 @@ pass a test.
     rx_RH = all_to_all_rows(x_TH[tok_R], n_P, m_P, g)  ...          h_SF, x_SH, plan = ep_dispatch_gemm(x_TH, idx_TK,
     x_SH, src_S, eid_S, offs_E = route_permute(rx_RH, ...)                                   w1, ep, g)
     h_SF = grouped_mm(x_SH, w1, offs_E)
-    a_SF = <activation>(h_SF)                                       a_SF = <activation>(h_SF)
+    a_SF = <activation>(h_SF)                                       a_SF = <activation>(h_SF)  [1]
     y_SH = grouped_mm(a_SF, w2, offs_E)                             out_TH, y_TKH = ep_gemm_combine(a_SF, w2, w_TK,
     part_RH = unpermute_combine(y_SH, src_S, offs_E, rw_RK)                                          plan, ep, g)
     out_TH = zeros_like(x_TH).index_add(0, tok_R, all_to_all_rows(part_RH, ...))
+
+[1] h_SF has room for the worst case, S = ep * T * K rows (every token of every rank routed to this rank's
+experts), ep times what a rank receives on average. A GLU activation becomes ep_glu(h_SF, plan, kind), which
+computes only the rows the plan counts; other activations run over all S rows (the rows past the received
+ones are never read).
 """
 
 from __future__ import annotations
@@ -138,6 +143,17 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
     with gm.graph.inserting_before(m.gm1):
         h, _, plan = ops.ep_dispatch_gemm(em.proxy(m.x), em.proxy(m.idx), em.proxy(m.gm1.args[1]), ep, group)
     m.gm1.replace_all_uses_with(h.node)
+    act = m.gm2.args[0]
+    if (  # a GLU between the ops computes only the rows this rank received, not the worst case's room
+        isinstance(act, fx.Node)
+        and act.target is torch.ops.moecc.glu.default
+        and act.args[0] is h.node
+        and set(act.users) == {m.gm2}
+    ):
+        with gm.graph.inserting_before(act):
+            a = ops.ep_glu(h, plan, act.args[1])
+        act.replace_all_uses_with(a.node)
+        gm.graph.erase_node(act)
     with gm.graph.inserting_before(m.out):
         out, _ = ops.ep_gemm_combine(em.proxy(m.gm2.args[0]), em.proxy(m.gm2.args[1]), em.proxy(m.w), plan, ep, group)
     m.out.replace_all_uses_with(out.node)
@@ -182,4 +198,9 @@ def check_fused(gm: fx.GraphModule, ctx: CompileContext) -> None:
             raise AssertionError(f"fused region {ir.facts(n)['region']} still has {n.format_node()}")
 
 
-FUSED_OPS = {torch.ops.moecc.ep_dispatch_gemm.default, torch.ops.moecc.ep_gemm_combine.default}
+FUSED_OPS = {
+    torch.ops.moecc.ep_dispatch_gemm.default,
+    torch.ops.moecc.ep_gemm_combine.default,
+    torch.ops.moecc.ep_glu.default,
+    torch.ops.moecc.glu.default,  # another activation's GLU (none today: a GLU between the ops becomes ep_glu)
+}

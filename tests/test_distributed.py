@@ -65,8 +65,11 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
                 atol=1e-4,
                 msg=lambda m, n=pname, model_name=name: f"{model_name}: {n} after {steps} steps: {m}",
             )
+        counters = cm.session.counters()
+        # every expert weight's 1/W is applied inside the kernel that computes its gradient (biases: a mul)
+        weights = sum(1 for n, p in cm.named_parameters() if ".experts." in n and not n.endswith("bias"))
+        assert counters["sync_grads.scale_folded"] == weights, (name, weights, dict(counters))
         if backend == "triton":  # the Triton kernels ran, with the fused ones not selected across ranks
-            counters = cm.session.counters()
             assert counters["lower.triton"] > 0 and not counters.get("fuse.fused"), (name, dict(counters))
             kernels = [
                 k for k in ("grouped_mm", "grouped_mm_wgrad", "glu", "glu_backward") if triton_backend.COUNTERS[k]

@@ -86,6 +86,9 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch
     for kernel, calls in (("grouped_mm.descriptor", 2), ("grouped_mm.pointer", 2), ("grouped_mm_wgrad.descriptor", 2),
                           ("grouped_mm_wgrad.pointer", 1)):  # fmt: skip
         assert triton_backend.COUNTERS[kernel] == before.get(kernel, 0) + calls, kernel
+    # a scale (sync_grads' 1/W) is applied in the kernel, in both backends alike
+    torch.testing.assert_close(triton_backend.grouped_mm_wgrad(x, dy, offs, 0.375), dw * 0.375)
+    torch.testing.assert_close(torch_backend.grouped_mm_wgrad(x, dy, offs, 0.375), dw * 0.375)
     torch.library.opcheck(ops.triton_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.triton_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
 
@@ -119,6 +122,10 @@ def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
         for name in triton_ep.PHASE_COUNTERS:
             assert ran(triton_ep.COUNTERS, name, before_ep) == regions, name
         assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 0
+        # the GLU between the fused ops stops at the plan's row count (both models have GLU experts)
+        assert ran(triton_backend.COUNTERS, "glu_rows", before) == regions
+        assert ran(triton_backend.COUNTERS, "glu_rows_backward", before) == regions
+        assert ran(triton_backend.COUNTERS, "glu", before) == 0
     else:  # 2 GEMMs per region forward, 2 dX backward
         assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 4 * regions
         assert ran(triton_ep.COUNTERS, "dispatch_gemm.forward", before_ep) == 0
@@ -192,6 +199,33 @@ def test_glu_kernel_and_op_match_autograd(kind: str, dtype: torch.dtype) -> None
             eager = _glu_reference(hx, kind)
             (eager_dh,) = torch.autograd.grad(eager, hx, da)
             assert torch.equal(out, eager) and torch.equal(dx, eager_dh)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 23, 37])
+def test_ep_glu_computes_only_the_rows_the_plan_counts(rows: int) -> None:
+    """ep_glu (the GLU between the fused expert-parallel ops) reads its row count from the plan's first element
+    on the device: those rows match the GLU, forward and backward, and the rows past them, which may hold
+    anything (NaN here), do not reach them."""
+    gen = torch.Generator().manual_seed(rows)
+    S, F = 37, 21
+    h = torch.randn(S, 2 * F, generator=gen).to(_device())
+    h[rows:] = float("nan")
+    da = torch.randn(S, F, generator=gen).to(_device())
+    plan = torch.tensor([rows, -5, 7], dtype=torch.int32, device=_device())  # the rest of a plan: not read
+    before = dict(triton_backend.COUNTERS)
+    x = h.clone().requires_grad_()
+    out = ops.ep_glu(x, plan, "silu")
+    (dx,) = torch.autograd.grad(out, x, da)
+    assert triton_backend.COUNTERS["glu_rows"] - before.get("glu_rows", 0) == 1
+    assert triton_backend.COUNTERS["glu_rows_backward"] - before.get("glu_rows_backward", 0) == 1
+    ref_h = h[:rows].clone().requires_grad_()
+    ref = _glu_reference(ref_h, "silu")
+    torch.testing.assert_close(out[:rows], ref.detach(), atol=1e-5, rtol=1e-5)
+    if rows:
+        (ref_dh,) = torch.autograd.grad(ref, ref_h, da[:rows])
+        torch.testing.assert_close(dx[:rows], ref_dh, atol=1e-5, rtol=1e-5)
+    assert not out[:rows].isnan().any() and not dx[:rows].isnan().any()
+    torch.library.opcheck(ops.ep_glu, (h, plan, "silu"), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_glu_of_an_unknown_activation_or_odd_width_is_an_error() -> None:
