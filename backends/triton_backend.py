@@ -454,22 +454,26 @@ def _glu_kernel(
     ACT: tl.constexpr, BF: tl.constexpr, BACKWARD: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):  # fmt: skip
     """Forward: out[r] = act(h[r, :F]) * h[r, F:]. BACKWARD: out[r] = [da * up * act'(gate) | da * act(gate)].
-    HAS_ROWS: only the rows before rows_ptr[0] (the rest is left as it is)."""
-    row = tl.program_id(0).to(tl.int64)
-    if HAS_ROWS:
-        if row >= tl.load(rows_ptr):
-            return
+    One row's block of columns per program; HAS_ROWS: only the rows before rows_ptr[0] (the rest is left as it
+    is), each program taking every num_programs(0)-th row, so that a launch sized for the worst case's rows
+    costs no idle programs."""
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     m = cols < F
-    g = tl.load(h_ptr + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
-    y, dy = _glu_act(g, ACT)
-    if BACKWARD:
-        da = tl.load(da_ptr + row * F + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * 2 * F + cols, (da * u * dy).to(out_ptr.dtype.element_ty), mask=m)
-        tl.store(out_ptr + row * 2 * F + F + cols, (da * y).to(out_ptr.dtype.element_ty), mask=m)
-    else:
-        tl.store(out_ptr + row * F + cols, (y * u).to(out_ptr.dtype.element_ty), mask=m)
+    row = tl.program_id(0).to(tl.int64)
+    end = row + 1
+    if HAS_ROWS:
+        end = tl.load(rows_ptr).to(tl.int64)
+    while row < end:
+        g = tl.load(h_ptr + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
+        y, dy = _glu_act(g, ACT)
+        if BACKWARD:
+            da = tl.load(da_ptr + row * F + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(out_ptr + row * 2 * F + cols, (da * u * dy).to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(out_ptr + row * 2 * F + F + cols, (da * y).to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(out_ptr + row * F + cols, (y * u).to(out_ptr.dtype.element_ty), mask=m)
+        row += tl.num_programs(0) if HAS_ROWS else 1
 
 
 def _glu_launch(
@@ -485,11 +489,19 @@ def _glu_launch(
     # fastest, or within 7 % of the fastest, at F = 768..14336, forward and backward; 4 warps)
     BF = min(2048, triton.next_power_of_2(F)) if h_SF2.device.type == "cuda" else 16
     da = da_SF.contiguous() if da_SF is not None else h_SF2
-    _glu_kernel[(S, triton.cdiv(F, BF))](
+    # with a row count on the device: programs for the rows of a rank's average share (S // GLU_ROWS_SHARE),
+    # each looping over its rows up to the count
+    P = S if rows is None else max(1, min(S, triton.cdiv(S, GLU_ROWS_SHARE)))
+    _glu_kernel[(P, triton.cdiv(F, BF))](
         h_SF2, da, out, rows if rows is not None else h_SF2, F, ACT=GLU_ACT_CODES[kind], BF=BF,
         BACKWARD=da_SF is not None, HAS_ROWS=rows is not None,
     )  # fmt: skip
     return out
+
+
+# glu_rows launches programs for 1/GLU_ROWS_SHARE of the rows it has room for (their rows past the count exit at
+# once); the fused path's room is ep times a rank's average rows
+GLU_ROWS_SHARE = 2
 
 
 def glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from moecc import cost, testing
 from moecc.backends import torch_backend
@@ -72,9 +73,32 @@ def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
     rates: dict[str, Any] = {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
     if device.type == "cuda":
         rates["fused_gemm_flops"] = measure_fused(device, quick)
+        rates.update(measure_attention(device, quick))
         # on the CPU the host runs the ops itself: their cost is on the compute stream (op_overhead)
         rates.update(measure_host(device, quick))
     return rates
+
+
+def measure_attention(device: torch.device, quick: bool) -> dict[str, float]:
+    """Causal fused attention's rate through F.scaled_dot_product_attention (the kernel it picks by default:
+    cuDNN's or flash on an H200), forward and backward, in the FLOPs `cost.attention_flops` counts for it:
+    bf16, 16 heads of 128, 4 sequences of 2048 tokens (a small model's training shapes)."""
+    B, Hh, S, D = 4, 16, 2048, 128
+    iters = 5 if quick else 20
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(B, Hh, S, D, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3)
+    )
+    flops = 4.0 * B * Hh * S * S * D * 0.5
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    dout = torch.randn_like(out)
+    fwd = _time_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, iters)
+    fwd_bwd = _time_s(
+        lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), dout),
+        device,
+        iters,
+    )
+    return {"attention_flops": flops / fwd, "attention_bwd_flops": 2.5 * flops / max(fwd_bwd - fwd, 1e-9)}
 
 
 def _host_s(fn: Callable[[], Any], device: torch.device, n: int) -> float:

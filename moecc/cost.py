@@ -42,6 +42,11 @@ class HardwareProfile:
     # the rows' transfers, the waits for them and the remote stores. An ep without an entry: the one-rank rate,
     # and no less than the op's transfer time at the all-to-all bandwidth
     fused_ep_gemm_flops: tuple[tuple[int, float], ...] = ()
+    # fused attention's rate, forward and backward, in the FLOPs `attention_flops` counts, FLOP/s (calibrate
+    # times the default SDPA kernel): on an H200 its backward ran at about half the dense GEMM rate. None: the
+    # dense GEMM rate
+    attention_flops: float | None = None
+    attention_bwd_flops: float | None = None
     # the host's time to issue one node of a graph (Python, the dispatcher, kernel launches), s: an op's
     # kernels start no earlier than the host has issued it, so where the host is slower than the device the
     # host sets the pace. host_op: any op without an entry in host_ops (which holds the multi-kernel ops,
@@ -359,6 +364,8 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     f = flops_formula(node)
     grouped = "moecc.grouped" in name or "moecc.ep_" in name
     rate = profile.grouped_gemm_flops if grouped else profile.gemm_flops
+    if "aten._scaled_dot_product" in name:
+        rate = (profile.attention_bwd_flops if "backward" in name else profile.attention_flops) or rate
     if "moecc.ep_" in name:  # the rate measured across ep ranks, else in one rank, else the grouped GEMM's
         across = dict(profile.fused_ep_gemm_flops).get(ep) if ep > 1 else None
         rate = across or profile.fused_gemm_flops or rate

@@ -292,6 +292,16 @@ def test_attention_and_fused_op_costs() -> None:
         flops = {str(n.target): float(cost.flops_formula(n)) for n in g.graph.nodes if "scaled_dot" in str(n.target)}
         fwd = 4 * B * H * S * S * D * (0.5 if causal else 1.0)  # QK^T and AV
         assert sorted(flops.values()) == [fwd, 2.5 * fwd], flops
+        # at the profile's attention rates where calibrate measured them (forward and backward apart), else at
+        # the dense GEMM rate
+        dense = dataclasses.replace(cost.PROFILES["h200"], mem_bw=1e30, op_overhead=0.0)
+        measured = dataclasses.replace(dense, attention_flops=dense.gemm_flops / 2, attention_bwd_flops=1e12)
+        for n in g.graph.nodes:
+            if "scaled_dot" in str(n.target):
+                f = flops[str(n.target)]
+                assert cost.estimate_us(n, dense) == pytest.approx(1e6 * f / dense.gemm_flops)
+                want = f / 1e12 if "backward" in str(n.target) else 2 * f / dense.gemm_flops
+                assert cost.estimate_us(n, measured) == pytest.approx(1e6 * want)
     # the fused expert-parallel ops run at the profile's fused rate where it has one
     g = make_fx(lambda x, i, w: ops.ep_dispatch_gemm(x, i, w, 1, ""), tracing_mode="fake")(
         torch.randn(4096, 512), torch.randint(0, 8, (4096, 2)), torch.randn(8, 512, 1024)
