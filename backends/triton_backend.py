@@ -6,9 +6,13 @@ tile list, which is derived on the device from `offs_E` (no host synchronisation
 receives no rows has no tiles and costs nothing.
 
 - `grouped_mm(x_SK, w_EKN, offs_E)`: y[rows of e] = x[rows of e] @ w[e] (forward, and dX with w transposed);
-- `grouped_mm_wgrad(x_SK, dy_SN, offs_E)`: dw[e] = x[rows of e]^T @ dy[rows of e] (dW). x and dy are read
-  through tensor descriptors (TMA loads on Hopper) where their strides allow, else through pointers; which
-  kernel ran is counted (`grouped_mm_wgrad.descriptor` / `.pointer`).
+- `grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale=1.0)`: dw[e] = scale * x[rows of e]^T @ dy[rows of e] (dW;
+  `scale` is sync_grads' 1/W, applied before the store). x and dy are read through tensor descriptors (TMA
+  loads on Hopper) where their strides allow, else through pointers; which kernel ran is counted
+  (`grouped_mm_wgrad.descriptor` / `.pointer`);
+- `glu(h, kind)` / `glu_backward(da, h, kind)`: the GLU activation between the expert GEMMs, one pass over h;
+  `glu_rows` / `glu_rows_backward` compute only the rows before a count held on the device (the GLU between
+  the fused expert-parallel ops, whose buffers have room for the worst case).
 
 Rows past offs[-1] (dropped) are zero in the output, as in the torch backend: the forward kernel treats
 them as one more segment whose tiles store zeros (no separate memset of the output). On the CPU the kernels run

@@ -515,7 +515,7 @@ def _ep_glu_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
 
 def _ep_glu_backward(ctx: Any, da_SF: torch.Tensor):
     h_SF2, plan = ctx.saved_tensors
-    return torch.ops.moecc.ep_glu_backward(da_SF.contiguous(), h_SF2, plan, ctx.kind), None, None
+    return torch.ops.moecc.ep_glu_backward(da_SF, h_SF2, plan, ctx.kind), None, None
 
 
 ep_glu.register_autograd(_ep_glu_backward, setup_context=_ep_glu_setup)
