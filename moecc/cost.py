@@ -130,6 +130,10 @@ PROFILES = {
         25e-6,
         op_overhead=1.7e-6,
         fused_gemm_flops=450e12,
+        # causal fused attention through SDPA, forward / backward: `moecc calibrate` on an H200 of a 2-GPU node
+        # (benchmarks/results/profile_h200_2gpu_2026-11-29x_hosted.json)
+        attention_flops=351e12,
+        attention_bwd_flops=329e12,
         host_op=8.7e-6,
         host_view=2.1e-6,
         host_ops=(

@@ -107,3 +107,29 @@ def test_lift_disabled_leaves_model_code(tmp_path: Path) -> None:
     lowered = (cm.dump_root / "graph_0" / "08_lower.fwd.py").read_text()
     assert "torch.ops.moecc" not in lowered
     assert cm.regions == []
+
+
+def test_sync_grads_folds_the_scale_only_where_nothing_else_reads_the_gradient() -> None:
+    """sync_grads' 1/W goes into a dW kernel where the gradient is its result seen through views and sums that
+    only the output reads; a result something else reads, or a gradient that is not an expert's, keeps its
+    value (a multiplication follows it instead)."""
+    from moecc.passes import sync_grads
+
+    wgrad = torch.ops.moecc.grouped_mm_wgrad.default
+    g = fx.Graph()
+    x, dy, offs = (g.placeholder(n) for n in ("x", "dy", "offs"))
+    # folded: a transposed result (the nn.Linear layout), and the sum of two token chunks' results
+    a = g.call_function(wgrad, (x, dy, offs))
+    a_t = g.call_function(torch.ops.aten.transpose.int, (a, 1, 2))
+    b1, b2 = g.call_function(wgrad, (x, dy, offs)), g.call_function(wgrad, (x, dy, offs))
+    b = g.call_function(torch.ops.aten.add.Tensor, (b1, b2))
+    # not folded: a result something else reads too, and one that reaches a replicated gradient
+    c = g.call_function(wgrad, (x, dy, offs))
+    c_other = g.call_function(torch.ops.aten.sum.default, (c,))
+    d = g.call_function(wgrad, (x, dy, offs))
+    out = g.output((a_t, b, c, c_other, d))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    folded = sync_grads.fold_scales(gm, out, {a_t, b, c}, 0.25)
+    assert folded == {a_t, b}
+    scales = {n.name: n.kwargs.get("scale", 1.0) for n in gm.graph.nodes if n.target is wgrad}
+    assert scales == {a.name: 0.25, b1.name: 0.25, b2.name: 0.25, c.name: 1.0, d.name: 1.0}, scales

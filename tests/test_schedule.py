@@ -294,7 +294,9 @@ def test_attention_and_fused_op_costs() -> None:
         assert sorted(flops.values()) == [fwd, 2.5 * fwd], flops
         # at the profile's attention rates where calibrate measured them (forward and backward apart), else at
         # the dense GEMM rate
-        dense = dataclasses.replace(cost.PROFILES["h200"], mem_bw=1e30, op_overhead=0.0)
+        dense = dataclasses.replace(
+            cost.PROFILES["h200"], mem_bw=1e30, op_overhead=0.0, attention_flops=None, attention_bwd_flops=None
+        )
         measured = dataclasses.replace(dense, attention_flops=dense.gemm_flops / 2, attention_bwd_flops=1e12)
         for n in g.graph.nodes:
             if "scaled_dot" in str(n.target):
