@@ -444,7 +444,8 @@ def _gemm_scatter_kernel(
 ):  # fmt: skip
     """Tiles over the (source, expert) segments; each result row goes to its source rank's comb[slot]. DESC:
     a and the weights are read through tensor descriptors (a tile's rows past its segment read the next
-    segment's finite rows, or zeros past the buffer, which only reach rows the scatter masks off)."""
+    segment's rows, or the room past the received rows, which may hold anything, or zeros past the buffer:
+    an output row depends on its own input row only, and those rows are masked off in the scatter)."""
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BN)
     total = tl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment (NSEG - 1): no rows there
@@ -564,7 +565,7 @@ class Plan:
     slot_J: torch.Tensor  # slot id t*K+k of sorted slot j
     # receiver side (rows this rank computes)
     rowmap: torch.Tensor  # [ep*T*K*2]: copy of the rowmap of this call
-    offs: torch.Tensor  # [NSEG]: segment end rows (last: S, the zero tail)
+    offs: torch.Tensor  # [NSEG]: segment end rows (last: S, the tail of the worst case's room, never computed)
     cum: torch.Tensor  # [NSEG]: cumulative m-tiles per segment (for the tile size BM)
     mt_seg: torch.Tensor  # [ceil(S / BM) + NSEG]: the segment of every m-tile (as `triton_backend.tile_plan`)
     seg_src: torch.Tensor  # [NSEG]
@@ -753,8 +754,9 @@ def _receiver_plan_kernel(
 ):  # fmt: skip
     """The receiver side of the plan from the counts the sources announced (counts[s, e]: rows of source s
     for local expert e). Segments (s', e) in that order, s = (me + s') mod EP, so local rows come first, then
-    the zero tail up to S; each program recomputes them (EP x E_l counts) and writes the segment of its
-    BLOCK m-tiles; program 0 the row count and the segment tables; all programs together a copy of the rowmap."""
+    the tail up to S (the room no rows took); each program recomputes them (EP x E_l counts) and writes the
+    segment of its BLOCK m-tiles; program 0 the row count and the segment tables; all programs together a copy
+    of the rowmap."""
     pid = tl.program_id(0)
     sp = tl.arange(0, EP2)
     es = tl.arange(0, BE)

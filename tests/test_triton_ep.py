@@ -207,7 +207,7 @@ def test_source_plan_kernels_match_its_definition(ep: int, me: int, E_l: int, T:
 
 def _receiver_plan_reference(ep: int, me: int, E_l: int, S: int, bm: int, counts_PE: torch.Tensor):
     """The receiver side of the plan by its definition, in torch ops: segments (s', e), s = (me + s') % ep,
-    then the zero tail up to S; the segment of every m-tile by a search of the cumulative tiles."""
+    then the tail up to S; the segment of every m-tile by a search of the cumulative tiles."""
     rot = (me + torch.arange(ep)) % ep
     cnt = counts_PE[rot].reshape(-1)
     ends = torch.cumsum(cnt, 0)
