@@ -137,13 +137,14 @@ def fused_ep_enabled() -> bool:
     return value == "1"
 
 
-def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m: _Match) -> None:
+def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m: _Match) -> bool:
+    """-> whether the activation between the ops is a GLU that now stops at the received rows (ep_glu)."""
     ep, group = ctx.mesh.ep, (ctx.mesh.ep_group if ctx.mesh.ep > 1 else "")
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(m.gm1):
         h, _, plan = ops.ep_dispatch_gemm(em.proxy(m.x), em.proxy(m.idx), em.proxy(m.gm1.args[1]), ep, group)
     m.gm1.replace_all_uses_with(h.node)
-    act = m.gm2.args[0]
+    act, glu_rows = m.gm2.args[0], False
     if (  # a GLU between the ops computes only the rows this rank received, not the worst case's room
         isinstance(act, fx.Node)
         and act.target is torch.ops.moecc.glu.default
@@ -154,6 +155,7 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
             a = ops.ep_glu(h, plan, act.args[1])
         act.replace_all_uses_with(a.node)
         gm.graph.erase_node(act)
+        glu_rows = True
     with gm.graph.inserting_before(m.out):
         out, _ = ops.ep_gemm_combine(em.proxy(m.gm2.args[0]), em.proxy(m.gm2.args[1]), em.proxy(m.w), plan, ep, group)
     m.out.replace_all_uses_with(out.node)
@@ -163,6 +165,7 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
     for n in reversed(list(gm.graph.nodes)):
         if ir.facts(n).get("region") == region.path and not n.users and n.op == "call_function" and n not in em.created:
             gm.graph.erase_node(n)
+    return glu_rows
 
 
 def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -182,9 +185,12 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             ctx.counters["fuse.refused"] += 1
             ctx.note(f"not fused {r.path}: {reason}")
             continue
-        fuse_region(gm, ctx, r, m)
+        glu_rows = fuse_region(gm, ctx, r, m)
         ctx.counters["fuse.fused"] += 1
-        ctx.note(f"fused {r.path}: dispatch + expert GEMM 1, expert GEMM 2 + combine (ep={ctx.mesh.ep})")
+        ctx.note(
+            f"fused {r.path}: dispatch + expert GEMM 1, expert GEMM 2 + combine (ep={ctx.mesh.ep})"
+            + ("; the GLU between them over the rows received only" if glu_rows else "")
+        )
     gm.graph.lint()
     gm.recompile()
     return gm
