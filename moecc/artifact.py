@@ -33,7 +33,9 @@ from moecc import dist as mdist
 from moecc.options import CompileOptions, MoeccError
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+# 2: the fused expert-parallel plan starts with the count of rows a rank computes (programs of format 1 pass plans
+# one element shorter); the dW ops take the scale sync_grads folds into them
+FORMAT = 2
 _GROUP_ROLES = ("ep_group", "dp_group", "world_group")
 
 
