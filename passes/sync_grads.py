@@ -52,6 +52,7 @@ def sync_grads(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     # the 1/W goes into the kernels that produce the expert weight gradients where they can (before the sum
     # over the replicas where dp > 1, as DDP's predivision: the same sum); the others get a multiplication
     expert_grads = {g for g, kind in zip(grads, kinds, strict=True) if isinstance(g, fx.Node) and kind == "expert"}
+    expert_grads -= {g for g, kind in zip(grads, kinds, strict=True) if kind != "expert"}  # also returned as another
     folded = fold_scales(gm, out, expert_grads, 1.0 / W)
     for i, (g, kind) in enumerate(zip(grads, kinds, strict=True)):
         if not isinstance(g, fx.Node) or kind not in synced:
