@@ -82,10 +82,9 @@ def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tens
         dw_EKN = torch._grouped_mm(xt_KS, dy_SN, offs=offs_E)
         # experts with no rows are left unwritten by the native kernel
         counts_E = torch.diff(offs_E, prepend=offs_E.new_zeros(1))
-        live = (counts_E > 0)[:, None, None]
-        if scale != 1.0:  # in the pass that masks the empty experts anyway
-            return torch.where(live, dw_EKN * scale, dw_EKN.new_zeros(()))
-        return torch.where(live, dw_EKN, dw_EKN.new_zeros(()))
+        if scale != 1.0:
+            dw_EKN = dw_EKN * scale
+        return torch.where((counts_E > 0)[:, None, None], dw_EKN, dw_EKN.new_zeros(()))
     COUNTERS["grouped_mm_wgrad.loop"] += 1
     dw_EKN = x_SK.new_zeros(E, K, N)
     for e, (lo, hi) in enumerate(_segments(offs_E)):
