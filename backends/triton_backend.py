@@ -273,6 +273,10 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm_wgrad": (256, 128, 64, 8, 3, 1),  # descriptor loads (TMA)
     "grouped_mm_wgrad_long": (128, 256, 64, 8, 3, 1),  # descriptor loads, experts of WGRAD_LONG_ROWS rows or more
     "grouped_mm_wgrad_pointer": (128, 128, 64, 8, 3, 1),
+    # the fused expert-parallel GEMMs (backends/triton_ep.py): the gathering one and the scattering one; they
+    # share BM (the plan's m-tiles)
+    "ep_dispatch_gemm": (128, 256, 64, 8, 3, 8),
+    "ep_gemm_scatter": (128, 256, 64, 8, 3, 8),
 }
 
 

@@ -818,16 +818,27 @@ def _programs(device: torch.device) -> tuple[int, int]:
     return 4, 2
 
 
-def _gemm_config(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    return triton_backend._config("grouped_mm", device, dtype)[:5]
+def _gemm_config(device: torch.device, dtype: torch.dtype, kernel: str = "ep_dispatch_gemm") -> tuple[int, ...]:
+    """(BM, BN, BK, warps, stages, m-tiles per L2 group) of a fused GEMM kernel: `ep_dispatch_gemm` (the
+    gathering GEMM, forward GEMM 1 and the gated dX of GEMM 2) or `ep_gemm_scatter` (forward GEMM 2 and the
+    dX of GEMM 1). The plan's m-tiles are BM rows high for both, so both must use the same BM."""
+    cfg = triton_backend._config(kernel, device, dtype)
+    if kernel != "ep_dispatch_gemm":
+        bm = triton_backend._config("ep_dispatch_gemm", device, dtype)[0]
+        if cfg[0] != bm:
+            raise ValueError(
+                f"moecc: triton_backend.CONFIGS[{kernel!r}] has BM {cfg[0]} and CONFIGS['ep_dispatch_gemm'] BM "
+                f"{bm}; the fused plan's m-tiles serve both kernels: give them the same BM"
+            )
+    return cfg
 
 
-def _group_m(w_EKN: torch.Tensor) -> int:
-    """m-tiles per L2 group in the fused GEMMs: the plain kernel's grouping where one expert's weight matrix
-    does not fit in half the L2 cache, else 1. Without it, a wave of programs sweeps all n-tiles of one
+def _group_m(w_EKN: torch.Tensor, kernel: str) -> int:
+    """m-tiles per L2 group in the fused GEMMs: the kernel's configured grouping where one expert's weight
+    matrix does not fit in half the L2 cache, else 1. Without it, a wave of programs sweeps all n-tiles of one
     m-tile and so reads the whole matrix from DRAM once per m-tile: 16 times per expert, 30 GB per call, for
     the Mixtral-like GEMM 1 (4096 x 28672, 2048 rows an expert at one rank)."""
-    group_m = triton_backend._config("grouped_mm", w_EKN.device, w_EKN.dtype)[5]
+    group_m = _gemm_config(w_EKN.device, w_EKN.dtype, kernel)[5]
     big = triton_backend.past_half_l2(w_EKN.shape[1] * w_EKN.shape[2] * w_EKN.element_size(), w_EKN.device)
     return group_m if big else 1
 
@@ -850,7 +861,7 @@ def _dispatch_gemm(
     rows this rank receives: y[r] = gate[r] * recv[row of r] @ w[e(r)]. Returns (y_SN, saved A rows or None)."""
     ep, me, T, K, H = buf.ep, buf.me, buf.T, buf.K, buf.H
     S, N, TK = ep * T * K, w_EKN.shape[2], T * K
-    BM, BN, BK, warps, stages = _gemm_config(buf.device, src_TH.dtype)
+    BM, BN, BK, warps, stages, _ = _gemm_config(buf.device, src_TH.dtype, "ep_dispatch_gemm")
     assert BM == plan.bm, (BM, plan.bm)
     NP, NSEND = _programs(buf.device)
     y_SN = torch.empty(S, N, device=buf.device, dtype=src_TH.dtype)
@@ -875,7 +886,7 @@ def _dispatch_gemm(
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_TK is not None,
-            BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN), ROLE=role, SAVE_A=save_a,
+            BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN, "ep_dispatch_gemm"), ROLE=role, SAVE_A=save_a,
             WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
             UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), DESC_W=wd is not None,
             W_KMAJOR=bool(wd and wd[1]), num_warps=warps, num_stages=stages,
@@ -901,7 +912,8 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     [T, K, N] once every rank has delivered (not a copy: valid until the next call reuses the buffer)."""
     ep, me, T, K = buf.ep, buf.me, buf.T, buf.K
     N = w_EKN.shape[2]
-    BM, BN, BK, warps, stages = _gemm_config(buf.device, a_SK.dtype)
+    BM, BN, BK, warps, stages, _ = _gemm_config(buf.device, a_SK.dtype, "ep_gemm_scatter")
+    assert BM == plan.bm, (BM, plan.bm)
     NP, _ = _programs(buf.device)
     nseg = plan.offs.shape[0]
     descs = triton_backend._grouped_mm_descriptors(a_SK, w_EKN, BM, BN, BK)
@@ -912,7 +924,8 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
         plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0,
         me, T * K, a_SK.shape[1], N, nseg, slot,
         a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
-        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN), WIDE=_wide(a_SK, buf.local["comb"]),
+        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN, "ep_gemm_scatter"),
+        WIDE=_wide(a_SK, buf.local["comb"]),
         PRECISION=triton_backend._precision(a_SK.dtype), UPCAST=triton_backend._upcast(buf.device, a_SK.dtype),
         DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -16,7 +16,13 @@ of 3 * --iters calls, each after a synchronize, so that the device is idle and n
 queue): what the op costs the host, launches, torch ops and Python, whatever the device does. Writes
 `fused_ops_<date><tag>.json` to --out.
 
+Tile sweeps: each `--config` is one variant, a `+`-separated list of `kernel=BM,BN,BK,warps,stages,group_m`
+overrides of `triton_backend.CONFIGS` (an empty string: the defaults); every case runs under every variant, in
+one process, one variant after the other, and each record names its variant.
+
     python benchmarks/bench_fused_ops.py --out benchmarks/results
+    python benchmarks/bench_fused_ops.py --shapes qwen3 --cases fused_fwd1 fused_bwd2 \
+        --config "" --config "ep_dispatch_gemm=128,128,64,8,4,8+ep_gemm_scatter=128,128,64,8,4,8"
 """
 
 from __future__ import annotations
@@ -55,7 +61,25 @@ def kernel_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> dict[str, f
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
+def parse_config(text: str) -> dict[str, tuple[int, ...]]:
+    """`kernel=BM,BN,BK,warps,stages,group_m[+kernel=...]` -> overrides of triton_backend.CONFIGS."""
+    out: dict[str, tuple[int, ...]] = {}
+    for part in filter(None, text.split("+")):
+        kernel, _, values = part.partition("=")
+        if kernel not in triton_backend.CONFIGS:
+            raise SystemExit(f"--config: unknown kernel {kernel!r}; known: {sorted(triton_backend.CONFIGS)}")
+        cfg = tuple(int(v) for v in values.split(","))
+        if len(cfg) != len(triton_backend.CONFIGS[kernel]):
+            raise SystemExit(f"--config {part!r}: {len(triton_backend.CONFIGS[kernel])} integers expected")
+        if kernel.startswith("ep_") and cfg[0] != triton_backend.CONFIGS[kernel][0]:
+            raise SystemExit(f"--config {part!r}: keep BM {triton_backend.CONFIGS[kernel][0]}: the fused plan is "
+                             f"made once per shape, with the default BM")  # fmt: skip
+        out[kernel] = cfg
+    return out
+
+
+def bench_shape(name: str, s: bench.Shape, iters: int, cases_wanted: list[str] | None = None,
+                configs: list[str] = ("",)) -> list[dict[str, Any]]:  # fmt: skip
     T, H, Fd, E, K = s.tokens, s.hidden, s.ffn, s.experts, s.top_k
     dev, bf = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -104,17 +128,29 @@ def bench_shape(name: str, s: bench.Shape, iters: int) -> list[dict[str, Any]]:
     }
     records = []
     print(f"== {name}: H {H}, F {Fd}, E {E}, top-{K}, T {T}", flush=True)
-    for case, (fn, flops) in cases.items():
-        kernels = kernel_ms(fn, iters)
-        total = sum(kernels.values())
-        host = host_issue_us(fn, 3 * iters)  # after kernel_ms's warm-up and calls
-        records.append({"shape": name, "case": case, "total_ms": total, "gemm_flops": flops,
-                        "tflops": flops / total / 1e9, "host_us": host, "kernels_ms": kernels})  # fmt: skip
-        top = ", ".join(f"{k[:28]} {v:.3f}" for k, v in list(kernels.items())[:3])
-        print(
-            f"  {case:13s} {total:7.3f} ms  {flops / total / 1e9:6.0f} TFLOP/s  host {host:6.0f} us | {top}",
-            flush=True,
-        )
+    defaults = dict(triton_backend.CONFIGS)
+    for config in configs:
+        triton_backend.CONFIGS.update(parse_config(config))
+        if len(configs) > 1:
+            print(f" -- config {config or 'default'}", flush=True)
+        try:
+            for case, (fn, flops) in cases.items():
+                if cases_wanted and case not in cases_wanted:
+                    continue
+                kernels = kernel_ms(fn, iters)
+                total = sum(kernels.values())
+                host = host_issue_us(fn, 3 * iters)  # after kernel_ms's warm-up and calls
+                records.append({"shape": name, "case": case, "config": config, "total_ms": total,
+                                "gemm_flops": flops, "tflops": flops / total / 1e9, "host_us": host,
+                                "kernels_ms": kernels})  # fmt: skip
+                top = ", ".join(f"{k[:28]} {v:.3f}" for k, v in list(kernels.items())[:3])
+                print(
+                    f"  {case:13s} {total:7.3f} ms  {flops / total / 1e9:6.0f} TFLOP/s  host {host:6.0f} us | {top}",
+                    flush=True,
+                )
+        finally:
+            triton_backend.CONFIGS.clear()
+            triton_backend.CONFIGS.update(defaults)
     return records
 
 
@@ -124,12 +160,17 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=list(bench.SHAPES), choices=list(bench.SHAPES))
     parser.add_argument("--tag", default="", help="suffix of the file name: fused_ops_<date><tag>.json")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--cases", nargs="*", default=None, help="only these cases (default: all)")
+    parser.add_argument("--config", action="append", default=None,
+                        help="a variant of triton_backend.CONFIGS (see above); repeat for a sweep")  # fmt: skip
     args = parser.parse_args()
+    for c in args.config or []:
+        parse_config(c)  # bad input fails before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("bench_fused_ops.py needs a CUDA device")
     records = []
     for name in args.shapes:
-        records += bench_shape(name, bench.SHAPES[name], args.iters)
+        records += bench_shape(name, bench.SHAPES[name], args.iters, args.cases, args.config or [""])
         torch.cuda.empty_cache()
     result = {**bench.run_header(torch.device("cuda"), 1), "records": records}
     print(f"wrote {bench.write_results(args.out, 'fused_ops', args.tag, result)}", flush=True)
