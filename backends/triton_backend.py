@@ -533,3 +533,108 @@ def glu_rows(h_SF2: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor
 def glu_rows_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor:
     COUNTERS["glu_rows_backward"] += 1
     return _glu_launch(h_SF2, da_SF, kind, rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the combine of the unfused path: each token's K rows gathered from y (where the permutation put them) and
+# summed with their gates in float32, in one pass; rows past offs[-1] (dropped, or the room of a receive buffer
+# that no token took) are skipped, not multiplied by zero
+
+
+@triton.jit
+def _combine_rows_kernel(y_ptr, row_ptr, w_ptr, offs_ptr, E, out_ptr, H, K: tl.constexpr, BH: tl.constexpr):
+    """out[t] = sum over k with row[t, k] < offs[E - 1] of w[t, k] * y[row[t, k]] (float32), in out's dtype."""
+    t = tl.program_id(0).to(tl.int64)
+    hs = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = hs < H
+    end = tl.load(offs_ptr + E - 1).to(tl.int64)
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for k in range(K):
+        r = tl.load(row_ptr + t * K + k).to(tl.int64)
+        if r < end:
+            y = tl.load(y_ptr + r * H + hs, mask=m, other=0.0).to(tl.float32)
+            acc += y * tl.load(w_ptr + t * K + k).to(tl.float32)
+    tl.store(out_ptr + t * H + hs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _combine_rows_backward_kernel(
+    gout_ptr, y_ptr, row_ptr, w_ptr, offs_ptr, E, gy_ptr, gw_ptr, H,
+    K: tl.constexpr, BH: tl.constexpr, NEED_Y: tl.constexpr, NEED_W: tl.constexpr,
+):  # fmt: skip
+    """gy[row[t, k]] = w[t, k] * gout[t] (0 for a row past offs[E - 1]); gw[t, k] = <gout[t], y[row[t, k]]>
+    (float32 accumulation; 0 for a row past offs[E - 1])."""
+    t = tl.program_id(0).to(tl.int64)
+    end = tl.load(offs_ptr + E - 1).to(tl.int64)
+    for k in range(K):
+        r = tl.load(row_ptr + t * K + k).to(tl.int64)
+        live = r < end
+        g = tl.where(live, tl.load(w_ptr + t * K + k).to(tl.float32), 0.0)
+        acc = tl.zeros((BH,), dtype=tl.float32)
+        for h0 in range(0, H, BH):
+            hs = h0 + tl.arange(0, BH)
+            m = hs < H
+            go = tl.load(gout_ptr + t * H + hs, mask=m, other=0.0).to(tl.float32)
+            if NEED_Y:
+                tl.store(gy_ptr + r * H + hs, (g * go).to(gy_ptr.dtype.element_ty), mask=m)
+            if NEED_W:
+                if live:
+                    acc += go * tl.load(y_ptr + r * H + hs, mask=m, other=0.0).to(tl.float32)
+        if NEED_W:
+            tl.store(gw_ptr + t * K + k, tl.sum(acc, 0).to(gw_ptr.dtype.element_ty))
+
+
+def _check_slots(y_SH: torch.Tensor, w_TK: torch.Tensor) -> None:
+    if y_SH.shape[0] != w_TK.numel():
+        raise ValueError(
+            f"moecc.triton_unpermute_combine: y has {y_SH.shape[0]} rows for {w_TK.shape[0]} tokens of "
+            f"{w_TK.shape[1]} slots; the combine takes one row per slot (route_permute's rows)"
+        )
+
+
+def _combine_rows(src_S: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """The row of y that holds each (token, slot): the inverse of the permutation src_S, as [T, K]."""
+    S = src_S.shape[0]
+    return torch.empty_like(src_S).scatter_(0, src_S, torch.arange(S, device=src_S.device)).view(w_TK.shape)
+
+
+def unpermute_combine(
+    y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor
+) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * y[row of (t, k)], accumulated in float32, returned in y's dtype (as the torch
+    backend's), in one pass over the rows the tokens' slots hold."""
+    T, K = w_TK.shape
+    H = y_SH.shape[1]
+    _check_slots(y_SH, w_TK)
+    out = torch.empty(T, H, device=y_SH.device, dtype=y_SH.dtype)
+    if T == 0 or K == 0 or offs_E.shape[0] == 0:
+        return out.zero_()
+    BH = 1024 if y_SH.device.type == "cuda" else 16
+    _combine_rows_kernel[(T, triton.cdiv(H, BH))](
+        y_SH.contiguous(), _combine_rows(src_S, w_TK), w_TK.contiguous(), offs_E, offs_E.shape[0], out, H, K=K, BH=BH
+    )  # fmt: skip
+    COUNTERS["unpermute_combine"] += 1
+    return out
+
+
+def unpermute_combine_backward(
+    gout_TH: torch.Tensor, y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor,
+    need_y: bool, need_w: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """Gradients of `unpermute_combine` for y (every row written: rows of dropped slots get zeros) and for w,
+    where asked for."""
+    T, K = w_TK.shape
+    S, H = y_SH.shape
+    _check_slots(y_SH, w_TK)
+    gy = torch.empty(S, H, device=y_SH.device, dtype=y_SH.dtype) if need_y else None
+    gw = torch.empty(T, K, device=w_TK.device, dtype=w_TK.dtype) if need_w else None
+    if T == 0 or K == 0 or offs_E.shape[0] == 0 or not (need_y or need_w):
+        return (gy.zero_() if gy is not None else None), (gw.zero_() if gw is not None else None)
+    BH = 1024 if y_SH.device.type == "cuda" else 16
+    _combine_rows_backward_kernel[(T,)](
+        gout_TH.contiguous(), y_SH.contiguous(), _combine_rows(src_S, w_TK), w_TK.contiguous(), offs_E,
+        offs_E.shape[0], gy if gy is not None else y_SH, gw if gw is not None else w_TK, H,
+        K=K, BH=BH, NEED_Y=need_y, NEED_W=need_w,
+    )  # fmt: skip
+    COUNTERS["unpermute_combine_backward"] += 1
+    return gy, gw

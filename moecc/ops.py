@@ -190,12 +190,74 @@ def _combine_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     ctx.save_for_backward(y_SH, src_S, offs_E, w_TK)
 
 
+# the combine's backward as one op (its gradients for y and for w; an unneeded one is returned empty, [0, H] or
+# [0, K]), so that lower can hand it to a backend's kernel
+@torch.library.custom_op("moecc::unpermute_combine_backward", mutates_args=())
+def unpermute_combine_backward(
+    gout_TH: torch.Tensor,
+    y_SH: torch.Tensor,
+    src_S: torch.Tensor,
+    offs_E: torch.Tensor,
+    w_TK: torch.Tensor,
+    need_y: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gy, gw = torch_backend.unpermute_combine_backward(gout_TH, y_SH, src_S, offs_E, w_TK, need_y, need_w)
+    return _filled(gy, y_SH, need_y), _filled(gw, w_TK, need_w)
+
+
+def _filled(g: torch.Tensor | None, like: torch.Tensor, needed: bool) -> torch.Tensor:
+    return g if g is not None and needed else like.new_empty(0, like.shape[1])
+
+
+def _combine_backward_fake(gout_TH, y_SH, src_S, offs_E, w_TK, need_y: bool, need_w: bool):
+    return (
+        y_SH.new_empty(y_SH.shape[0] if need_y else 0, y_SH.shape[1]),
+        w_TK.new_empty(w_TK.shape[0] if need_w else 0, w_TK.shape[1]),
+    )
+
+
+unpermute_combine_backward.register_fake(_combine_backward_fake)
+
+
+@torch.library.custom_op("moecc::triton_unpermute_combine", mutates_args=())
+def triton_unpermute_combine(
+    y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor
+) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.unpermute_combine(y_SH, src_S, offs_E, w_TK)
+
+
+@triton_unpermute_combine.register_fake
+def _(y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor):
+    return y_SH.new_empty(w_TK.shape[0], y_SH.shape[1])
+
+
+@torch.library.custom_op("moecc::triton_unpermute_combine_backward", mutates_args=())
+def triton_unpermute_combine_backward(
+    gout_TH: torch.Tensor,
+    y_SH: torch.Tensor,
+    src_S: torch.Tensor,
+    offs_E: torch.Tensor,
+    w_TK: torch.Tensor,
+    need_y: bool,
+    need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from moecc.backends import triton_backend
+
+    gy, gw = triton_backend.unpermute_combine_backward(gout_TH, y_SH, src_S, offs_E, w_TK, need_y, need_w)
+    return _filled(gy, y_SH, need_y), _filled(gw, w_TK, need_w)
+
+
+triton_unpermute_combine_backward.register_fake(_combine_backward_fake)
+
+
 def _combine_backward(ctx: Any, gout_TH: torch.Tensor):
     y_SH, src_S, offs_E, w_TK = ctx.saved_tensors
-    gy_SH, gw_TK = torch_backend.unpermute_combine_backward(
-        gout_TH, y_SH, src_S, offs_E, w_TK, ctx.needs_input_grad[0], ctx.needs_input_grad[3]
-    )
-    return gy_SH, None, None, gw_TK
+    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    gy_SH, gw_TK = torch.ops.moecc.unpermute_combine_backward(gout_TH, y_SH, src_S, offs_E, w_TK, need_y, need_w)
+    return (gy_SH if need_y else None), None, None, (gw_TK if need_w else None)
 
 
 unpermute_combine.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -534,6 +596,9 @@ MOE_OPS = {
     torch.ops.moecc.grouped_mm.default,
     torch.ops.moecc.grouped_mm_wgrad.default,
     torch.ops.moecc.unpermute_combine.default,
+    torch.ops.moecc.unpermute_combine_backward.default,
+    torch.ops.moecc.triton_unpermute_combine.default,
+    torch.ops.moecc.triton_unpermute_combine_backward.default,
     torch.ops.moecc.ep_plan.default,
     torch.ops.moecc.all_to_all_rows.default,
     torch.ops.moecc.all_to_all_rows_start.default,

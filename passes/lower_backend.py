@@ -28,6 +28,8 @@ TRITON_KERNELS = {
     torch.ops.moecc.grouped_mm_wgrad.default: torch.ops.moecc.triton_grouped_mm_wgrad.default,
     torch.ops.moecc.glu.default: torch.ops.moecc.triton_glu.default,
     torch.ops.moecc.glu_backward.default: torch.ops.moecc.triton_glu_backward.default,
+    torch.ops.moecc.unpermute_combine.default: torch.ops.moecc.triton_unpermute_combine.default,
+    torch.ops.moecc.unpermute_combine_backward.default: torch.ops.moecc.triton_unpermute_combine_backward.default,
 }
 
 

@@ -126,8 +126,10 @@ def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
         assert ran(triton_backend.COUNTERS, "glu_rows", before) == regions
         assert ran(triton_backend.COUNTERS, "glu_rows_backward", before) == regions
         assert ran(triton_backend.COUNTERS, "glu", before) == 0
-    else:  # 2 GEMMs per region forward, 2 dX backward
+    else:  # 2 GEMMs per region forward, 2 dX backward; the combine and its backward in one pass each
         assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 4 * regions
+        assert ran(triton_backend.COUNTERS, "unpermute_combine", before) == regions
+        assert ran(triton_backend.COUNTERS, "unpermute_combine_backward", before) == regions
         assert ran(triton_ep.COUNTERS, "dispatch_gemm.forward", before_ep) == 0
     assert counters["lower.triton"] > 0
 
@@ -236,3 +238,37 @@ def test_glu_of_an_unknown_activation_or_odd_width_is_an_error() -> None:
         ops.glu(torch.randn(4, 5), "silu")
     with pytest.raises(Exception, match="odd last dimension 5"):  # traced: the fake says so too
         torch.compile(lambda x: ops.glu(x, "silu"), backend="eager", fullgraph=True)(torch.randn(4, 5))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16-rows-fp32-gates"])  # fmt: skip
+def test_combine_kernels_match_the_torch_backend(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+    """The unfused path's combine in one pass (triton_unpermute_combine and its backward) against the torch
+    backend, with rows past offs[-1] (dropped slots, NaN there) that must reach nothing, and both gradients."""
+    ydt, wdt = dtypes
+    gen = torch.Generator().manual_seed(5)
+    T, K, H = 9, 3, 40
+    S = T * K
+    src = torch.randperm(S, generator=gen).to(_device())
+    offs = torch.tensor([5, 5, 14, 21], dtype=torch.int32, device=_device())  # 6 rows past the end: dropped
+    y = torch.randn(S, H, generator=gen).to(_device(), ydt)
+    y[21:] = float("nan")
+    w = torch.rand(T, K, generator=gen).to(_device(), wdt)
+    gout = torch.randn(T, H, generator=gen).to(_device(), ydt)
+    before = dict(triton_backend.COUNTERS)
+    got = triton_backend.unpermute_combine(y, src, offs, w)
+    gy, gw = triton_backend.unpermute_combine_backward(gout, y, src, offs, w, True, True)
+    want = torch_backend.unpermute_combine(y.nan_to_num(0.0), src, offs, w)
+    want_gy, want_gw = torch_backend.unpermute_combine_backward(gout, y.nan_to_num(0.0), src, offs, w, True, True)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if ydt == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(gy, want_gy, **tol)
+    torch.testing.assert_close(gw, want_gw, **tol)
+    assert not got.isnan().any() and not gy.isnan().any() and not gw.isnan().any()
+    assert triton_backend.COUNTERS["unpermute_combine"] - before.get("unpermute_combine", 0) == 1
+    # only what is asked for
+    gy2, gw2 = triton_backend.unpermute_combine_backward(gout, y, src, offs, w, False, True)
+    assert gy2 is None and torch.equal(gw2, gw)
+    torch.library.opcheck(
+        ops.triton_unpermute_combine, (y, src, offs, w), test_utils=("test_schema", "test_faketensor")
+    )
