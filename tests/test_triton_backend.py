@@ -269,6 +269,7 @@ def test_combine_kernels_match_the_torch_backend(dtypes: tuple[torch.dtype, torc
     # only what is asked for
     gy2, gw2 = triton_backend.unpermute_combine_backward(gout, y, src, offs, w, False, True)
     assert gy2 is None and torch.equal(gw2, gw)
-    torch.library.opcheck(
-        ops.triton_unpermute_combine, (y, src, offs, w), test_utils=("test_schema", "test_faketensor")
-    )
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.triton_unpermute_combine, (y, src, offs, w), test_utils=checks)
+    backward_args = (gout, y, src, offs, w, False, True)
+    torch.library.opcheck(ops.triton_unpermute_combine_backward, backward_args, test_utils=checks)
