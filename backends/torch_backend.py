@@ -128,6 +128,12 @@ def route_permute(
     return x_SH, src_S, eid_S, offs_E
 
 
+def route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int) -> torch.Tensor:
+    """The gradient of route_permute for x: every row's gradient added to its token's."""
+    K = gx_SH.shape[0] // T if T else 1
+    return gx_SH.new_zeros(T, gx_SH.shape[1]).index_add(0, src_S // K, gx_SH)
+
+
 def unpermute_combine(
     y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor
 ) -> torch.Tensor:

@@ -274,8 +274,9 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm_wgrad_long": (128, 256, 64, 8, 3, 1),  # descriptor loads, experts of WGRAD_LONG_ROWS rows or more
     "grouped_mm_wgrad_pointer": (128, 128, 64, 8, 3, 1),
     # the fused expert-parallel GEMMs (backends/triton_ep.py): the gathering one and the scattering one; they
-    # share BM (the plan's m-tiles)
-    "ep_dispatch_gemm": (128, 256, 64, 8, 3, 8),
+    # share BM (the plan's m-tiles). A fourth stage helps the gathering one (its A rows come through pointers):
+    # 2-5 % on the Qwen3- and DeepSeek-like forward, not the scattering one (fused_ops_2026-11-29_sweep.json)
+    "ep_dispatch_gemm": (128, 256, 64, 8, 4, 8),
     "ep_gemm_scatter": (128, 256, 64, 8, 3, 8),
 }
 
@@ -542,18 +543,26 @@ def glu_rows_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, rows: torch.Tens
 
 
 @triton.jit
-def _combine_rows_kernel(y_ptr, row_ptr, w_ptr, offs_ptr, E, out_ptr, H, K: tl.constexpr, BH: tl.constexpr):
-    """out[t] = sum over k with row[t, k] < offs[E - 1] of w[t, k] * y[row[t, k]] (float32), in out's dtype."""
+def _combine_rows_kernel(
+    y_ptr, row_ptr, w_ptr, offs_ptr, E, out_ptr, H, K: tl.constexpr, BH: tl.constexpr, HAS_W: tl.constexpr,
+    LIMIT: tl.constexpr,
+):  # fmt: skip
+    """out[t] = sum over k of w[t, k] * y[row[t, k]] (w = 1 without HAS_W), in float32, stored in out's dtype;
+    with LIMIT only the rows below offs[E - 1] (the others are dropped slots or room no token took)."""
     t = tl.program_id(0).to(tl.int64)
     hs = tl.program_id(1) * BH + tl.arange(0, BH)
     m = hs < H
-    end = tl.load(offs_ptr + E - 1).to(tl.int64)
     acc = tl.zeros((BH,), dtype=tl.float32)
     for k in range(K):
         r = tl.load(row_ptr + t * K + k).to(tl.int64)
-        if r < end:
+        live = True
+        if LIMIT:
+            live = r < tl.load(offs_ptr + E - 1).to(tl.int64)
+        if live:
             y = tl.load(y_ptr + r * H + hs, mask=m, other=0.0).to(tl.float32)
-            acc += y * tl.load(w_ptr + t * K + k).to(tl.float32)
+            if HAS_W:
+                y *= tl.load(w_ptr + t * K + k).to(tl.float32)
+            acc += y
     tl.store(out_ptr + t * H + hs, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -611,7 +620,8 @@ def unpermute_combine(
         return out.zero_()
     BH = 1024 if y_SH.device.type == "cuda" else 16
     _combine_rows_kernel[(T, triton.cdiv(H, BH))](
-        y_SH.contiguous(), _combine_rows(src_S, w_TK), w_TK.contiguous(), offs_E, offs_E.shape[0], out, H, K=K, BH=BH
+        y_SH.contiguous(), _combine_rows(src_S, w_TK), w_TK.contiguous(), offs_E, offs_E.shape[0], out, H, K=K, BH=BH,
+        HAS_W=True, LIMIT=True,
     )  # fmt: skip
     COUNTERS["unpermute_combine"] += 1
     return out
@@ -638,3 +648,24 @@ def unpermute_combine_backward(
     )  # fmt: skip
     COUNTERS["unpermute_combine_backward"] += 1
     return gy, gw
+
+
+def route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int) -> torch.Tensor:
+    """The gradient of route_permute for x: gx[t] = sum over k of gx_SH[row of (t, k)], every row (a dropped
+    slot's too, as the permutation's adjoint), accumulated in float32, in one pass a token (no atomics)."""
+    S, H = gx_SH.shape
+    out = torch.empty(T, H, device=gx_SH.device, dtype=gx_SH.dtype)
+    if T == 0 or S == 0:
+        return out.zero_()
+    if S % T:
+        raise ValueError(
+            f"moecc.triton_route_permute_backward: {S} rows for {T} tokens; route_permute makes K rows a token"
+        )
+    K = S // T
+    BH = 1024 if gx_SH.device.type == "cuda" else 16
+    rows = torch.empty_like(src_S).scatter_(0, src_S, torch.arange(S, device=src_S.device))
+    _combine_rows_kernel[(T, triton.cdiv(H, BH))](
+        gx_SH.contiguous(), rows, rows, rows, 0, out, H, K=K, BH=BH, HAS_W=False, LIMIT=False
+    )  # fmt: skip
+    COUNTERS["route_permute_backward"] += 1
+    return out

@@ -54,8 +54,30 @@ def _route_permute_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _route_permute_backward(ctx: Any, gx_SH, _gsrc, _geid, _goffs):
     (src_S,) = ctx.saved_tensors
-    gx_TH = gx_SH.new_zeros(ctx.T, gx_SH.shape[1]).index_add(0, src_S // ctx.K, gx_SH)
-    return gx_TH, None, None, None
+    return torch.ops.moecc.route_permute_backward(gx_SH, src_S, ctx.T), None, None, None
+
+
+# its backward as one op, so that lower can hand it to a backend's kernel
+@torch.library.custom_op("moecc::route_permute_backward", mutates_args=())
+def route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int) -> torch.Tensor:
+    return torch_backend.route_permute_backward(gx_SH, src_S, T)
+
+
+@route_permute_backward.register_fake
+def _(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int):
+    return gx_SH.new_empty(T, gx_SH.shape[1])
+
+
+@torch.library.custom_op("moecc::triton_route_permute_backward", mutates_args=())
+def triton_route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.route_permute_backward(gx_SH, src_S, T)
+
+
+@triton_route_permute_backward.register_fake
+def _(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int):
+    return gx_SH.new_empty(T, gx_SH.shape[1])
 
 
 route_permute.register_autograd(_route_permute_backward, setup_context=_route_permute_setup)
@@ -597,6 +619,8 @@ MOE_OPS = {
     torch.ops.moecc.grouped_mm_wgrad.default,
     torch.ops.moecc.unpermute_combine.default,
     torch.ops.moecc.unpermute_combine_backward.default,
+    torch.ops.moecc.route_permute_backward.default,
+    torch.ops.moecc.triton_route_permute_backward.default,
     torch.ops.moecc.triton_unpermute_combine.default,
     torch.ops.moecc.triton_unpermute_combine_backward.default,
     torch.ops.moecc.ep_plan.default,

@@ -29,6 +29,7 @@ TRITON_KERNELS = {
     torch.ops.moecc.glu.default: torch.ops.moecc.triton_glu.default,
     torch.ops.moecc.glu_backward.default: torch.ops.moecc.triton_glu_backward.default,
     torch.ops.moecc.unpermute_combine.default: torch.ops.moecc.triton_unpermute_combine.default,
+    torch.ops.moecc.route_permute_backward.default: torch.ops.moecc.triton_route_permute_backward.default,
     torch.ops.moecc.unpermute_combine_backward.default: torch.ops.moecc.triton_unpermute_combine_backward.default,
 }
 

@@ -180,6 +180,7 @@ def _opcheck_cases():
         "grouped_mm": (torch.ops.moecc.grouped_mm.default, (x_SH.requires_grad_(), w1, offs_E)),
         "grouped_mm_wgrad": (torch.ops.moecc.grouped_mm_wgrad.default, (x_SH.detach(), dy, offs_E)),
         "unpermute_combine": (torch.ops.moecc.unpermute_combine.default, (y, src_S, offs_E, w)),
+        "route_permute_backward": (torch.ops.moecc.route_permute_backward.default, (torch.randn(T * K, H), src_S, T)),
         "unpermute_combine_backward": (
             torch.ops.moecc.unpermute_combine_backward.default,
             (torch.randn(T, H), y.detach(), src_S, offs_E, w.detach(), True, True),
@@ -192,7 +193,8 @@ def _opcheck_cases():
 
 
 @pytest.mark.parametrize("name", ["route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine",
-                                  "unpermute_combine_backward", "unpermute_combine_backward_w_only"])  # fmt: skip
+                                  "route_permute_backward", "unpermute_combine_backward",
+                                  "unpermute_combine_backward_w_only"])  # fmt: skip
 def test_opcheck(name):
     op, args = _opcheck_cases()[name]
     result = torch.library.opcheck(op, args)
@@ -204,12 +206,13 @@ def test_every_moe_op_is_opchecked():
     # all_to_all_rows_start, which has no autograd formula, against all_to_all_rows); the triton kernels' ops
     # are opchecked in tests/test_triton_backend.py, the fused ones in tests/test_triton_ep.py
     names = ("route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine", "unpermute_combine_backward",
-             "ep_plan", "all_to_all_rows", "all_to_all_rows_start")  # fmt: skip
+             "route_permute_backward", "ep_plan", "all_to_all_rows", "all_to_all_rows_start")  # fmt: skip
     assert {op.name() for op in ops.MOE_OPS} == {f"moecc::{n}" for n in names} | {
         "moecc::triton_grouped_mm",
         "moecc::triton_grouped_mm_wgrad",
         "moecc::triton_unpermute_combine",
         "moecc::triton_unpermute_combine_backward",
+        "moecc::triton_route_permute_backward",
         "moecc::ep_dispatch_gemm",
         "moecc::ep_dispatch_gemm_backward",
         "moecc::ep_gemm_combine",

@@ -130,6 +130,7 @@ def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
         assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 4 * regions
         assert ran(triton_backend.COUNTERS, "unpermute_combine", before) == regions
         assert ran(triton_backend.COUNTERS, "unpermute_combine_backward", before) == regions
+        assert ran(triton_backend.COUNTERS, "route_permute_backward", before) == regions
         assert ran(triton_ep.COUNTERS, "dispatch_gemm.forward", before_ep) == 0
     assert counters["lower.triton"] > 0
 
@@ -273,3 +274,26 @@ def test_combine_kernels_match_the_torch_backend(dtypes: tuple[torch.dtype, torc
     torch.library.opcheck(ops.triton_unpermute_combine, (y, src, offs, w), test_utils=checks)
     backward_args = (gout, y, src, offs, w, False, True)
     torch.library.opcheck(ops.triton_unpermute_combine_backward, backward_args, test_utils=checks)
+
+
+def test_route_permute_backward_kernel_sums_each_tokens_rows() -> None:
+    """route_permute's gradient for x in one pass a token against the torch backend's scatter-add, with a
+    dropped slot (its row's gradient still reaches its token: the permutation's adjoint) and bf16 rows summed
+    in float32."""
+    gen = torch.Generator().manual_seed(9)
+    T, K, H, E = 7, 3, 40, 4
+    idx = torch.randint(0, E, (T, K), generator=gen)
+    idx[2, 1] = -1  # dropped
+    x = torch.randn(T, H, generator=gen)
+    _x_SH, src, _eid, _offs = torch_backend.route_permute(x, idx, E)
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        gx = torch.randn(T * K, H, generator=gen).to(_device(), dt)
+        before = triton_backend.COUNTERS["route_permute_backward"]
+        got = triton_backend.route_permute_backward(gx, src.to(_device()), T)
+        want = torch_backend.route_permute_backward(gx.float(), src.to(_device()), T).to(dt)
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        assert triton_backend.COUNTERS["route_permute_backward"] == before + 1
+    with pytest.raises(ValueError, match="20 rows for 7 tokens"):
+        triton_backend.route_permute_backward(gx[:20], src[:20].to(_device()), T)
+    torch.library.opcheck(ops.triton_route_permute_backward, (gx, src.to(_device()), T),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
