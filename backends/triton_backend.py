@@ -275,7 +275,9 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "grouped_mm_wgrad_pointer": (128, 128, 64, 8, 3, 1),
     # the fused expert-parallel GEMMs (backends/triton_ep.py): the gathering one and the scattering one; they
     # share BM (the plan's m-tiles). A fourth stage helps the gathering one (its A rows come through pointers):
-    # 2-5 % on the Qwen3- and DeepSeek-like forward, not the scattering one (fused_ops_2026-11-29_sweep.json)
+    # 2-4 % on the Qwen3-like kernels, 2-6 % on the Mixtral-like forward, within the spread on DeepSeek's
+    # (fused_ops_2026-11-29_sweep.json, and an A/B/A in fused_ops_2026-11-29_stages.json); not the scattering
+    # one (1-2 % slower with it)
     "ep_dispatch_gemm": (128, 256, 64, 8, 4, 8),
     "ep_gemm_scatter": (128, 256, 64, 8, 3, 8),
 }
