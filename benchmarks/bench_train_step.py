@@ -247,9 +247,13 @@ def build_eager(run: layer_bench.Run, c: Config, gemm: dict[str, str], upcast: b
     return StepModel(model, params, functools.partial(grad_sync, params, run.world), lambda: dict(gemm))
 
 
-def build_moecc(run: layer_bench.Run, c: Config, backend: str, disable: tuple[str, ...]) -> StepModel:
+def build_moecc(
+    run: layer_bench.Run, c: Config, backend: str, disable: tuple[str, ...], chunks: int | None = None
+) -> StepModel:
     model = build_model(c, run.device, run.dtype)
-    cm = moecc.compile(model, ep=run.world, backend=backend, disable_passes=disable, dump_dir=run.dump_dir)
+    cm = moecc.compile(
+        model, ep=run.world, backend=backend, disable_passes=disable, dump_dir=run.dump_dir, chunks=chunks
+    )
     del model  # sharded in place: this rank's experts live on in `cm`
 
     def describe() -> dict[str, Any]:
@@ -258,6 +262,7 @@ def build_moecc(run: layer_bench.Run, c: Config, backend: str, disable: tuple[st
             "moecc_graphs": len(s.contexts),
             "moecc_regions": [f"{r.path}: {r.kind}, {r.status}, {r.expert_fn}" for r in cm.regions],
             "moecc_counters": s.counters(),
+            "moecc_chunks": {p: n for ctx in s.contexts for p, n in ctx.plan.get("chunks", {}).items()},
             "moecc_hooked_params": list(s.hooked),
         }
 
@@ -617,6 +622,9 @@ def main() -> None:
                         help=f"peak per device for MFU (default: {H200_BF16_PEAK_TFLOPS:g} in bf16 on GPU, else "
                         "the matmul rate measured here)")  # fmt: skip
     parser.add_argument("--dump-dir", default=None, help="moecc pass-level dumps")
+    parser.add_argument("--chunks", type=int, default=None,
+                        help="token chunks per sharded, unfused MoE layer for the moecc variant (default: the "
+                             "cost model's choice)")  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=600.0, help="process-group timeout")
     args = parser.parse_args()
     rank, world, device = layer_bench.init_distributed(args.device, args.timeout_s)
@@ -661,7 +669,7 @@ def main() -> None:
             build: Callable[[], StepModel] = functools.partial(build_eager, run, c, gemm)
         else:
             disable = ("schedule",) if name == "moecc_noschedule" else ()
-            build = functools.partial(build_moecc, run, c, args.backend, disable)
+            build = functools.partial(build_moecc, run, c, args.backend, disable, args.chunks)
         rec, result, call = bench_variant(run, c, model_name, name, build, flops["model_flops"], peak, eager, truth)
         records.append(rec)
         if name == "eager":
@@ -681,7 +689,7 @@ def main() -> None:
             "config": {"model": model_name, **dataclasses.asdict(c), "tokens_per_rank": c.tokens,
                        "dtype": str(dtype).removeprefix("torch."), "backend": args.backend, "iters": iters,
                        "warmup": warmup, "tiny": args.tiny, "variants": variants, **flops,
-                       "MOECC_FUSED_EP": os.environ.get("MOECC_FUSED_EP")},
+                       "MOECC_FUSED_EP": os.environ.get("MOECC_FUSED_EP"), "chunks": args.chunks},
             "float32_reference": reference if dtype != torch.float32 else None,
             "records": records,
         }  # fmt: skip
