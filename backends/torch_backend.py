@@ -73,8 +73,16 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     return y_SN
 
 
-def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """dw[e] = scale * x[rows of e]^T @ dy[rows of e]; an expert with no rows gets a zero gradient."""
+def grouped_mm_wgrad(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dw[e] = scale * x[rows of e]^T @ dy[rows of e] (+ acc[e], added in dw's memory); an expert with no rows
+    gets a zero gradient (acc[e])."""
+    dw = _wgrad(x_SK, dy_SN, offs_E, scale)
+    return dw if acc is None else dw.add_(acc)
+
+
+def _wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float) -> torch.Tensor:
     E, K, N = offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1]
     xt_KS = x_SK.t()
     if x_SK.shape[0] > 0 and can_use_native_grouped_mm(xt_KS, dy_SN):

@@ -391,8 +391,11 @@ def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1
     return N > K and past_half_l2(_wgrad_rows(x_SK, E, nsrc) * N * dy_SN.element_size(), x_SK.device)
 
 
-def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    return grouped_mm_wgrad_segments(x_SK, dy_SN, offs_E, 1, offs_E.shape[0], scale)
+def grouped_mm_wgrad(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
+) -> torch.Tensor:
+    dw = grouped_mm_wgrad_segments(x_SK, dy_SN, offs_E, 1, offs_E.shape[0], scale)
+    return dw if acc is None else dw.add_(acc)
 
 
 def grouped_mm_wgrad_segments(

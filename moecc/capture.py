@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import operator
 import re
 import time
@@ -23,12 +24,76 @@ import torch.fx as fx
 import torch.nn as nn
 from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
+from torch._functorch.partitioners import default_partition
+from torch.utils.checkpoint import CheckpointPolicy
 
 from moecc import cost, dump, ir, ops
 from moecc.backends import torch_backend
 from moecc.options import CompileOptions, MoeccError
 from moecc.pass_manager import CompileContext, Mesh, run_stage
 from moecc.passes.lift_moe import call_activation
+
+# ---------------------------------------------------------------------------------------------------------
+# the forward / backward split: stacked expert weights are recomputed, not saved
+
+# ops that copy or view their inputs, which a stack of expert weights goes through before the GEMMs
+_WEIGHT_COPIES = {
+    torch.ops.aten.stack.default,
+    torch.ops.aten.cat.default,
+    torch.ops.aten.clone.default,
+    torch.ops.aten._to_copy.default,  # autocast's cast of the stacked weights
+}
+
+
+def weight_stacks(joint: fx.GraphModule, param_inputs: set[int]) -> list[fx.Node]:
+    """The nodes of the joint graph that build an MoE region's stacked expert weights (a `stack` of a
+    ModuleList's per-expert weights, a `cat` of gate and up, and views of them) from parameter inputs alone.
+    Saved for the backward, each is a copy of the region's expert weights kept from the forward to the
+    backward; recomputed there, only the layer being differentiated holds one."""
+    placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
+    params = {n for i, n in enumerate(placeholders) if i in param_inputs}
+    picked: list[fx.Node] = []
+    chosen: set[fx.Node] = set()
+    for n in joint.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        if n.target not in _WEIGHT_COPIES and not cost.is_view(n):
+            continue
+        if n.target in _WEIGHT_COPIES and (n.meta.get("custom") or {}).get("moecc_region") is None:
+            continue  # only the copies moecc made for an MoE region
+        inputs = n.all_input_nodes
+        if inputs and all(a in params or a in chosen for a in inputs):
+            chosen.add(n)
+            picked.append(n)
+    return [n for n in picked if n.target in _WEIGHT_COPIES or any(a in chosen for a in n.all_input_nodes)]
+
+
+def partition(joint: fx.GraphModule, joint_inputs: Any, *, ctx: CompileContext, **kwargs: Any):
+    """AOTAutograd's default partition, with the stacked expert weights recomputed in the backward
+    (`weight_stacks`) instead of saved; where the partitioner refuses recomputation in this graph, they are
+    saved as before and the dumps say why."""
+    kinds = ctx.plan.get("input_kinds", [])
+    stacks = weight_stacks(joint, {i for i, k in enumerate(kinds) if k in ("expert", "replicated")})
+    copies = [n for n in stacks if n.target in _WEIGHT_COPIES]
+    if not copies:
+        return default_partition(joint, joint_inputs, **kwargs)
+    for n in stacks:
+        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    try:
+        out = default_partition(joint, joint_inputs, **kwargs)
+    except AssertionError as e:  # e.g. an impure op in the forward, which recomputation must not repeat
+        for n in stacks:
+            n.meta.pop("recompute", None)
+        ctx.counters["partition.weight_stacks_saved"] += len(copies)
+        ctx.note(f"stacked expert weights saved for the backward, not recomputed: the partitioner refused ({e})")
+        return default_partition(joint, joint_inputs, **kwargs)
+    ctx.counters["partition.weight_stacks_recomputed"] += len(copies)
+    ctx.note(
+        f"{len(copies)} stacked expert weight copies ({', '.join(sorted({str(n.target) for n in copies}))}) "
+        "recomputed in the backward instead of saved"
+    )
+    return out
+
 
 # ---------------------------------------------------------------------------------------------------------
 # module tree
@@ -312,7 +377,11 @@ class Session:
 
         t0 = time.perf_counter()
         compiled = aot_module_simplified(
-            gm, example_inputs, fw_compiler=compile_aot("forward"), bw_compiler=compile_aot("backward")
+            gm,
+            example_inputs,
+            fw_compiler=compile_aot("forward"),
+            bw_compiler=compile_aot("backward"),
+            partition_fn=functools.partial(partition, ctx=ctx),
         )
         ctx.note(f"AOTAutograd took {(time.perf_counter() - t0) * 1e3:.0f} ms")
         self.graphs.append(

@@ -99,14 +99,28 @@ def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
 
 # `scale` (1.0 as the autograd formula emits them) multiplies a weight gradient inside its kernel: sync_grads
 # sets it to 1/W instead of a multiplication over the whole gradient (WGRAD_SCALE below).
+# `acc`, where given, is added to the result (acc + scale * x^T dy) in the result's own memory: a sum of token
+# chunks' weight gradients (the schedule pass) then holds one partial sum at a time, not two and a chunk's.
 @torch.library.custom_op("moecc::grouped_mm_wgrad", mutates_args=())
-def grouped_mm_wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    return torch_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale)
+def grouped_mm_wgrad(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
+) -> torch.Tensor:
+    return torch_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale, acc)
 
 
-@grouped_mm_wgrad.register_fake
-def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0):
-    return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
+def _wgrad_fake(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
+):
+    shape = (offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
+    if acc is not None:
+        torch._check(
+            tuple(acc.shape) == shape,
+            lambda: f"moecc.grouped_mm_wgrad: acc is {list(acc.shape)}, the gradient {list(shape)}",
+        )
+    return x_SK.new_empty(shape)
+
+
+grouped_mm_wgrad.register_fake(_wgrad_fake)
 
 
 def _grouped_mm_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -374,16 +388,14 @@ def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
 
 @torch.library.custom_op("moecc::triton_grouped_mm_wgrad", mutates_args=())
 def triton_grouped_mm_wgrad(
-    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
 ) -> torch.Tensor:
     from moecc.backends import triton_backend
 
-    return triton_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale)
+    return triton_backend.grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale, acc)
 
 
-@triton_grouped_mm_wgrad.register_fake
-def _(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0):
-    return x_SK.new_empty(offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1])
+triton_grouped_mm_wgrad.register_fake(_wgrad_fake)
 
 
 @torch.library.custom_op("moecc::triton_glu", mutates_args=())

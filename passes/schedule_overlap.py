@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._functorch.partitioners import must_recompute
 
 from moecc import cost, ir
 from moecc import dist as mdist
@@ -55,6 +56,7 @@ _PLAN = torch.ops.moecc.ep_plan.default
 # collectives that hold the host until done (nothing else is issued meanwhile)
 BLOCKING = {"moecc.all_to_all_rows.default", "moecc.ep_plan.default"}
 MAX_CHUNKS = 8
+BUCKET_SHARE = 1 / 8  # the largest share of a graph's gradients the cost model's bucket may hold
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,8 +248,14 @@ def bucket_gradients(gm: fx.GraphModule, ctx: CompileContext) -> tuple[int, int]
     ar_b = all_reduce(g_b, "sum", world)         ar = all_reduce(flat, "sum", world)
     ... wait_tensor(ar_a) ... wait_tensor(ar_b)  a, b = split(wait_tensor(ar), [n_a, n_b]); view each back
     """
-    limit = ctx.options.bucket_mb * 2**20 if ctx.options.bucket_mb is not None else ctx.profile.bucket_bytes()
     starts = [n for n in gm.graph.nodes if n.target is _AR and ir.facts(n).get("created_by") == "sync_grads"]
+    if ctx.options.bucket_mb is not None:
+        limit = ctx.options.bucket_mb * 2**20
+    else:
+        # a bucket's flat copy lives beside the gradients it holds until their all-reduce is issued: at most
+        # BUCKET_SHARE of the graph's gradients in one bucket bounds what bucketing adds to the memory
+        total = sum(cost._nbytes(cost._val(s.args[0])) for s in starts)
+        limit = min(ctx.profile.bucket_bytes(), max(total * BUCKET_SHARE, 1.0))
     groups: dict[tuple, list[fx.Node]] = {}
     for s in starts:  # graph order: the order the gradients are produced in
         g = s.args[0]
@@ -427,6 +435,8 @@ def reorder(gm: fx.GraphModule) -> tuple[int, Streams]:
 
     Among the nodes whose inputs are issued, in this priority: blocking ops; all-to-all starts; an
     all-reduce start when the comm stream is idle; a wait whose collective is predicted done; compute that
+    frees at least the memory it takes (the last use of its inputs, such as the sum of token chunks' weight
+    gradients, which would otherwise wait in graph order while the chunks' gradients pile up); compute that
     feeds an all-to-all at a cost no larger than that all-to-all's time; other compute, in original order;
     then a pending all-reduce; then the wait that is done first.
 
@@ -455,12 +465,23 @@ def reorder(gm: fx.GraphModule) -> tuple[int, Streams]:
         for n in members[j + 1]:
             missing[n] += 1
     dist = _comm_distance(body)
-    queues: dict[str, list] = {k: [] for k in ("blocking", "a2a", "all_reduce", "wait", "feeds", "compute")}
+    queues: dict[str, list] = {
+        k: [] for k in ("blocking", "a2a", "all_reduce", "wait", "frees", "feeds", "compute")
+    }  # fmt: skip
+    issued: set[fx.Node] = set()
+
+    def frees(n: fx.Node) -> bool:
+        """Whether issuing n now frees at least as many bytes as it allocates: it is the last user of inputs
+        (made by this graph) of that size, such as the sum of two token chunks' weight gradients."""
+        last = [a for a in n.all_input_nodes if a in inside and all(u is n or u in issued for u in a.users)]
+        return bool(last) and cost._nbytes(cost._val(n)) <= sum(cost._nbytes(cost._val(a)) for a in last)
 
     def push(n: fx.Node) -> None:
         kind = _kind(n)
         if kind == "compute" and dist[n][0] <= dist[n][1]:
             kind = "feeds"
+        elif kind == "compute" and not cost.is_view(n) and frees(n):
+            kind = "frees"
         heapq.heappush(queues[kind], (pos[n], n.name, n))
 
     for n in body:
@@ -484,6 +505,8 @@ def reorder(gm: fx.GraphModule) -> tuple[int, Streams]:
         elif done_wait is not None:
             n = q["wait"].pop(done_wait)[2]
             heapq.heapify(q["wait"])
+        elif q["frees"]:
+            n = take("frees")
         elif q["feeds"]:
             n = take("feeds")
         elif q["compute"]:
@@ -496,6 +519,7 @@ def reorder(gm: fx.GraphModule) -> tuple[int, Streams]:
             heapq.heapify(q["wait"])
         s.issue(n)
         order.append(n)
+        issued.add(n)
         j = segment[n]
         if j < len(barriers) and n is barriers[j]:  # the barrier: the next segment and barrier may go
             after = [*members[j + 1], *barriers[j + 1 : j + 2]]
@@ -518,6 +542,25 @@ def reorder(gm: fx.GraphModule) -> tuple[int, Streams]:
 
 # ---------------------------------------------------------------------------------------------------------
 # the collective order
+
+
+def sink_recomputed(gm: fx.GraphModule) -> int:
+    """Move every node the partition marked for recomputation (the stacked expert weights,
+    `capture.weight_stacks`) to just before its first user, and return how many moved. `reorder` may have
+    pulled one forward as cheap work feeding an all-to-all (its inputs, parameters, are ready from the start),
+    which keeps a copy of a layer's expert weights alive across the backward: the memory the recomputation is
+    there to save. Such a node reads only parameters and other such nodes, so running it later is always
+    valid."""
+    moved = 0
+    for n in reversed(list(gm.graph.nodes)):
+        if n.op != "call_function" or not must_recompute(n) or _mutates(n) or not n.users:
+            continue
+        order = {m: i for i, m in enumerate(gm.graph.nodes)}
+        first = min(n.users, key=order.__getitem__)
+        if n.next is not first:
+            first.prepend(n)
+            moved += 1
+    return moved
 
 
 def collective_order(gm: fx.GraphModule, mesh: Any) -> list[str]:
@@ -550,8 +593,58 @@ def check_collective_order(gm: fx.GraphModule, ctx: CompileContext) -> None:
     )
 
 
+_WGRADS = (torch.ops.moecc.grouped_mm_wgrad.default, torch.ops.moecc.triton_grouped_mm_wgrad.default)
+_ADD = torch.ops.aten.add.Tensor
+_TRANSPOSE = torch.ops.aten.transpose.int
+
+
+def accumulate_wgrads(gm: fx.GraphModule) -> int:
+    """Fold `add(s, dW)` (a sum of token chunks' weight gradients, dW a dW GEMM's result, directly or through
+    the nn.Linear layout's transpose, read by nothing else) into the GEMM's accumulator: `dW(..., acc=s)`. The
+    sum then holds one partial sum at a time instead of a partial sum, a chunk's gradient and their sum.
+    The GEMM moves to the add's place (after s exists); returns how many adds were folded."""
+    folded = 0
+    for add in list(gm.graph.nodes):
+        if add.target is not _ADD or len(add.args) != 2 or add.kwargs:
+            continue
+        for i in (0, 1):
+            b, s = add.args[i], add.args[1 - i]
+            if not isinstance(b, fx.Node) or not isinstance(s, fx.Node):
+                continue
+            t = None
+            if b.target is _TRANSPOSE and len(b.users) == 1:
+                t, b = b, b.args[0]
+                if not isinstance(b, fx.Node):
+                    continue
+            if b.target not in _WGRADS or len(b.users) != 1 or b.kwargs.get("acc") is not None:
+                continue
+            sv, av = cost._val(s), cost._val(add)
+            if not isinstance(sv, torch.Tensor) or sv.shape != av.shape or sv.dtype != av.dtype:
+                continue
+            acc = s
+            if t is not None:  # the sum in the GEMM's own layout
+                with gm.graph.inserting_before(add):
+                    acc = gm.graph.call_function(_TRANSPOSE, (s, *t.args[1:]))
+                d0, d1 = int(t.args[1]), int(t.args[2])  # type: ignore[arg-type]
+                acc.meta = {**t.meta, "val": sv.transpose(d0, d1)}
+            add.prepend(b)  # after s and the acc view
+            b.update_kwarg("acc", acc)
+            if t is not None:
+                add.prepend(t)
+            add.replace_all_uses_with(t if t is not None else b)
+            gm.graph.erase_node(add)
+            folded += 1
+            break
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
+
+
 def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Forward/backward-graph half of the schedule pass."""
+    if ctx.graph_kind == "backward":
+        ctx.counters["schedule.accumulated_wgrads"] += accumulate_wgrads(gm)
     split = split_collectives(gm)
     buckets = grads = 0
     if ctx.graph_kind == "backward" and ctx.mesh.world > 1:
@@ -568,6 +661,13 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
     _, before = predicted_timeline(gm)
     moved, scheduled = reorder(gm)
+    sunk = sink_recomputed(gm)
+    if sunk:
+        scheduled = Streams()
+        for n in gm.graph.nodes:
+            if n.op == "call_function":
+                scheduled.issue(n)
+        ctx.counters["schedule.sunk_recomputed"] += sunk
     ctx.counters["schedule.moved_nodes"] += moved
     order = collective_order(gm, ctx.mesh)
     ctx.plan.setdefault("collective_order", {})[ctx.graph_kind] = order

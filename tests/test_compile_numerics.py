@@ -270,3 +270,47 @@ def test_autocast_runs_the_expert_gemms_in_the_autocast_dtype(name: str):
     assert gemms and all(
         a.meta["val"].dtype == torch.bfloat16 for g in gemms for a in g.args[:2] if isinstance(a, torch.fx.Node)
     ), [(g.name, [a.meta["val"].dtype for a in g.args[:2]]) for g in gemms]
+
+
+def _saved_expert_stacks(cm: Any, model: torch.nn.Module, ids: torch.Tensor, num_experts: int) -> list[tuple]:
+    """Shapes of the 3-d [E, ...] tensors one compiled forward saves for the backward that are not
+    parameters: copies of an MoE region's stacked expert weights."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = logits_of(cm(ids))
+    out.float().square().mean().backward()
+    return [tuple(t.shape) for t in saved if t.dim() == 3 and t.shape[0] == num_experts and t.data_ptr() not in params]
+
+
+@pytest.mark.parametrize("name", ["mixtral_style", "deepseek_style"])
+def test_stacked_expert_weights_are_recomputed_in_the_backward_not_saved(name: str, monkeypatch):
+    """A ModuleList's expert weights are stacked for the grouped GEMMs in every forward; saved for the
+    backward, the stacks would keep a second copy of every layer's expert weights from the forward to the
+    backward. They are recomputed there: no stacked copy is saved, and the gradients still match eager. With
+    the recomputation switched off the same check finds the copies (so it can fail)."""
+    from moecc import capture
+
+    torch._dynamo.reset()
+    model, (ids,) = load_example(name, tokens=16)
+    ref = copy.deepcopy(model)
+    E = len(next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 2))
+    cm = moecc.compile(model, backend="torch")
+    assert _saved_expert_stacks(cm, model, ids, E) == []
+    regions = len(cm.regions)
+    assert cm.session.counters()["partition.weight_stacks_recomputed"] >= 2 * regions  # w1's and w2's at least
+    logits_of(ref(ids)).float().square().mean().backward()
+    ref_params = dict(ref.named_parameters())
+    for n, p in cm.named_parameters():
+        assert_close_scaled(p.grad, ref_params[n].grad, 1e-5, n)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(capture, "weight_stacks", lambda joint, params: [])
+    model2, _ = load_example(name, tokens=16)
+    cm2 = moecc.compile(model2, backend="torch")
+    assert len(_saved_expert_stacks(cm2, model2, ids, E)) >= 2 * regions

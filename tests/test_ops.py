@@ -179,6 +179,10 @@ def _opcheck_cases():
         "route_permute": (torch.ops.moecc.route_permute.default, (x, idx, E)),
         "grouped_mm": (torch.ops.moecc.grouped_mm.default, (x_SH.requires_grad_(), w1, offs_E)),
         "grouped_mm_wgrad": (torch.ops.moecc.grouped_mm_wgrad.default, (x_SH.detach(), dy, offs_E)),
+        "grouped_mm_wgrad_acc": (
+            torch.ops.moecc.grouped_mm_wgrad.default,
+            (x_SH.detach(), dy, offs_E, 0.5, torch.randn(E, H, 2 * FF)),
+        ),
         "unpermute_combine": (torch.ops.moecc.unpermute_combine.default, (y, src_S, offs_E, w)),
         "route_permute_backward": (torch.ops.moecc.route_permute_backward.default, (torch.randn(T * K, H), src_S, T)),
         "unpermute_combine_backward": (
@@ -192,7 +196,8 @@ def _opcheck_cases():
     }
 
 
-@pytest.mark.parametrize("name", ["route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine",
+@pytest.mark.parametrize("name", ["route_permute", "grouped_mm", "grouped_mm_wgrad", "grouped_mm_wgrad_acc",
+                                  "unpermute_combine",
                                   "route_permute_backward", "unpermute_combine_backward",
                                   "unpermute_combine_backward_w_only"])  # fmt: skip
 def test_opcheck(name):
@@ -385,3 +390,18 @@ def test_combine_same_dtype_path_matches_float32_path():
     dropped[src_S[30:]] = True  # slots whose row is dropped
     assert not results[0][2].reshape(-1)[dropped].any(), "dropped slots must get a zero weight gradient"
     assert not results[0][1][30:].any(), "dropped rows must get a zero gradient"
+
+
+def test_grouped_mm_wgrad_adds_its_accumulator() -> None:
+    """acc + scale * x^T dy, in both backends' dW (the torch backend's here), against the sum done apart; a
+    wrongly shaped accumulator is refused with both shapes named."""
+    T, K = 13, 2
+    x, w, w1, _ = _params(T, K, torch.float32, seed=4)
+    x_SH, _src, _eid, offs_E = ops.route_permute(x.detach(), _routing(T, K, seed=4), E)
+    dy = torch.randn(T * K, 2 * FF)
+    acc = torch.randn(E, H, 2 * FF)
+    got = torch.ops.moecc.grouped_mm_wgrad(x_SH, dy, offs_E, 0.5, acc)
+    torch.testing.assert_close(got, acc + torch.ops.moecc.grouped_mm_wgrad(x_SH, dy, offs_E, 0.5))
+    with pytest.raises(Exception, match=r"acc is \[8, 4, 4\]"):
+        torch.compile(lambda a: torch.ops.moecc.grouped_mm_wgrad(x_SH, dy, offs_E, 1.0, a), backend="eager",
+                      fullgraph=True)(torch.randn(8, 4, 4))  # fmt: skip

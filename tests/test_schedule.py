@@ -38,8 +38,10 @@ def _bucketed_like_unscheduled(rank: int, world: int) -> None:
         batches = [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
         replicated = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." not in n)
         variants = {
-            "one bucket": {},  # the cost model's bucket size: the tiny model's gradients fit in one
+            "one bucket": {"bucket_mb": 64},  # the tiny model's gradients fit in one
             "many buckets": {"bucket_mb": replicated / 4 / 2**20},  # a quarter of the replicated gradients each
+            # the cost model's size, which holds at most an eighth of the graph's gradients (BUCKET_SHARE)
+            "cost model": {},
             "unscheduled": {"disable_passes": ["schedule"]},
         }
         results = {}
@@ -49,7 +51,7 @@ def _bucketed_like_unscheduled(rank: int, world: int) -> None:
             compiled[name] = cm = moecc.compile(m, ep=world, **opts)
             results[name] = _grads(cm, batches[rank])
         base_loss, base = results["unscheduled"]
-        for name in ("one bucket", "many buckets"):
+        for name in ("one bucket", "many buckets", "cost model"):
             loss, grads = results[name]
             assert torch.equal(loss, base_loss), name
             assert grads.keys() == base.keys(), name
@@ -61,6 +63,8 @@ def _bucketed_like_unscheduled(rank: int, world: int) -> None:
         many = compiled["many buckets"].session.counters()
         assert one["schedule.buckets"] == 1 and one["schedule.bucketed_grads"] > 2, one
         assert many["schedule.buckets"] >= 3 and many["schedule.bucketed_grads"] > 2 * many["schedule.buckets"], many
+        by_cost = compiled["cost model"].session.counters()
+        assert by_cost["schedule.buckets"] >= 2, by_cost
         assert "schedule.buckets" not in compiled["unscheduled"].session.counters()
         # and the scheduled program trains like eager on the global batch (the DDP contract)
         cm = moecc.compile(copy.deepcopy(model), ep=world)
@@ -157,6 +161,9 @@ def _chunked_like_unscheduled(rank: int, world: int) -> None:
             assert ops[name]["moecc.all_to_all_rows_start"] > 0 and not ops[name]["moecc.all_to_all_rows"], name
         chunked = out["3 chunks"][0]
         assert chunked.session.counters()["schedule.chunked_regions"] == 2
+        # the chunks' expert weight gradients are summed in the dW GEMMs' accumulator, not by adds (two weights
+        # a region, 2 regions, the 2 later chunks of 3 each)
+        assert chunked.session.counters()["schedule.accumulated_wgrads"] == 2 * 2 * 2, chunked.session.counters()
         assert ops["3 chunks"]["moecc.ep_plan"] == 3 * ops["unscheduled"]["moecc.ep_plan"]
         (ctx,) = chunked.session.contexts
         assert set(ctx.plan["chunks"].values()) == {3}
