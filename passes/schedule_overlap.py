@@ -618,9 +618,11 @@ def accumulate_wgrads(gm: fx.GraphModule) -> int:
                     continue
             if b.target not in _WGRADS or len(b.users) != 1 or b.kwargs.get("acc") is not None:
                 continue
-            sv, av = cost._val(s), cost._val(add)
-            if not isinstance(sv, torch.Tensor) or sv.shape != av.shape or sv.dtype != av.dtype:
+            sv, av, bv = cost._val(s), cost._val(add), cost._val(t if t is not None else b)
+            if not all(isinstance(v, torch.Tensor) for v in (sv, av, bv)):
                 continue
+            if not (sv.shape == bv.shape == av.shape and sv.dtype == bv.dtype == av.dtype):
+                continue  # broadcasting or type promotion: the add is not a plain sum in the GEMM's dtype
             acc = s
             if t is not None:  # the sum in the GEMM's own layout
                 with gm.graph.inserting_before(add):

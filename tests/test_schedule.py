@@ -493,3 +493,52 @@ def _profile_differs(rank: int, world: int, folder: str) -> None:
 
 def test_a_rank_with_another_hardware_profile_is_named(tmp_path: Path) -> None:
     testing.spawn(_profile_differs, 2, str(tmp_path))
+
+
+def _wgrad_sum_graph(fn, *inputs):
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = torch.fx.symbolic_trace(fn)
+    FakeTensorProp(gm).propagate(*inputs)
+    return gm
+
+
+@pytest.mark.parametrize("case", ["plain", "transposed", "promoted", "read_twice"])
+def test_chunk_weight_gradient_sums_fold_into_the_accumulator_only_where_exact(case: str) -> None:
+    """accumulate_wgrads turns add(s, dW) into dW(..., acc=s) (through the nn.Linear layout's transpose), with
+    the same values; not where the add promotes the dtype or the GEMM's result is read elsewhere."""
+    from moecc.passes import schedule_overlap
+
+    wg = torch.ops.moecc.grouped_mm_wgrad.default
+    gen = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(10, 6, generator=gen), torch.randn(10, 5, generator=gen)
+    offs = torch.tensor([4, 4, 10], dtype=torch.int32)
+    if case == "plain":
+        s = torch.randn(3, 6, 5, generator=gen)
+        fn = lambda x, dy, offs, s: torch.ops.aten.add.Tensor(s, wg(x, dy, offs, scale=0.5))  # noqa: E731
+    elif case == "transposed":
+        s = torch.randn(3, 5, 6, generator=gen)
+        fn = lambda x, dy, offs, s: torch.ops.aten.add.Tensor(  # noqa: E731
+            torch.ops.aten.transpose.int(wg(x, dy, offs), 1, 2), s
+        )
+    elif case == "promoted":
+        x, dy = x.bfloat16(), dy.bfloat16()
+        s = torch.randn(3, 6, 5, generator=gen)  # float32 + bf16 -> float32: not the GEMM's dtype
+        fn = lambda x, dy, offs, s: torch.ops.aten.add.Tensor(s, wg(x, dy, offs))  # noqa: E731
+    else:
+        s = torch.randn(3, 6, 5, generator=gen)
+
+        def fn(x, dy, offs, s):
+            w = wg(x, dy, offs)
+            return torch.ops.aten.add.Tensor(s, w), w
+
+    want = fn(x, dy, offs, s)
+    gm = _wgrad_sum_graph(fn, x, dy, offs, s)
+    folded = schedule_overlap.accumulate_wgrads(gm)
+    got = gm(x, dy, offs, s)
+    assert folded == (1 if case in ("plain", "transposed") else 0)
+    adds = [n for n in gm.graph.nodes if n.target is torch.ops.aten.add.Tensor]
+    assert len(adds) == 1 - folded
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b)
