@@ -606,10 +606,9 @@ def _check_slots(y_SH: torch.Tensor, w_TK: torch.Tensor) -> None:
         )
 
 
-def _combine_rows(src_S: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-    """The row of y that holds each (token, slot): the inverse of the permutation src_S, as [T, K]."""
-    S = src_S.shape[0]
-    return torch.empty_like(src_S).scatter_(0, src_S, torch.arange(S, device=src_S.device)).view(w_TK.shape)
+def _slot_rows(src_S: torch.Tensor) -> torch.Tensor:
+    """The row that holds each (token, slot), flat t*K + k: the inverse of the permutation src_S."""
+    return torch.empty_like(src_S).scatter_(0, src_S, torch.arange(src_S.shape[0], device=src_S.device))
 
 
 def unpermute_combine(
@@ -625,7 +624,7 @@ def unpermute_combine(
         return out.zero_()
     BH = 1024 if y_SH.device.type == "cuda" else 16
     _combine_rows_kernel[(T, triton.cdiv(H, BH))](
-        y_SH.contiguous(), _combine_rows(src_S, w_TK), w_TK.contiguous(), offs_E, offs_E.shape[0], out, H, K=K, BH=BH,
+        y_SH.contiguous(), _slot_rows(src_S), w_TK.contiguous(), offs_E, offs_E.shape[0], out, H, K=K, BH=BH,
         HAS_W=True, LIMIT=True,
     )  # fmt: skip
     COUNTERS["unpermute_combine"] += 1
@@ -647,7 +646,7 @@ def unpermute_combine_backward(
         return (gy.zero_() if gy is not None else None), (gw.zero_() if gw is not None else None)
     BH = 1024 if y_SH.device.type == "cuda" else 16
     _combine_rows_backward_kernel[(T,)](
-        gout_TH.contiguous(), y_SH.contiguous(), _combine_rows(src_S, w_TK), w_TK.contiguous(), offs_E,
+        gout_TH.contiguous(), y_SH.contiguous(), _slot_rows(src_S), w_TK.contiguous(), offs_E,
         offs_E.shape[0], gy if gy is not None else y_SH, gw if gw is not None else w_TK, H,
         K=K, BH=BH, NEED_Y=need_y, NEED_W=need_w,
     )  # fmt: skip
@@ -668,7 +667,7 @@ def route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int) -> 
         )
     K = S // T
     BH = 1024 if gx_SH.device.type == "cuda" else 16
-    rows = torch.empty_like(src_S).scatter_(0, src_S, torch.arange(S, device=src_S.device))
+    rows = _slot_rows(src_S)
     _combine_rows_kernel[(T, triton.cdiv(H, BH))](
         gx_SH.contiguous(), rows, rows, rows, 0, out, H, K=K, BH=BH, HAS_W=False, LIMIT=False
     )  # fmt: skip

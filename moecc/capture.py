@@ -59,7 +59,7 @@ def weight_stacks(joint: fx.GraphModule, param_inputs: set[int]) -> list[fx.Node
             continue
         if n.target not in _WEIGHT_COPIES and not cost.is_view(n):
             continue
-        if n.target in _WEIGHT_COPIES and (n.meta.get("custom") or {}).get("moecc_region") is None:
+        if n.target in _WEIGHT_COPIES and ir.marked_region(n) is None:
             continue  # only the copies moecc made for an MoE region
         inputs = n.all_input_nodes
         if inputs and all(a in params or a in chosen for a in inputs):

@@ -63,10 +63,15 @@ def tag_region(node: fx.Node, path: str, created_by: str) -> None:
     node.meta.setdefault("custom", {})["moecc_region"] = path
 
 
+def marked_region(node: fx.Node) -> str | None:
+    """The region `tag_region` marked this node (or the node AOTAutograd derived it from) with, if any."""
+    return (node.meta.get("custom") or {}).get("moecc_region")
+
+
 def restore_regions(gm: fx.GraphModule) -> None:
     """On a graph AOTAutograd produced: region facts back from the marks `tag_region` left."""
     for n in gm.graph.nodes:
-        path = (n.meta.get("custom") or {}).get("moecc_region")
+        path = marked_region(n)
         if path is not None:
             set_facts(n, region=path)
 

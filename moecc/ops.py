@@ -49,7 +49,7 @@ def _(x_TH: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, capacity: int 
 def _route_permute_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x_TH, idx_TK = inputs[:2]
     ctx.save_for_backward(output[1])
-    ctx.T, ctx.K = x_TH.shape[0], idx_TK.shape[1]
+    ctx.T = x_TH.shape[0]
 
 
 def _route_permute_backward(ctx: Any, gx_SH, _gsrc, _geid, _goffs):
@@ -63,9 +63,12 @@ def route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int) -> 
     return torch_backend.route_permute_backward(gx_SH, src_S, T)
 
 
-@route_permute_backward.register_fake
-def _(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int):
+def _route_permute_backward_fake(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int):
+    """route_permute_backward's result (also triton_route_permute_backward's): a row a token."""
     return gx_SH.new_empty(T, gx_SH.shape[1])
+
+
+route_permute_backward.register_fake(_route_permute_backward_fake)
 
 
 @torch.library.custom_op("moecc::triton_route_permute_backward", mutates_args=())
@@ -75,9 +78,7 @@ def triton_route_permute_backward(gx_SH: torch.Tensor, src_S: torch.Tensor, T: i
     return triton_backend.route_permute_backward(gx_SH, src_S, T)
 
 
-@triton_route_permute_backward.register_fake
-def _(gx_SH: torch.Tensor, src_S: torch.Tensor, T: int):
-    return gx_SH.new_empty(T, gx_SH.shape[1])
+triton_route_permute_backward.register_fake(_route_permute_backward_fake)
 
 
 route_permute.register_autograd(_route_permute_backward, setup_context=_route_permute_setup)
@@ -216,9 +217,12 @@ def unpermute_combine(
     return torch_backend.unpermute_combine(y_SH, src_S, offs_E, w_TK)
 
 
-@unpermute_combine.register_fake
-def _(y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor):
+def _combine_fake(y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor):
+    """unpermute_combine's result (also triton_unpermute_combine's): a row a token."""
     return y_SH.new_empty(w_TK.shape[0], y_SH.shape[1])
+
+
+unpermute_combine.register_fake(_combine_fake)
 
 
 def _combine_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
@@ -265,9 +269,7 @@ def triton_unpermute_combine(
     return triton_backend.unpermute_combine(y_SH, src_S, offs_E, w_TK)
 
 
-@triton_unpermute_combine.register_fake
-def _(y_SH: torch.Tensor, src_S: torch.Tensor, offs_E: torch.Tensor, w_TK: torch.Tensor):
-    return y_SH.new_empty(w_TK.shape[0], y_SH.shape[1])
+triton_unpermute_combine.register_fake(_combine_fake)
 
 
 @torch.library.custom_op("moecc::triton_unpermute_combine_backward", mutates_args=())

@@ -398,12 +398,18 @@ class Streams:
         return max(self.compute, self.comm, self.host)
 
 
-def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
-    """Chrome-trace events of the graph's nodes issued in graph order, and the predicted end."""
+def _in_graph_order(gm: fx.GraphModule) -> Streams:
+    """The predicted streams of the graph's nodes issued in graph order."""
     s = Streams()
     for n in gm.graph.nodes:
         if n.op == "call_function":
             s.issue(n)
+    return s
+
+
+def predicted_timeline(gm: fx.GraphModule) -> tuple[list[dict], float]:
+    """Chrome-trace events of the graph's nodes issued in graph order, and the predicted end."""
+    s = _in_graph_order(gm)
     return s.events, s.total
 
 
@@ -555,8 +561,9 @@ def sink_recomputed(gm: fx.GraphModule) -> int:
     for n in reversed(list(gm.graph.nodes)):
         if n.op != "call_function" or not must_recompute(n) or _mutates(n) or not n.users:
             continue
-        order = {m: i for i, m in enumerate(gm.graph.nodes)}
-        first = min(n.users, key=order.__getitem__)
+        first = n.next  # the first user: the graph's current order, nodes moved so far included
+        while first not in n.users:
+            first = first.next
         if n.next is not first:
             first.prepend(n)
             moved += 1
@@ -665,10 +672,7 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     moved, scheduled = reorder(gm)
     sunk = sink_recomputed(gm)
     if sunk:
-        scheduled = Streams()
-        for n in gm.graph.nodes:
-            if n.op == "call_function":
-                scheduled.issue(n)
+        scheduled = _in_graph_order(gm)
         ctx.counters["schedule.sunk_recomputed"] += sunk
     ctx.counters["schedule.moved_nodes"] += moved
     order = collective_order(gm, ctx.mesh)
