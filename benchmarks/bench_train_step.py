@@ -19,7 +19,10 @@ optimizer step. `.grad` is set to None before each step. Variants:
                     norms, embedding, routers, shared experts, LM head), averaged over the ranks, and expert
                     gradients scaled by 1/W; not bucketed, not overlapped with the backward;
   moecc_noschedule  moecc.compile(model, ep=W, backend=--backend, disable_passes=["schedule"]);
-  moecc             moecc.compile(model, ep=W, backend=--backend).
+  moecc             moecc.compile(model, ep=W, backend=--backend);
+  moecc_graphed, moecc_noschedule_graphed  the two above compiled with cuda_graph=True and run through
+                    moecc.graph_step: the step (forward, loss, backward, gradient synchronisation) captured in
+                    one CUDA graph after its warm-up steps and replayed (GPU only).
 Per variant (built, measured and freed before the next one is built, unless --interleave keeps them):
   step_ms           median of --iters steps after --warmup (ranks aligned by a barrier before each step; CUDA
                     events on GPU, perf_counter on CPU), the slowest rank's median;
@@ -125,7 +128,7 @@ CONFIGS = {
     "deepseek_small": Config(8, 2048, 16, 64, 6, 1408, 2 * 1408, 32768, 4, 2048),
     "deepseek_small_tiny": Config(2, 64, 4, 8, 2, 32, 64, 128, 2, 32),
 }
-VARIANTS = ("eager", "moecc_noschedule", "moecc")
+VARIANTS = ("eager", "moecc_noschedule", "moecc", "moecc_noschedule_graphed", "moecc_graphed")
 H200_BF16_PEAK_TFLOPS = 989.0  # dense, no sparsity
 COMM_NAMES = ("all_to_all", "alltoall", "all_reduce", "allreduce", "c10d")  # CPU (gloo) communication ops
 
@@ -226,6 +229,7 @@ class StepModel:
     params: dict[str, nn.Parameter]
     after_backward: Callable[[], None] | None = None
     describe: Callable[[], dict[str, Any]] = dict
+    graphed: moecc.GraphStep | None = None  # the whole step, replayed from a CUDA graph after its warm-up
 
 
 def grad_sync(params: dict[str, nn.Parameter], world: int) -> None:
@@ -248,13 +252,29 @@ def build_eager(run: layer_bench.Run, c: Config, gemm: dict[str, str], upcast: b
 
 
 def build_moecc(
-    run: layer_bench.Run, c: Config, backend: str, disable: tuple[str, ...], chunks: int | None = None
+    run: layer_bench.Run,
+    c: Config,
+    backend: str,
+    disable: tuple[str, ...],
+    chunks: int | None = None,
+    graphed: bool = False,
 ) -> StepModel:
     model = build_model(c, run.device, run.dtype)
     cm = moecc.compile(
-        model, ep=run.world, backend=backend, disable_passes=disable, dump_dir=run.dump_dir, chunks=chunks
+        model,
+        ep=run.world,
+        backend=backend,
+        disable_passes=disable,
+        dump_dir=run.dump_dir,
+        chunks=chunks,
+        cuda_graph=graphed,
     )
     del model  # sharded in place: this rank's experts live on in `cm`
+
+    def train(ids_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+        loss = cm(ids_BS, targets_BS)
+        loss.backward()
+        return loss.detach()
 
     def describe() -> dict[str, Any]:
         s = cm.session
@@ -266,7 +286,8 @@ def build_moecc(
             "moecc_hooked_params": list(s.hooked),
         }
 
-    return StepModel(cm, dict(cm.named_parameters()), None, describe)
+    step = moecc.graph_step(train, cm, warmup=run.warmup) if graphed else None
+    return StepModel(cm, dict(cm.named_parameters()), None, describe, step)
 
 
 FLOOR_FACTOR, FLOOR_SLACK = 2.0, 1e-3  # a variant's error vs float32 may be 2x eager's, + 1e-3 of the scale
@@ -304,6 +325,8 @@ def predicted_ms(m: StepModel, key: str = "predicted_us") -> float | None:
 
 
 def step(m: StepModel, ids_BS: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    if m.graphed is not None:  # it sets the gradients to None itself (each step's replace .grad)
+        return m.graphed(ids_BS, targets_BS)
     for p in m.params.values():
         p.grad = None
     loss = m.module(ids_BS, targets_BS)
@@ -501,6 +524,20 @@ def bench_variant(
             rec["host_issue_ms_per_rank"] = run.gather(host)
             rec["host_issue_ms"] = max(rec["host_issue_ms_per_rank"])
         comm, err = attempt(run, "profiled step", lambda: profile_comm(run, call))
+    if err is None and m.graphed is not None:
+        # the first step ran as it is (warm-up); a replay of the same tokens must give its loss and gradients
+        def replay() -> dict[str, Any]:
+            return {"loss": float(call()), "grads": grad_samples(m, c.layers)}
+
+        replayed, err = attempt(run, "replayed step", replay)
+        if err is None:
+            rel = abs(replayed["loss"] - got["loss"]) / max(abs(got["loss"]), 1e-30)
+            vs_first = layer_bench.compare(replayed["grads"], got["grads"], run.tolerance)
+            rec["replayed_vs_first_step"] = {
+                "loss_rel_err": max(run.gather(rel)),
+                **layer_bench.merge_numerics(run.gather(vs_first), "the first (warm-up, not replayed) step"),
+            }
+            rec["graph_replays"] = m.graphed.replays
     if err is None:
         per_rank = run.gather(comm)
         rec["comm_ms_per_rank"] = [c_ for c_, _, _ in per_rank]
@@ -604,7 +641,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result (rank 0 writes)")
     parser.add_argument("--tag", default="", help="suffix of the file name: train_step_<date><tag>.json")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (L 2, H 64, E 8, T 64): a smoke test")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="default: all (the _graphed ones on a GPU only)")  # fmt: skip
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10; 3 with --tiny)")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="then time the variants again, one after the other in ROUNDS rounds (all models "
@@ -637,7 +675,7 @@ def main() -> None:
     model_name = "deepseek_small_tiny" if args.tiny else "deepseek_small"
     sizes = {k: v for k, v in (("layers", args.layers), ("batch", args.batch), ("seq", args.seq)) if v is not None}
     c = dataclasses.replace(CONFIGS[model_name], **sizes)
-    variants = [v for v in VARIANTS if v in args.variants]
+    variants = [v for v in VARIANTS if v in args.variants and (device.type == "cuda" or not v.endswith("_graphed"))]
     if args.peak_tflops is not None:
         peak, peak_source = args.peak_tflops * 1e12, "--peak-tflops"
     elif device.type == "cuda" and dtype == torch.bfloat16:
@@ -668,8 +706,9 @@ def main() -> None:
             torch._dynamo.reset()
             build: Callable[[], StepModel] = functools.partial(build_eager, run, c, gemm)
         else:
-            disable = ("schedule",) if name == "moecc_noschedule" else ()
-            build = functools.partial(build_moecc, run, c, args.backend, disable, args.chunks)
+            disable = ("schedule",) if name.startswith("moecc_noschedule") else ()
+            graphed = name.endswith("_graphed")
+            build = functools.partial(build_moecc, run, c, args.backend, disable, args.chunks, graphed)
         rec, result, call = bench_variant(run, c, model_name, name, build, flops["model_flops"], peak, eager, truth)
         records.append(rec)
         if name == "eager":

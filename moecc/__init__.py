@@ -16,10 +16,20 @@ if _os.path.isfile(_os.path.join(_checkout, "passes", "__init__.py")) and _check
 from moecc import ops  # noqa: E402, F401  (registers the moecc custom ops)
 from moecc.api import CompiledModule, compile, register_dynamo_backend  # noqa: E402
 from moecc.artifact import load  # noqa: E402
+from moecc.graphs import GraphStep, graph_step  # noqa: E402
 from moecc.options import CompileOptions, MoeccError  # noqa: E402
 from moecc.profile import profile_step  # noqa: E402
 
 register_dynamo_backend()
 
-__all__ = ["CompiledModule", "CompileOptions", "MoeccError", "compile", "load", "profile_step"]
+__all__ = [
+    "CompiledModule",
+    "CompileOptions",
+    "GraphStep",
+    "MoeccError",
+    "compile",
+    "graph_step",
+    "load",
+    "profile_step",
+]
 __version__ = "0.1.0"

@@ -338,10 +338,13 @@ class Session:
     def _compile(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         gid = len(self.contexts)
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), None)
+        profile = cost.default_profile(device, self.options.profile)
+        if self.options.cuda_graph:
+            profile = cost.replayed(profile)
         ctx = CompileContext(
             self.options,
             self.mesh,
-            cost.default_profile(device, self.options.profile),
+            profile,
             gid,
             self.module_regions,
             self.released,

@@ -194,6 +194,12 @@ def default_profile(device: torch.device | str | None = None, path: str | os.Pat
     return PROFILES["cpu"]
 
 
+def replayed(profile: HardwareProfile) -> HardwareProfile:
+    """`profile` for a step replayed from a CUDA graph (compile's cuda_graph=True): the host issues nothing, so
+    it costs nothing; the device's gap between ops (op_overhead) stays."""
+    return dataclasses.replace(profile, name=f"{profile.name}, replayed", host_op=0.0, host_view=0.0, host_ops=())
+
+
 def _val(node: Any) -> Any:
     if not isinstance(node, fx.Node):
         return None

@@ -48,6 +48,9 @@ class CompileOptions:
             `moecc.profile_step` can compare each node's measured time with its prediction (slower).
         chunks: token chunks per sharded MoE region (1 to 8), so that one chunk's all-to-alls overlap
             another's expert compute; None lets the cost model choose. Sizes differ by at most one token.
+        cuda_graph: the step will be replayed from a CUDA graph (`moecc.graph_step`): the cost model then
+            charges no host time to issue the graphs' nodes (a replay issues none), which is what makes token
+            chunks pay where the host, not the device, sets the pace.
     """
 
     ep: int | None = None
@@ -63,6 +66,7 @@ class CompileOptions:
     bucket_mb: float | None = None
     profile_nodes: bool = False
     chunks: int | None = None
+    cuda_graph: bool = False
 
     @staticmethod
     def make(
@@ -80,6 +84,7 @@ class CompileOptions:
         bucket_mb: float | None = None,
         profile_nodes: bool = False,
         chunks: int | None = None,
+        cuda_graph: bool = False,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
@@ -125,6 +130,7 @@ class CompileOptions:
             bucket_mb=bucket_mb,
             profile_nodes=profile_nodes,
             chunks=chunks,
+            cuda_graph=bool(cuda_graph),
         )
 
     def enabled(self, pass_name: str) -> bool:

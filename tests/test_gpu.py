@@ -205,3 +205,56 @@ def test_calibrate_measures_the_host_cost_of_every_expert_op() -> None:
     assert 0 < gap < host["host_op"], (gap, host["host_op"])  # the device keeps up with the host on tiny ops
     p = cost.HardwareProfile.from_json({**cost.PROFILES["h200"].to_json(), **host}, source="test")
     assert dict(p.host_ops) == ops and p.host_op == host["host_op"]
+
+
+def test_graph_step_trains_as_the_uncaptured_step() -> None:
+    """`moecc.graph_step`: a training step with a capturable AdamW, captured after one warm-up step and replayed,
+    gives the losses, gradients and weights of the same compiled model stepped without a graph; what it
+    refuses at a replay (another shape, a changed hyperparameter) raises instead of replaying stale values."""
+    import copy
+
+    torch.manual_seed(0)
+    model, (ids,) = mixtral_style.build(dtype=torch.bfloat16, tokens=256)
+    model, ids = model.cuda(), ids.cuda()
+    twin = copy.deepcopy(model)
+    cm = moecc.compile(model, backend="triton", cuda_graph=True)
+    ref = moecc.compile(twin, backend="triton")
+    opt = torch.optim.AdamW(cm.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+
+    def train(ids: torch.Tensor) -> torch.Tensor:
+        loss = _lm_loss(cm(ids), ids)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step = moecc.graph_step(train, cm, optimizers=[opt], warmup=1)
+    fused = dict(triton_ep.COUNTERS)
+    losses = []
+    for i in range(5):
+        batch = torch.randint(0, int(ids.max()) + 1, ids.shape, device="cuda")
+        opt.zero_grad(set_to_none=True)  # the replay puts the graph's gradients back
+        got = step(batch)
+        ref_opt.zero_grad(set_to_none=True)
+        want = _lm_loss(ref(batch), batch)
+        want.backward()
+        grads = {n: p.grad for n, p in cm.named_parameters()}
+        for n, p in ref.named_parameters():
+            if p.grad is not None:
+                assert grads[n] is not None, f"step {i}: {n} has no gradient after the replay"
+                scale = p.grad.float().abs().max().item() + 1e-6
+                err = (grads[n].float() - p.grad.float()).abs().max().item()
+                assert err <= 2e-2 * scale + 1e-5, f"step {i} grad {n}: {err:.3g} vs scale {scale:.3g}"
+        ref_opt.step()
+        torch.testing.assert_close(got, want.detach(), atol=1e-2, rtol=1e-2)
+        losses.append(float(got))
+    assert step.replays == 4 and len(set(losses)) == 5, (step.replays, losses)
+    for (n, p), r in zip(cm.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.float(), r.float(), atol=2e-2, rtol=2e-2, msg=lambda m, n=n: f"{n}: {m}")
+    for name in triton_ep.PHASE_COUNTERS:  # the fused kernels ran in the warm-up and the capture only
+        assert triton_ep.COUNTERS[name] - fused.get(name, 0) == 2 * len(cm.regions), name
+    with pytest.raises(moecc.MoeccError, match=r"argument\[0\]\[0\] is torch.int64 \[2, 64\] .* captured with"):
+        step(batch[:, :64].contiguous())
+    opt.param_groups[0]["weight_decay"] = 0.5
+    with pytest.raises(moecc.MoeccError, match=r"weight_decay=0.5, but the graph was captured with weight_decay=0.01"):
+        step(batch)

@@ -92,6 +92,54 @@ def test_fused_expert_parallel_layer_captures_in_a_cuda_graph() -> None:
     testing.spawn(_capture, 2, timeout_s=300)
 
 
+def _graph_step(rank: int, world: int) -> None:
+    """A training step of the fused expert-parallel model (all-reduces of the replicated gradients included)
+    with a capturable AdamW, replayed from a CUDA graph by `moecc.graph_step`, follows eager's losses,
+    gradients and updates step after step."""
+    os.environ.pop("MOECC_FUSED_EP", None)
+    torch.manual_seed(0)
+    model, (ids,) = mixtral_style.build(tokens=64)
+    model = model.cuda()
+    ref = mixtral_style.build(tokens=64)[0].cuda()
+    ref.load_state_dict(model.state_dict())
+    cm = moecc.compile(model, ep=world, backend="triton", cuda_graph=True)
+    opt = torch.optim.AdamW(cm.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
+
+    def train(ids: torch.Tensor) -> torch.Tensor:
+        loss = testing.lm_loss(cm(ids), ids)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step = moecc.graph_step(train, cm, optimizers=[opt], warmup=1)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(4):
+        batches = [torch.randint(0, int(ids.max()) + 1, ids.shape, generator=gen).cuda() for _ in range(world)]
+        got = step(batches[rank])
+        ref_opt.zero_grad(set_to_none=True)
+        ref_losses = [testing.lm_loss(ref(b), b) for b in batches]
+        _close(got, ref_losses[rank].detach(), f"rank {rank} step {i} loss")
+        torch.stack(ref_losses).mean().backward()
+        ref_params = dict(ref.named_parameters())
+        for name, p in cm.named_parameters():
+            r = ref_params[name].grad
+            if r is not None:
+                assert p.grad is not None, f"rank {rank} step {i}: {name} has no gradient"
+                _close(p.grad, testing.local_slice(r, p, rank), f"rank {rank} step {i} grad {name}")
+        ref_opt.step()
+    assert step.replays == 3
+    ref_params = dict(ref.named_parameters())
+    for name, p in cm.named_parameters():  # 4 AdamW steps of lr 1e-3 each: every weight within 2 steps' size
+        err = (p.detach() - testing.local_slice(ref_params[name].detach(), p, rank)).abs().max().item()
+        assert err <= 2e-3, f"rank {rank} weight {name} after 4 steps: {err:.3g} off"
+    assert cm.session.counters().get("fuse.fused", 0) == len(cm.regions) > 0
+
+
+def test_graph_step_replays_the_fused_expert_parallel_training_step() -> None:
+    testing.spawn(_graph_step, 2, timeout_s=300)
+
+
 def test_calibrate_measures_the_fused_ops_across_the_ranks() -> None:
     """`moecc calibrate` times the fused layer over the node's ranks (transfers and waits included) and saves
     that rate by world size, beside the one-rank rate, for the cost model to charge the fused ops at ep > 1."""

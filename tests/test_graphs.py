@@ -1,0 +1,76 @@
+"""`moecc.graph_step` and compile's cuda_graph option, on the CPU: what graph_step refuses before it would
+capture (bad warm-up counts, optimizers that cannot be captured, a model off the GPU), and what cuda_graph=True
+changes in the cost model (no host lane, so token chunks are weighed against the device's gaps only). The
+capture and replay themselves run on a GPU: tests/test_gpu.py and tests/test_gpu_ep.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import moecc
+from moecc import cost, testing
+from moecc.examples import mixtral_style
+from moecc.options import MoeccError
+
+
+def _train(cm: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    loss = testing.lm_loss(cm(ids), ids)
+    loss.backward()
+    return loss.detach()
+
+
+def test_graph_step_refuses_what_it_cannot_capture() -> None:
+    model, _ = mixtral_style.build(seed=0)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(MoeccError, match=r"graph_step\(_train\): warmup=.* must be an integer >= 1"):
+            moecc.graph_step(_train, model, warmup=bad)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # capturable defaults to False
+    with pytest.raises(MoeccError, match=r"AdamW param group 0 has capturable=False.*capturable=True"):
+        moecc.graph_step(_train, model, optimizers=[opt])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+    with pytest.raises(MoeccError, match=r"parameters of MixtralStyleLM are on \['cpu'\]; move the model to a CUDA"):
+        moecc.graph_step(_train, model, optimizers=[opt])
+
+
+def _host_costing_profile(tmp_path: Path) -> Path:
+    ops = (("moecc.grouped_mm", 300e-6),)
+    p = dataclasses.replace(cost.PROFILES["cpu"], host_op=40e-6, host_view=5e-6, host_ops=ops)
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(p.to_json()))
+    return path
+
+
+def test_cuda_graph_option_takes_the_host_out_of_the_cost_model(tmp_path: Path) -> None:
+    profile = _host_costing_profile(tmp_path)
+    model, (ids,) = mixtral_style.build(seed=0)
+    plans = {}
+    for graphed in (False, True):
+        cm = moecc.compile(model, profile=profile, cuda_graph=graphed)
+        _train(cm, ids)
+        assert cm.options.cuda_graph is graphed
+        plans[graphed] = [ctx.plan for ctx in cm.session.contexts]
+        names = {ctx.profile.name for ctx in cm.session.contexts}
+        assert names == ({"cpu, replayed"} if graphed else {"cpu"}), names
+    host = {g: sum(sum(p.get("predicted_host_us", {}).values()) for p in ps) for g, ps in plans.items()}
+    step = {g: sum(sum(p.get("predicted_us", {}).values()) for p in ps) for g, ps in plans.items()}
+    assert host[False] > 0 and host[True] == 0, host
+    # the host set the pace with its costs; replayed, the step is the device's time alone
+    assert 0 < step[True] < step[False], step
+
+
+def test_replayed_profile_makes_chunks_weigh_the_device_gap_only() -> None:
+    from moecc.passes import schedule_overlap as so
+
+    hosted = dataclasses.replace(cost.PROFILES["h200"], host_op=60e-6)
+    replayed = cost.replayed(hosted)
+    assert replayed.host_op == replayed.host_view == 0 and replayed.host_ops == ()
+    assert replayed.op_overhead == hosted.op_overhead and replayed.gemm_flops == hosted.gemm_flops
+    layer = dict(T=8192, H=2048, K=6, elt=2, gemm_flops=2 * 8192 * 6 * 3 * 2048 * 1408, nodes=60)
+    n_hosted, _, best_hosted = so.choose_chunks(hosted, ep=4, **layer)
+    n_replayed, _, best_replayed = so.choose_chunks(replayed, ep=4, **layer)
+    assert n_replayed > n_hosted and best_replayed < best_hosted, (n_hosted, n_replayed)
