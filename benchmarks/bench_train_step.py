@@ -561,6 +561,14 @@ def bench_variant(
     return rec, result, (call if "error" not in rec else None)
 
 
+def release(call: Callable[[], Any] | None) -> None:
+    """Release a variant's CUDA graph, if it has one: NCCL cannot tear down a communicator that a live graph
+    holds, and destroy_process_group would wait for it."""
+    m = call.args[0] if isinstance(call, functools.partial) else None
+    if isinstance(m, StepModel) and m.graphed is not None:
+        m.graphed.close()
+
+
 def interleaved_timing(
     run: layer_bench.Run, steps: dict[str, Callable[[], Any]], rounds: int, records: list[dict[str, Any]]
 ) -> None:
@@ -716,6 +724,7 @@ def main() -> None:
         if args.interleave and call is not None:
             alive[name] = call  # its model stays, for the interleaved timing below
         else:
+            release(call)
             torch._dynamo.reset()
         layer_bench._free(run)
     if alive:
@@ -735,6 +744,8 @@ def main() -> None:
         path = layer_bench.write_results(args.out, "train_step", args.tag, result)
         print("\n" + table(records) + "\n", flush=True)
         print(f"wrote {path}", flush=True)
+    for call in alive.values():
+        release(call)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -34,6 +34,9 @@ changes, and what graph_step checks for:
   (such as a scheduler's learning rate) changed since the capture; hold such a value in a tensor and update it
   in place instead.
 - Outputs: tensors are copied out of the graph's buffers, so a returned loss stays valid after the next call.
+- The graph holds its memory (activations, gradients) and, where the step has collectives, their NCCL
+  communicators: call `close()` before `torch.distributed.destroy_process_group()`, which otherwise waits for
+  the graph forever. The next call after `close()` warms up and captures again.
 - Anything that synchronises with the host during the step (`.item()`, a shape that depends on values, the
   unfused expert-parallel path's count exchange, a collective over gloo) makes the capture fail: the error
   says so. The Python code of `fn` runs only at the capture: state it reads on the host is frozen there.
@@ -216,6 +219,16 @@ class GraphStep:
             if p.grad is not g:
                 p.grad = g
         return self._outputs()
+
+    def close(self) -> None:
+        """Release the graph and its buffers, and set the parameters' `.grad` (the graph's gradient buffers) to
+        None; the next call starts over (warm-up, capture)."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+        self.graph, self._out, self._static, self._grads, self._hyper = None, None, [], [], []
+        for p in self.params:  # the gradients live in the graph's memory pool
+            p.grad = None
+        self.calls = 0
 
     def _check_optimizers(self) -> None:
         for opt, groups in zip(self.optimizers, self._hyper, strict=True):

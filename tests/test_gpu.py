@@ -229,12 +229,15 @@ def test_graph_step_trains_as_the_uncaptured_step() -> None:
         return loss.detach()
 
     step = moecc.graph_step(train, cm, optimizers=[opt], warmup=1)
-    fused = dict(triton_ep.COUNTERS)
+    ran: dict[str, int] = dict.fromkeys(triton_ep.PHASE_COUNTERS, 0)  # fused kernels launched from Python
     losses = []
     for i in range(5):
         batch = torch.randint(0, int(ids.max()) + 1, ids.shape, device="cuda")
         opt.zero_grad(set_to_none=True)  # the replay puts the graph's gradients back
+        before = dict(triton_ep.COUNTERS)
         got = step(batch)
+        for name in ran:
+            ran[name] += triton_ep.COUNTERS[name] - before.get(name, 0)
         ref_opt.zero_grad(set_to_none=True)
         want = _lm_loss(ref(batch), batch)
         want.backward()
@@ -251,10 +254,13 @@ def test_graph_step_trains_as_the_uncaptured_step() -> None:
     assert step.replays == 4 and len(set(losses)) == 5, (step.replays, losses)
     for (n, p), r in zip(cm.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.float(), r.float(), atol=2e-2, rtol=2e-2, msg=lambda m, n=n: f"{n}: {m}")
-    for name in triton_ep.PHASE_COUNTERS:  # the fused kernels ran in the warm-up and the capture only
-        assert triton_ep.COUNTERS[name] - fused.get(name, 0) == 2 * len(cm.regions), name
+    # the fused kernels were launched by the warm-up and the capture only; the replays ran them from the graph
+    assert ran == dict.fromkeys(triton_ep.PHASE_COUNTERS, 2 * len(cm.regions)), ran
     with pytest.raises(moecc.MoeccError, match=r"argument\[0\]\[0\] is torch.int64 \[2, 64\] .* captured with"):
         step(batch[:, :64].contiguous())
     opt.param_groups[0]["weight_decay"] = 0.5
     with pytest.raises(moecc.MoeccError, match=r"weight_decay=0.5, but the graph was captured with weight_decay=0.01"):
         step(batch)
+    opt.param_groups[0]["weight_decay"] = 0.01
+    step.close()  # the graph released: the next call warms up and captures again
+    assert step.graph is None and float(step(batch)) > 0 and step.graph is None and step.replays == 4
