@@ -420,6 +420,36 @@ def triton_glu_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, kind: str) -> 
 triton_glu_backward.register_fake(_glu_backward_fake)
 
 
+# The GLU between two grouped GEMMs over the same expert offsets (what `lower` gives the triton backend): only
+# the rows before offs[-1], the last expert's end, are computed; the later rows (the room a receive buffer
+# keeps for the worst case, or dropped slots) are left unwritten, and nothing reads them: the grouped GEMMs
+# and their dX and dW stop at the offsets too.
+
+
+@torch.library.custom_op("moecc::triton_glu_rows", mutates_args=())
+def triton_glu_rows(h_SF2: torch.Tensor, offs_E: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.glu_rows(h_SF2, offs_E[-1:], kind)
+
+
+@triton_glu_rows.register_fake
+def _(h_SF2: torch.Tensor, offs_E: torch.Tensor, kind: str):
+    return _glu_fake(h_SF2, kind)
+
+
+@torch.library.custom_op("moecc::triton_glu_rows_backward", mutates_args=())
+def triton_glu_rows_backward(da_SF: torch.Tensor, h_SF2: torch.Tensor, offs_E: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.glu_rows_backward(da_SF, h_SF2, offs_E[-1:], kind)
+
+
+@triton_glu_rows_backward.register_fake
+def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, offs_E: torch.Tensor, kind: str):
+    return _glu_backward_fake(da_SF, h_SF2, kind)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # fused expert parallelism (the fuse pass puts these in place of a region's dispatch, expert GEMMs and
 # combine; `moecc.backends.triton_ep`): one op for dispatch + expert GEMM 1, one for expert GEMM 2 + combine.

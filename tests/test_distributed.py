@@ -71,10 +71,11 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
         assert counters["sync_grads.scale_folded"] == weights, (name, weights, dict(counters))
         if backend == "triton":  # the Triton kernels ran, with the fused ones not selected across ranks
             assert counters["lower.triton"] > 0 and not counters.get("fuse.fused"), (name, dict(counters))
-            kernels = [
-                k for k in ("grouped_mm", "grouped_mm_wgrad", "glu", "glu_backward") if triton_backend.COUNTERS[k]
-            ]
-            assert kernels == ["grouped_mm", "grouped_mm_wgrad", "glu", "glu_backward"], (name, kernels)
+            # the GLUs stop at the received rows (the receive buffer has room for ep times a rank's average)
+            names = ("grouped_mm", "grouped_mm_wgrad", "glu_rows", "glu_rows_backward", "glu", "glu_backward")
+            kernels = [k for k in names if triton_backend.COUNTERS[k]]
+            assert kernels == ["grouped_mm", "grouped_mm_wgrad", "glu_rows", "glu_rows_backward"], (name, kernels)
+            assert counters["lower.glu_rows"] == 2 * len(cm.regions), (name, dict(counters))
         # expert parameter memory per rank is 1/ep of the model's
         local_expert = sum(p.numel() for n, p in cm.named_parameters() if ".experts." in n)
         assert local_expert * ep == full_expert, (name, local_expert, full_expert)

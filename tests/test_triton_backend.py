@@ -128,6 +128,10 @@ def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
         assert ran(triton_backend.COUNTERS, "glu", before) == 0
     else:  # 2 GEMMs per region forward, 2 dX backward; the combine and its backward in one pass each
         assert ran(triton_backend.COUNTERS, "grouped_mm", before) == 4 * regions
+        # the GLU between the GEMMs reads its row count from their offsets (the last expert's end)
+        assert ran(triton_backend.COUNTERS, "glu_rows", before) == regions
+        assert ran(triton_backend.COUNTERS, "glu_rows_backward", before) == regions
+        assert ran(triton_backend.COUNTERS, "glu", before) == 0 and counters["lower.glu_rows"] == 2 * regions
         assert ran(triton_backend.COUNTERS, "unpermute_combine", before) == regions
         assert ran(triton_backend.COUNTERS, "unpermute_combine_backward", before) == regions
         assert ran(triton_backend.COUNTERS, "route_permute_backward", before) == regions
@@ -229,6 +233,28 @@ def test_ep_glu_computes_only_the_rows_the_plan_counts(rows: int) -> None:
         torch.testing.assert_close(dx[:rows], ref_dh, atol=1e-5, rtol=1e-5)
     assert not out[:rows].isnan().any() and not dx[:rows].isnan().any()
     torch.library.opcheck(ops.ep_glu, (h, plan, "silu"), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("end", [0, 1, 23, 37])
+def test_glu_rows_stops_at_the_last_experts_end(end: int) -> None:
+    """triton_glu_rows / its backward (the GLU `lower` puts between grouped GEMMs over the same offsets) compute
+    the rows before offs[-1] only: those match the GLU; the rows past it (a receive buffer's room, NaN here)
+    do not reach them and are not computed."""
+    gen = torch.Generator().manual_seed(end)
+    S, F = 37, 21
+    h = torch.randn(S, 2 * F, generator=gen).to(_device())
+    h[end:] = float("nan")
+    da = torch.randn(S, F, generator=gen).to(_device())
+    da[end:] = float("nan")
+    offs = torch.tensor([0, end // 3, end // 2, end], dtype=torch.int32, device=_device())  # an empty expert first
+    out = ops.triton_glu_rows(h, offs, "gelu")
+    dh = ops.triton_glu_rows_backward(da, h, offs, "gelu")
+    torch.testing.assert_close(out[:end], triton_backend.glu(h[:end], "gelu"), atol=0, rtol=0)
+    torch.testing.assert_close(dh[:end], triton_backend.glu_backward(da[:end], h[:end], "gelu"), atol=0, rtol=0)
+    assert not out[:end].isnan().any() and not dh[:end].isnan().any()
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.triton_glu_rows, (h, offs, "gelu"), test_utils=checks)
+    torch.library.opcheck(ops.triton_glu_rows_backward, (da, h, offs, "gelu"), test_utils=checks)
 
 
 def test_glu_of_an_unknown_activation_or_odd_width_is_an_error() -> None:
