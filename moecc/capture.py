@@ -31,6 +31,7 @@ from moecc import cost, dump, ir, ops
 from moecc.backends import torch_backend
 from moecc.options import CompileOptions, MoeccError
 from moecc.pass_manager import CompileContext, Mesh, run_stage
+from moecc.passes.fuse_experts import refuse_host_sized_exchanges
 from moecc.passes.lift_moe import call_activation
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,6 +359,8 @@ class Session:
         ctx.plan["graph_inputs"] = [self._input_source(n) for n in gm.graph.nodes if n.op == "placeholder"]
         ctx.plan["num_outputs"] = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
         gm = run_stage(gm, ctx, "dynamo", "dynamo")
+        if self.options.cuda_graph:
+            refuse_host_sized_exchanges(gm, ctx)
         from moecc.passes.schedule_overlap import check_collective_order
 
         check_collective_order(gm, ctx)

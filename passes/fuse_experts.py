@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from moecc import cost, ir, ops
+from moecc.options import MoeccError
 from moecc.pass_manager import CompileContext
 from moecc.passes.lift_moe import _GraphEmitter
 from moecc.passes.lower_backend import graph_device, resolve_backend
@@ -173,6 +174,7 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     backend = resolve_backend(ctx.options.backend, device)
     blocked = fusion_refusal(backend, device, ctx.mesh.ep, ctx.mesh.ep_hosts, ctx.mesh.ep_peer_access)
     present = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.grouped_mm.default}
+    refused = ctx.plan.setdefault("fuse_refused", {})
     for r in ctx.regions:
         if r.path not in present:
             continue
@@ -184,6 +186,7 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if reason is not None or m is None:
             ctx.counters["fuse.refused"] += 1
             ctx.note(f"not fused {r.path}: {reason}")
+            refused[r.path] = str(reason)
             continue
         glu_rows = fuse_region(gm, ctx, r, m)
         ctx.counters["fuse.fused"] += 1
@@ -194,6 +197,24 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """cuda_graph=True promises a step a CUDA graph can replay; an unfused sharded region breaks that promise:
+    its routing plan (ep_plan) copies the all-to-alls' row counts to the host every step, and a replay would
+    reuse the captured counts. Said at compile time (after the Dynamo-stage passes, whichever ran), rather
+    than as a failed capture later."""
+    refused = ctx.plan.get("fuse_refused", {})
+    synced = [ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_plan.default]
+    if not synced:
+        return
+    lines = [f"{path} (not fused: {refused.get(path, 'the fuse pass did not run')})" for path in dict.fromkeys(synced)]
+    raise MoeccError(
+        "moecc.compile(cuda_graph=True): these MoE regions exchange tokens by all-to-alls whose row counts the "
+        "host reads every step, which a CUDA graph cannot replay: " + "; ".join(lines) + ". Only regions fused "
+        "across ranks (backend 'triton' on the GPUs of one node, MOECC_FUSED_EP unset) run without the host; "
+        "or compile without cuda_graph=True and run the step without moecc.graph_step"
+    )
 
 
 def check_fused(gm: fx.GraphModule, ctx: CompileContext) -> None:

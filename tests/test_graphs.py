@@ -74,3 +74,23 @@ def test_replayed_profile_makes_chunks_weigh_the_device_gap_only() -> None:
     n_hosted, _, best_hosted = so.choose_chunks(hosted, ep=4, **layer)
     n_replayed, _, best_replayed = so.choose_chunks(replayed, ep=4, **layer)
     assert n_replayed > n_hosted and best_replayed < best_hosted, (n_hosted, n_replayed)
+
+
+def _unfused_with_cuda_graph(rank: int, world: int) -> None:
+    model, (ids,) = mixtral_style.build(seed=0)
+    cm = moecc.compile(model, ep=world, cuda_graph=True)  # the torch backend: regions are not fused across ranks
+    with pytest.raises(
+        MoeccError,
+        match=r"cuda_graph=True\): these MoE regions exchange tokens by all-to-alls whose row counts the host reads "
+        r"every step.*layers.0.moe.experts \(not fused: the torch backend has no fused dispatch/combine kernels\)",
+    ):
+        cm(ids)
+    plain = moecc.compile(mixtral_style.build(seed=0)[0], ep=world)  # without the promise it runs
+    assert testing.lm_loss(plain(ids), ids).isfinite()
+
+
+def test_cuda_graph_option_refuses_regions_whose_exchange_sizes_come_from_the_host() -> None:
+    """compile(cuda_graph=True) with expert parallelism on the unfused path (the torch backend here; on GPUs
+    MOECC_FUSED_EP=0 or an ep-group across hosts) is an error at compile time that names the regions and why
+    they were not fused, instead of a capture that fails later."""
+    testing.spawn(_unfused_with_cuda_graph, 2)
