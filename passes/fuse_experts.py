@@ -205,7 +205,13 @@ def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None
     reuse the captured counts. Said at compile time (after the Dynamo-stage passes, whichever ran), rather
     than as a failed capture later."""
     refused = ctx.plan.get("fuse_refused", {})
-    synced = [ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_plan.default]
+    # a fused region's plan is dead code at this stage (nothing uses it; the autograd trace drops it)
+    fused = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default}
+    synced = [
+        ir.facts(n).get("region")
+        for n in gm.graph.nodes
+        if n.target is torch.ops.moecc.ep_plan.default and ir.facts(n).get("region") not in fused
+    ]
     if not synced:
         return
     lines = [f"{path} (not fused: {refused.get(path, 'the fuse pass did not run')})" for path in dict.fromkeys(synced)]
