@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.fx as fx
 
 import moecc
-from moecc import cost, testing
+from moecc import cost, ir, testing
 from moecc.examples import mixtral_style
 from moecc.options import MoeccError
+from moecc.passes.fuse_experts import refuse_host_sized_exchanges
 
 
 def _train(cm: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -94,3 +97,21 @@ def test_cuda_graph_option_refuses_regions_whose_exchange_sizes_come_from_the_ho
     MOECC_FUSED_EP=0 or an ep-group across hosts) is an error at compile time that names the regions and why
     they were not fused, instead of a capture that fails later."""
     testing.spawn(_unfused_with_cuda_graph, 2)
+
+
+def test_cuda_graph_check_names_unfused_regions_only() -> None:
+    """The check behind cuda_graph=True on a graph holding one fused region (whose routing plan is dead code
+    at the Dynamo stage) and one refused region: only the refused one is named, with its reason."""
+    g = fx.Graph()
+    idx = g.placeholder("idx_TK")
+    for path in ("layers.0.experts", "layers.1.experts"):
+        ir.tag_region(g.call_function(torch.ops.moecc.ep_plan.default, (idx, 8, 2, "g")), path, "shard")
+    ir.tag_region(g.call_function(torch.ops.moecc.ep_dispatch_gemm.default, (idx,)), "layers.0.experts", "fuse")
+    g.output(None)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    ctx = types.SimpleNamespace(plan={"fuse_refused": {"layers.1.experts": "a per-expert bias"}})
+    with pytest.raises(MoeccError, match=r"replay: layers.1.experts \(not fused: a per-expert bias\)\. Only"):
+        refuse_host_sized_exchanges(gm, ctx)
+    ctx.plan["fuse_refused"] = {}
+    gm.graph.erase_node(next(n for n in gm.graph.nodes if ir.facts(n).get("region") == "layers.1.experts"))
+    refuse_host_sized_exchanges(gm, ctx)  # the fused region alone: nothing to refuse
