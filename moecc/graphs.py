@@ -19,6 +19,10 @@ once, the step replays with one launch. This works because nothing in moecc's co
 host: routing counts stay on the device, and the fused expert-parallel kernels meet their peers through
 symmetric-memory signals derived from call counters kept on the device.
 
+`moecc.compile(..., cuda_graph=True)` states the intent at compile time: a sharded MoE region that cannot be
+replayed (one left unfused, whose all-to-all row counts the host reads every step) is an error there, naming
+the region, and the cost model's timeline has no host lane (a replay issues nothing).
+
 The first `warmup` calls run `fn` as it is (on a side stream: Dynamo compiles, Triton builds its kernels, the
 symmetric buffers are allocated); the next call captures `fn` into a graph and replays it; every later call
 copies its arguments into the graph's input buffers and replays. Every call is a real step. What replaying
@@ -45,7 +49,6 @@ changes, and what graph_step checks for:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,18 +107,11 @@ class GraphStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         off = sorted({str(p.device) for p in self.params if p.device.type != "cuda"})
         if off:
-            raise MoeccError(f"{self.name}: parameters of {type(model).__name__} are on {off}; move the model to a "
+            model_name = type(getattr(model, "_original", model)).__name__
+            raise MoeccError(f"{self.name}: parameters of {model_name} are on {off}; move the model to a "
                              "CUDA device before compiling it (CUDA graphs replay device work only)")  # fmt: skip
         if not torch.cuda.is_available():
             raise MoeccError(f"{self.name}: CUDA graphs need a CUDA device, and none is available here")
-        options = getattr(model, "options", None)
-        if options is not None and not getattr(options, "cuda_graph", True):
-            original = type(getattr(model, "_original", model)).__name__
-            warnings.warn(
-                f"{self.name}: {original} was compiled without cuda_graph=True: its cost model "
-                "charges host time that a replay does not spend, and may choose fewer token chunks than pay here",
-                stacklevel=3,
-            )
         self.fn = fn
         self.warmup = warmup
         self.calls = 0

@@ -48,9 +48,10 @@ class CompileOptions:
             `moecc.profile_step` can compare each node's measured time with its prediction (slower).
         chunks: token chunks per sharded MoE region (1 to 8), so that one chunk's all-to-alls overlap
             another's expert compute; None lets the cost model choose. Sizes differ by at most one token.
-        cuda_graph: the step will be replayed from a CUDA graph (`moecc.graph_step`): the cost model then
-            charges no host time to issue the graphs' nodes (a replay issues none), which is what makes token
-            chunks pay where the host, not the device, sets the pace.
+        cuda_graph: the step will be replayed from a CUDA graph (`moecc.graph_step`): a sharded MoE region
+            that a replay cannot run (one left unfused, whose all-to-all row counts the host reads every step)
+            is an error at compile time, and the cost model charges no host time to issue the graphs' nodes
+            (a replay issues none).
     """
 
     ep: int | None = None
