@@ -5,6 +5,7 @@
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh tests    # fused expert parallelism over real symmetric memory
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh layer    # bench_moe_layer.py, the three shapes
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh train    # bench_train_step.py: eager, moecc without / with schedule
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh graphs   # the training step with and without moecc.graph_step
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh profile  # calibrate this node, then the training step again
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh kernels  # the layer's kernels with expert parallelism (rank 0's)
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh fused    # one GPU: the fused ops kernel by kernel (bench_fused_ops.py)
@@ -18,7 +19,10 @@ case "${1:-}" in
   layer) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_moe_layer.py --out "$OUT" --tag "_${N}gpu" \
            --timeout-s 500 ;;
   train) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py --out "$OUT" --tag "_${N}gpu" \
-           --interleave 3 --timeout-s 500 ;;
+           --variants eager moecc_noschedule moecc --interleave 3 --timeout-s 500 ;;
+  graphs) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py --out "$OUT" \
+            --tag "_${N}gpu_graphs" --variants moecc_noschedule moecc moecc_noschedule_graphed moecc_graphed \
+            --interleave 2 --timeout-s 500 ;;
   profile)
     timeout 240 python3 -m moecc.cli calibrate --world-size "$N" --out "$OUT/profile_${N}gpu.json"
     MOECC_PROFILE="$OUT/profile_${N}gpu.json" timeout 300 torchrun --nproc-per-node "$N" \
@@ -26,5 +30,5 @@ case "${1:-}" in
   kernels) timeout 300 torchrun --nproc-per-node "$N" benchmarks/profile_moe_layer.py --shapes qwen3 deepseek \
              --backends triton --out "$OUT" ;;
   fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$OUT" --tag "_1gpu" ;;
-  *) echo "usage: $0 tests|layer|train|profile|kernels|fused" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|layer|train|graphs|profile|kernels|fused" >&2; exit 2 ;;
 esac
