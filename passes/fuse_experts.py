@@ -213,6 +213,7 @@ def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None
         if n.target is torch.ops.moecc.ep_plan.default and ir.facts(n).get("region") not in fused
     ]
     if not synced:
+        ctx.note("cuda_graph=True: no sharded region reads its row counts on the host; the step can be replayed")
         return
     lines = [f"{path} (not fused: {refused.get(path, 'the fuse pass did not run')})" for path in dict.fromkeys(synced)]
     raise MoeccError(

@@ -109,9 +109,11 @@ def test_cuda_graph_check_names_unfused_regions_only() -> None:
     ir.tag_region(g.call_function(torch.ops.moecc.ep_dispatch_gemm.default, (idx,)), "layers.0.experts", "fuse")
     g.output(None)
     gm = fx.GraphModule(torch.nn.Module(), g)
-    ctx = types.SimpleNamespace(plan={"fuse_refused": {"layers.1.experts": "a per-expert bias"}})
+    notes: list[str] = []
+    ctx = types.SimpleNamespace(plan={"fuse_refused": {"layers.1.experts": "a per-expert bias"}}, note=notes.append)
     with pytest.raises(MoeccError, match=r"replay: layers.1.experts \(not fused: a per-expert bias\)\. Only"):
         refuse_host_sized_exchanges(gm, ctx)
     ctx.plan["fuse_refused"] = {}
     gm.graph.erase_node(next(n for n in gm.graph.nodes if ir.facts(n).get("region") == "layers.1.experts"))
-    refuse_host_sized_exchanges(gm, ctx)  # the fused region alone: nothing to refuse
+    refuse_host_sized_exchanges(gm, ctx)  # the fused region alone: nothing to refuse, and the dumps say so
+    assert notes == ["cuda_graph=True: no sharded region reads its row counts on the host; the step can be replayed"]
