@@ -513,6 +513,54 @@ def _glu_launch(
     return out
 
 
+@triton.jit
+def _act_rows_kernel(
+    h_ptr, da_ptr, out_ptr, rows_ptr, F,
+    ACT: tl.constexpr, BF: tl.constexpr, BACKWARD: tl.constexpr,
+):  # fmt: skip
+    """A plain (non-GLU) expert activation over the rows before rows_ptr[0] only: out[r] = act(h[r]), or
+    BACKWARD: out[r] = da[r] * act'(h[r]). Programs take every num_programs(0)-th row, as _glu_kernel's."""
+    cols = tl.program_id(1) * BF + tl.arange(0, BF)
+    m = cols < F
+    row = tl.program_id(0).to(tl.int64)
+    end = tl.load(rows_ptr).to(tl.int64)
+    while row < end:
+        g = tl.load(h_ptr + row * F + cols, mask=m, other=0.0).to(tl.float32)
+        y, dy = _glu_act(g, ACT)
+        if BACKWARD:
+            da = tl.load(da_ptr + row * F + cols, mask=m, other=0.0).to(tl.float32)
+            y = da * dy
+        tl.store(out_ptr + row * F + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+        row += tl.num_programs(0)
+
+
+def _act_rows_launch(h_SF: torch.Tensor, da_SF: torch.Tensor | None, rows: torch.Tensor, kind: str) -> torch.Tensor:
+    S, F = h_SF.shape
+    h_SF = h_SF.contiguous()
+    out = torch.empty_like(h_SF)
+    if S == 0 or F == 0:
+        return out
+    BF = min(2048, triton.next_power_of_2(F)) if h_SF.device.type == "cuda" else 16  # as the GLU's
+    da = da_SF.contiguous() if da_SF is not None else h_SF
+    P = max(1, min(S, triton.cdiv(S, GLU_ROWS_SHARE)))
+    _act_rows_kernel[(P, triton.cdiv(F, BF))](
+        h_SF, da, out, rows, F, ACT=GLU_ACT_CODES[kind], BF=BF, BACKWARD=da_SF is not None
+    )  # fmt: skip
+    return out
+
+
+def act_rows(h_SF: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor:
+    """act(h) over the first rows[0] rows of h only (an int tensor of one element on h's device, read by the
+    kernel); the later rows are left unwritten. For a plain expert activation between the fused ops."""
+    COUNTERS["act_rows"] += 1
+    return _act_rows_launch(h_SF, None, rows, kind)
+
+
+def act_rows_backward(da_SF: torch.Tensor, h_SF: torch.Tensor, rows: torch.Tensor, kind: str) -> torch.Tensor:
+    COUNTERS["act_rows_backward"] += 1
+    return _act_rows_launch(h_SF, da_SF, rows, kind)
+
+
 # glu_rows launches programs for 1/GLU_ROWS_SHARE of the rows it has room for (their rows past the count exit at
 # once); the fused path's room is ep times a rank's average rows
 GLU_ROWS_SHARE = 2

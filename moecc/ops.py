@@ -649,6 +649,48 @@ def _ep_glu_backward(ctx: Any, da_SF: torch.Tensor):
 ep_glu.register_autograd(_ep_glu_backward, setup_context=_ep_glu_setup)
 
 
+# A plain (non-GLU) expert activation between the fused ops, over the plan's row count only, like ep_glu.
+
+
+def _act_check(kind: str) -> None:
+    if kind not in torch_backend.GLU_ACTS:
+        raise ValueError(f"moecc.ep_act: activation {kind!r} is not one of {', '.join(torch_backend.GLU_ACTS)}")
+
+
+@torch.library.custom_op("moecc::ep_act", mutates_args=())
+def ep_act(h_SF: torch.Tensor, plan: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    _act_check(kind)
+    return triton_backend.act_rows(h_SF, plan[:1], kind)
+
+
+@ep_act.register_fake
+def _(h_SF: torch.Tensor, plan: torch.Tensor, kind: str):
+    _act_check(kind)
+    return torch.empty_like(h_SF)
+
+
+@torch.library.custom_op("moecc::ep_act_backward", mutates_args=())
+def ep_act_backward(da_SF: torch.Tensor, h_SF: torch.Tensor, plan: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.act_rows_backward(da_SF, h_SF, plan[:1], kind)
+
+
+@ep_act_backward.register_fake
+def _(da_SF: torch.Tensor, h_SF: torch.Tensor, plan: torch.Tensor, kind: str):
+    return torch.empty_like(h_SF)
+
+
+def _ep_act_backward(ctx: Any, da_SF: torch.Tensor):
+    h_SF, plan = ctx.saved_tensors
+    return torch.ops.moecc.ep_act_backward(da_SF, h_SF, plan, ctx.kind), None, None
+
+
+ep_act.register_autograd(_ep_act_backward, setup_context=_ep_glu_setup)
+
+
 def expert_capacity(capacity_factor: float | None, T: int, K: int, E: int) -> int:
     """Routed (token, slot) pairs an expert keeps per step: ceil(capacity_factor * T * K / E); -1 = dropless."""
     if capacity_factor is None:

@@ -17,9 +17,9 @@ pass a test.
     out_TH = zeros_like(x_TH).index_add(0, tok_R, all_to_all_rows(part_RH, ...))
 
 [1] h_SF has room for the worst case, S = ep * T * K rows (every token of every rank routed to this rank's
-experts), ep times what a rank receives on average. A GLU activation becomes ep_glu(h_SF, plan, kind), which
-computes only the rows the plan counts; other activations run over all S rows (the rows past the received
-ones are never read).
+experts), ep times what a rank receives on average. A GLU activation becomes ep_glu(h_SF, plan, kind) and a
+plain one (silu, relu, gelu) ep_act(h_SF, plan, kind), which compute only the rows the plan counts; any other
+code between the GEMMs runs over all S rows (the rows past the received ones are never read).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import torch
 import torch.fx as fx
 
 from moecc import cost, ir, ops
+from moecc.backends import torch_backend
 from moecc.options import MoeccError
 from moecc.pass_manager import CompileContext
-from moecc.passes.lift_moe import _GraphEmitter
+from moecc.passes.lift_moe import _GraphEmitter, call_activation
 from moecc.passes.lower_backend import graph_device, resolve_backend
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -139,7 +140,8 @@ def fused_ep_enabled() -> bool:
 
 
 def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m: _Match) -> bool:
-    """-> whether the activation between the ops is a GLU that now stops at the received rows (ep_glu)."""
+    """-> whether the activation between the ops (a GLU: ep_glu; a plain one: ep_act) now stops at the received
+    rows."""
     ep, group = ctx.mesh.ep, (ctx.mesh.ep_group if ctx.mesh.ep > 1 else "")
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(m.gm1):
@@ -154,6 +156,17 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
     ):
         with gm.graph.inserting_before(act):
             a = ops.ep_glu(h, plan, act.args[1])
+        act.replace_all_uses_with(a.node)
+        gm.graph.erase_node(act)
+        glu_rows = True
+    elif (  # so does a plain activation (a non-GLU MLP expert's)
+        isinstance(act, fx.Node)
+        and call_activation(act) in torch_backend.GLU_ACTS
+        and act.args[0] is h.node
+        and set(act.users) == {m.gm2}
+    ):
+        with gm.graph.inserting_before(act):
+            a = ops.ep_act(h, plan, call_activation(act))
         act.replace_all_uses_with(a.node)
         gm.graph.erase_node(act)
         glu_rows = True
@@ -192,7 +205,7 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ctx.counters["fuse.fused"] += 1
         ctx.note(
             f"fused {r.path}: dispatch + expert GEMM 1, expert GEMM 2 + combine (ep={ctx.mesh.ep})"
-            + ("; the GLU between them over the rows received only" if glu_rows else "")
+            + ("; the activation between them over the rows received only" if glu_rows else "")
         )
     gm.graph.lint()
     gm.recompile()
@@ -236,5 +249,6 @@ FUSED_OPS = {
     torch.ops.moecc.ep_dispatch_gemm.default,
     torch.ops.moecc.ep_gemm_combine.default,
     torch.ops.moecc.ep_glu.default,
+    torch.ops.moecc.ep_act.default,
     torch.ops.moecc.glu.default,  # another activation's GLU (none today: a GLU between the ops becomes ep_glu)
 }

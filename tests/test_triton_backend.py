@@ -257,6 +257,75 @@ def test_glu_rows_stops_at_the_last_experts_end(end: int) -> None:
     torch.library.opcheck(ops.triton_glu_rows_backward, (da, h, offs, "gelu"), test_utils=checks)
 
 
+@pytest.mark.parametrize("kind", torch_backend.GLU_ACTS)
+def test_ep_act_computes_only_the_rows_the_plan_counts(kind: str) -> None:
+    """ep_act (a plain expert activation between the fused ops) over the plan's row count only, forward and
+    backward against autograd through the model's own activation; the rows past the count (NaN) reach nothing."""
+    gen = torch.Generator().manual_seed(len(kind))
+    S, F, rows = 37, 21, 23
+    h = torch.randn(S, F, generator=gen).to(_device())
+    h[rows:] = float("nan")
+    da = torch.randn(S, F, generator=gen).to(_device())
+    plan = torch.tensor([rows, -5, 7], dtype=torch.int32, device=_device())
+    before = dict(triton_backend.COUNTERS)
+    x = h.clone().requires_grad_()
+    out = ops.ep_act(x, plan, kind)
+    (dx,) = torch.autograd.grad(out, x, da)
+    assert triton_backend.COUNTERS["act_rows"] - before.get("act_rows", 0) == 1
+    assert triton_backend.COUNTERS["act_rows_backward"] - before.get("act_rows_backward", 0) == 1
+    ref_h = h[:rows].clone().requires_grad_()
+    ref = torch_backend.act(kind, ref_h)
+    (ref_dh,) = torch.autograd.grad(ref, ref_h, da[:rows])
+    torch.testing.assert_close(out[:rows], ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx[:rows], ref_dh, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(ops.ep_act, (h, plan, kind), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="activation 'tanh' is not one of silu, gelu, gelu_tanh, relu"):
+        ops.ep_act(h, plan, "tanh")
+
+
+class _PlainMoE(torch.nn.Module):
+    """Top-2 MoE over bias-free two-layer MLP experts (act(fc1) -> fc2): no GLU between the expert GEMMs."""
+
+    def __init__(self, act: torch.nn.Module, h: int = 16, f: int = 24, e: int = 4) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(h, e, bias=False)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(h, f, bias=False), act, torch.nn.Linear(f, h, bias=False))
+            for _ in range(e)
+        )
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        w_TK, idx_TK = torch.topk(self.router(x_TH).softmax(-1), 2, dim=-1)
+        out_TH = torch.zeros_like(x_TH)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx_TK == e)
+            out_TH.index_add_(0, tok, expert(x_TH[tok]) * w_TK[tok, slot, None])
+        return out_TH
+
+
+@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.ReLU()], ids=["gelu", "relu"])
+def test_fused_plain_mlp_experts_run_their_activation_over_the_counted_rows(act: torch.nn.Module) -> None:
+    """A fused region whose experts are plain MLPs: the activation between the fused ops becomes ep_act, and
+    the layer still matches eager, forward and backward."""
+    torch.manual_seed(0)
+    model = _PlainMoE(act).to(_device())
+    x = torch.randn(12, 16, device=_device(), requires_grad=True)
+    before = dict(triton_backend.COUNTERS)
+    cm = moecc.compile(model, backend="triton")
+    out = cm(x)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = model(ref_x)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    g = torch.randn_like(out)
+    (dx,) = torch.autograd.grad(out, x, g)
+    (ref_dx,) = torch.autograd.grad(ref, ref_x, g)
+    torch.testing.assert_close(dx, ref_dx, atol=1e-4, rtol=1e-4)
+    counters = cm.session.counters()
+    assert counters.get("fuse.fused") == 1, counters
+    assert triton_backend.COUNTERS["act_rows"] - before.get("act_rows", 0) == 1
+    assert triton_backend.COUNTERS["act_rows_backward"] - before.get("act_rows_backward", 0) == 1
+
+
 def test_glu_of_an_unknown_activation_or_odd_width_is_an_error() -> None:
     h = torch.randn(4, 6)
     with pytest.raises(ValueError, match="activation 'tanh' is not one of silu, gelu, gelu_tanh, relu"):

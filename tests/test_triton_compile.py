@@ -29,6 +29,7 @@ POINTERS: dict[str, dict[str, str]] = {
     },
     "triton_ep._gemm_scatter_kernel": dict.fromkeys(("a_ptr", "w_ptr"), BF16),
     "triton_backend._glu_kernel": dict.fromkeys(("h_ptr", "da_ptr", "out_ptr"), BF16),
+    "triton_backend._act_rows_kernel": dict.fromkeys(("h_ptr", "da_ptr", "out_ptr"), BF16),
     "triton_ep._combine_kernel": {"src_ptr": BF16, "w_ptr": "fp32", "out_ptr": BF16, "copy_ptr": BF16},
     "triton_ep._gate_grad_kernel": {"dout_ptr": BF16, "y_ptr": BF16, "dw_ptr": "fp32"},
     "triton_ep._push_meta_kernel": {},
@@ -98,8 +99,15 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
         )
     for act, code in triton_backend.GLU_ACT_CODES.items():
         for backward in (False, True):
-            out[f"glu-{act}-{'bwd' if backward else 'fwd'}"] = (
-                "triton_backend._glu_kernel",
+            way = "bwd" if backward else "fwd"
+            for rows in (False, True):  # over every row, or up to a count on the device (glu_rows, ep_glu)
+                out[f"glu-{act}-{way}{'-rows' if rows else ''}"] = (
+                    "triton_backend._glu_kernel",
+                    {"ACT": code, "BF": 2048, "BACKWARD": backward, "HAS_ROWS": rows},
+                    {},
+                )
+            out[f"act-{act}-{way}"] = (
+                "triton_backend._act_rows_kernel",
                 {"ACT": code, "BF": 2048, "BACKWARD": backward},
                 {},
             )
@@ -122,7 +130,7 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
 UNIT_STRIDES = ("sxk", "sak", "syn", "swk")
 DIVISIBLE = ("H", "N", "K", "Kd", "TK", "T", "F", "swe", "swn", "sxm", "sym", "sam")
 # the GEMM kernels, whose result tiles must leave in 16-byte vector stores (not one store per element)
-VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-")
+VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-", "act-")
 
 
 def _compile_all() -> dict[str, dict[str, Any]]:
