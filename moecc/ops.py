@@ -450,6 +450,32 @@ def _(da_SF: torch.Tensor, h_SF2: torch.Tensor, offs_E: torch.Tensor, kind: str)
     return _glu_backward_fake(da_SF, h_SF2, kind)
 
 
+@torch.library.custom_op("moecc::triton_act_rows", mutates_args=())
+def triton_act_rows(h_SF: torch.Tensor, offs_E: torch.Tensor, kind: str) -> torch.Tensor:
+    """A plain expert activation between grouped GEMMs over the same offsets, over the rows before offs[-1]
+    only (as triton_glu_rows)."""
+    from moecc.backends import triton_backend
+
+    return triton_backend.act_rows(h_SF, offs_E[-1:], kind)
+
+
+@triton_act_rows.register_fake
+def _(h_SF: torch.Tensor, offs_E: torch.Tensor, kind: str):
+    return torch.empty_like(h_SF)
+
+
+@torch.library.custom_op("moecc::triton_act_rows_backward", mutates_args=())
+def triton_act_rows_backward(da_SF: torch.Tensor, h_SF: torch.Tensor, offs_E: torch.Tensor, kind: str) -> torch.Tensor:
+    from moecc.backends import triton_backend
+
+    return triton_backend.act_rows_backward(da_SF, h_SF, offs_E[-1:], kind)
+
+
+@triton_act_rows_backward.register_fake
+def _(da_SF: torch.Tensor, h_SF: torch.Tensor, offs_E: torch.Tensor, kind: str):
+    return torch.empty_like(h_SF)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # fused expert parallelism (the fuse pass puts these in place of a region's dispatch, expert GEMMs and
 # combine; `moecc.backends.triton_ep`): one op for dispatch + expert GEMM 1, one for expert GEMM 2 + combine.

@@ -38,43 +38,83 @@ TRITON_KERNELS = {
 }
 
 
-_GEMMS = (torch.ops.moecc.grouped_mm.default, torch.ops.moecc.triton_grouped_mm.default)
+_GEMMS = (torch.ops.moecc.grouped_mm.default, torch.ops.moecc.triton_grouped_mm.default)  # (x, w, offs)
+_SAVED_ALIASES = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
 _ROW_BOUNDED = (*_GEMMS, torch.ops.moecc.grouped_mm_wgrad.default, torch.ops.moecc.triton_grouped_mm_wgrad.default)
 
 
 def _offsets_bounding(n: fx.Node, rows: fx.Node) -> fx.Node | None:
-    """The expert offsets that bound a GLU node's rows: `rows` (its h forward, its da backward) comes out of a
-    grouped GEMM, and every user of the GLU's result is a grouped GEMM (or dW) over the same offsets, or the
-    graph's output (saved for the backward, whose user there is the dW GEMM). Then the rows past the last
-    expert's end are never read, and the GLU need not compute them. None where that does not hold."""
+    """The expert offsets that bound an activation node's rows: `rows` (its h forward, its da backward) comes
+    out of a grouped GEMM, and every user of the result is a grouped GEMM (or dW) over the same offsets, or the
+    graph's output (saved for the backward, whose users there are the dW GEMM and the activation's backward,
+    which maps rows to rows), directly or through a detach. Then the rows past the last expert's end are never
+    read, and the activation need not compute them. None where that does not hold."""
     if not (isinstance(rows, fx.Node) and rows.target in _GEMMS):
         return None
     offs = rows.args[2]
-    for u in n.users:
-        if u.op == "output":
-            continue
-        if u.target not in _ROW_BOUNDED or u.args[2] is not offs:
-            return None
-    return offs if isinstance(offs, fx.Node) else None
+
+    def bounded(v: fx.Node) -> bool:
+        for u in v.users:
+            if u.op == "output":
+                continue
+            if u.target in _SAVED_ALIASES:  # a copy of the result saved for the backward (relu's)
+                if not bounded(u):
+                    return False
+            elif u.target not in _ROW_BOUNDED or u.args[2] is not offs:
+                return False
+        return True
+
+    return offs if isinstance(offs, fx.Node) and bounded(n) else None
 
 
-def bound_glu_rows(gm: fx.GraphModule) -> int:
-    """GLU nodes between grouped GEMMs over the same offsets compute the rows before the offsets' end only
-    (the unfused expert-parallel path's receive buffer has room for ep times the rows a rank gets on
-    average): triton_glu(h) -> triton_glu_rows(h, offs). Returns how many were bounded."""
-    bounded = 0
+def _act_kind(n: fx.Node) -> str | None:
+    """The activation an aten node applies forward (gelu, relu, silu), as moecc names it; None otherwise."""
+    if n.target is torch.ops.aten.relu.default:
+        return "relu"
+    if n.target is torch.ops.aten.silu.default:
+        return "silu"
+    if n.target is torch.ops.aten.gelu.default:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(cost.schema_args(n)["approximate"])
+    return None
+
+
+def _act_backward_kind(n: fx.Node) -> str | None:
+    """The activation an aten node differentiates (its (grad, input) first), as moecc names it: relu's
+    backward is threshold_backward at 0 of relu's result, whose sign is its input's."""
+    if n.target is torch.ops.aten.silu_backward.default:
+        return "silu"
+    if n.target is torch.ops.aten.threshold_backward.default and cost.schema_args(n)["threshold"] == 0:
+        return "relu"
+    if n.target is torch.ops.aten.gelu_backward.default:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(cost.schema_args(n)["approximate"])
+    return None
+
+
+def bound_activation_rows(gm: fx.GraphModule) -> dict[str, int]:
+    """GLU and plain activation nodes between grouped GEMMs over the same offsets compute the rows before the
+    offsets' end only (the unfused expert-parallel path's receive buffer has room for ep times the rows a rank
+    gets on average): triton_glu(h) -> triton_glu_rows(h, offs), aten.gelu(h) -> triton_act_rows(h, offs,
+    "gelu"), and their backwards. Returns how many of each ("glu", "act") were bounded."""
+    bounded = {"glu": 0, "act": 0}
     for n in gm.graph.nodes:
         if n.target is torch.ops.moecc.triton_glu.default:
             offs = _offsets_bounding(n, n.args[0])
             if offs is not None:
                 n.target, n.args = torch.ops.moecc.triton_glu_rows.default, (n.args[0], offs, n.args[1])
-                bounded += 1
+                bounded["glu"] += 1
         elif n.target is torch.ops.moecc.triton_glu_backward.default:
             offs = _offsets_bounding(n, n.args[0])
             if offs is not None:
                 n.target = torch.ops.moecc.triton_glu_rows_backward.default
                 n.args = (n.args[0], n.args[1], offs, n.args[2])
-                bounded += 1
+                bounded["glu"] += 1
+        elif (kind := _act_kind(n)) is not None and (offs := _offsets_bounding(n, n.args[0])) is not None:
+            n.target, n.args, n.kwargs = torch.ops.moecc.triton_act_rows.default, (n.args[0], offs, kind), {}
+            bounded["act"] += 1
+        elif (kind := _act_backward_kind(n)) is not None and (offs := _offsets_bounding(n, n.args[0])) is not None:
+            n.target = torch.ops.moecc.triton_act_rows_backward.default
+            n.args, n.kwargs = (n.args[0], n.args[1], offs, kind), {}
+            bounded["act"] += 1
     return bounded
 
 
@@ -108,13 +148,15 @@ def lower_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             swapped += 1
         ir.set_facts(n, backend=backend)
         count += 1
-    bounded = bound_glu_rows(gm) if backend == "triton" else 0
+    bounded = bound_activation_rows(gm) if backend == "triton" else {"glu": 0, "act": 0}
     ctx.counters[f"lower.{backend}"] += count
-    ctx.counters["lower.glu_rows"] += bounded
+    ctx.counters["lower.glu_rows"] += bounded["glu"]
+    ctx.counters["lower.act_rows"] += bounded["act"]
+    rows = bounded["glu"] + bounded["act"]
     ctx.note(
         f"backend {backend}: {count} moecc op(s)"
         + (f", {swapped} grouped GEMM / GLU op(s) on Triton kernels" if backend == "triton" else "")
-        + (f", {bounded} GLU(s) computing the rows before their experts' end only" if bounded else "")
+        + (f", {rows} activation(s) computing the rows before their experts' end only" if rows else "")
     )
     gm.recompile()
     return gm

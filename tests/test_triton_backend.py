@@ -279,6 +279,11 @@ def test_ep_act_computes_only_the_rows_the_plan_counts(kind: str) -> None:
     torch.testing.assert_close(out[:rows], ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx[:rows], ref_dh, atol=1e-5, rtol=1e-5)
     torch.library.opcheck(ops.ep_act, (h, plan, kind), test_utils=("test_schema", "test_faketensor"))
+    offs = torch.tensor([0, 9, rows], dtype=torch.int32, device=_device())  # the plain path's bound: offs[-1]
+    torch.testing.assert_close(ops.triton_act_rows(h, offs, kind)[:rows], out[:rows].detach(), atol=0, rtol=0)
+    torch.testing.assert_close(ops.triton_act_rows_backward(da, h, offs, kind)[:rows], dx[:rows], atol=0, rtol=0)
+    for op, args in ((ops.triton_act_rows, (h, offs, kind)), (ops.triton_act_rows_backward, (da, h, offs, kind))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="activation 'tanh' is not one of silu, gelu, gelu_tanh, relu"):
         ops.ep_act(h, plan, "tanh")
 
@@ -303,15 +308,18 @@ class _PlainMoE(torch.nn.Module):
         return out_TH
 
 
-@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.ReLU()], ids=["gelu", "relu"])
-def test_fused_plain_mlp_experts_run_their_activation_over_the_counted_rows(act: torch.nn.Module) -> None:
-    """A fused region whose experts are plain MLPs: the activation between the fused ops becomes ep_act, and
-    the layer still matches eager, forward and backward."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "grouped_gemms"])
+@pytest.mark.parametrize("act", [torch.nn.GELU(), torch.nn.GELU("tanh"), torch.nn.ReLU(), torch.nn.SiLU()],
+                         ids=["gelu", "gelu_tanh", "relu", "silu"])  # fmt: skip
+def test_plain_mlp_experts_run_their_activation_over_the_counted_rows(act: torch.nn.Module, fused: bool) -> None:
+    """Plain MLP experts: the activation between the fused ops becomes ep_act (the plan's row count), and between
+    plain grouped GEMMs `lower` bounds it by their offsets (triton_act_rows and its backward); the layer still
+    matches eager, forward and backward."""
     torch.manual_seed(0)
     model = _PlainMoE(act).to(_device())
     x = torch.randn(12, 16, device=_device(), requires_grad=True)
     before = dict(triton_backend.COUNTERS)
-    cm = moecc.compile(model, backend="triton")
+    cm = moecc.compile(model, backend="triton", disable_passes=[] if fused else ["fuse"])
     out = cm(x)
     ref_x = x.detach().clone().requires_grad_()
     ref = model(ref_x)
@@ -321,7 +329,8 @@ def test_fused_plain_mlp_experts_run_their_activation_over_the_counted_rows(act:
     (ref_dx,) = torch.autograd.grad(ref, ref_x, g)
     torch.testing.assert_close(dx, ref_dx, atol=1e-4, rtol=1e-4)
     counters = cm.session.counters()
-    assert counters.get("fuse.fused") == 1, counters
+    assert counters.get("fuse.fused", 0) == int(fused), counters
+    assert counters.get("lower.act_rows", 0) == (0 if fused else 2), counters  # forward and backward graphs
     assert triton_backend.COUNTERS["act_rows"] - before.get("act_rows", 0) == 1
     assert triton_backend.COUNTERS["act_rows_backward"] - before.get("act_rows_backward", 0) == 1
 
