@@ -490,6 +490,16 @@ def _glu_kernel(
         row += tl.num_programs(0) if HAS_ROWS else 1
 
 
+def _row_grid(S: int, F: int, device: torch.device, counted: bool) -> tuple[tuple[int, int], int]:
+    """(grid, BF) of the row kernels (GLU, activation): one row's block of BF columns per program, up to 2048
+    (results/glu_kernel_2026-11-29.json: 2048-wide blocks were the fastest, or within 7 % of the fastest, at
+    F = 768..14336, forward and backward; 4 warps). With a row count on the device (`counted`): programs for
+    the rows of a rank's average share (S // GLU_ROWS_SHARE), each looping over its rows up to the count."""
+    BF = min(2048, triton.next_power_of_2(F)) if device.type == "cuda" else 16
+    P = max(1, min(S, triton.cdiv(S, GLU_ROWS_SHARE))) if counted else S
+    return (P, triton.cdiv(F, BF)), BF
+
+
 def _glu_launch(
     h_SF2: torch.Tensor, da_SF: torch.Tensor | None, kind: str, rows: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -499,14 +509,9 @@ def _glu_launch(
     out = torch.empty(S, F if da_SF is None else F2, device=h_SF2.device, dtype=h_SF2.dtype)
     if S == 0 or F == 0:
         return out
-    # one row's columns per program, up to 2048 (results/glu_kernel_2026-11-29.json: 2048-wide blocks were the
-    # fastest, or within 7 % of the fastest, at F = 768..14336, forward and backward; 4 warps)
-    BF = min(2048, triton.next_power_of_2(F)) if h_SF2.device.type == "cuda" else 16
     da = da_SF.contiguous() if da_SF is not None else h_SF2
-    # with a row count on the device: programs for the rows of a rank's average share (S // GLU_ROWS_SHARE),
-    # each looping over its rows up to the count
-    P = S if rows is None else max(1, min(S, triton.cdiv(S, GLU_ROWS_SHARE)))
-    _glu_kernel[(P, triton.cdiv(F, BF))](
+    grid, BF = _row_grid(S, F, h_SF2.device, rows is not None)
+    _glu_kernel[grid](
         h_SF2, da, out, rows if rows is not None else h_SF2, F, ACT=GLU_ACT_CODES[kind], BF=BF,
         BACKWARD=da_SF is not None, HAS_ROWS=rows is not None,
     )  # fmt: skip
@@ -540,10 +545,9 @@ def _act_rows_launch(h_SF: torch.Tensor, da_SF: torch.Tensor | None, rows: torch
     out = torch.empty_like(h_SF)
     if S == 0 or F == 0:
         return out
-    BF = min(2048, triton.next_power_of_2(F)) if h_SF.device.type == "cuda" else 16  # as the GLU's
     da = da_SF.contiguous() if da_SF is not None else h_SF
-    P = max(1, min(S, triton.cdiv(S, GLU_ROWS_SHARE)))
-    _act_rows_kernel[(P, triton.cdiv(F, BF))](
+    grid, BF = _row_grid(S, F, h_SF.device, counted=True)
+    _act_rows_kernel[grid](
         h_SF, da, out, rows, F, ACT=GLU_ACT_CODES[kind], BF=BF, BACKWARD=da_SF is not None
     )  # fmt: skip
     return out

@@ -155,9 +155,13 @@ grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_set
 # glu: a GLU expert's activation, act(gate) * up over h = [gate | up] (the halves of the last dimension)
 
 
-def _glu_check(h_SF2: torch.Tensor, kind: str) -> None:
+def _act_check(kind: str, op: str) -> None:
     if kind not in torch_backend.GLU_ACTS:
-        raise ValueError(f"moecc.glu: activation {kind!r} is not one of {', '.join(torch_backend.GLU_ACTS)}")
+        raise ValueError(f"{op}: activation {kind!r} is not one of {', '.join(torch_backend.GLU_ACTS)}")
+
+
+def _glu_check(h_SF2: torch.Tensor, kind: str) -> None:
+    _act_check(kind, "moecc.glu")
     torch._check(
         h_SF2.shape[-1] % 2 == 0,
         lambda: f"moecc.glu: odd last dimension {h_SF2.shape[-1]}; h must be [gate | up], two equal halves",
@@ -678,22 +682,17 @@ ep_glu.register_autograd(_ep_glu_backward, setup_context=_ep_glu_setup)
 # A plain (non-GLU) expert activation between the fused ops, over the plan's row count only, like ep_glu.
 
 
-def _act_check(kind: str) -> None:
-    if kind not in torch_backend.GLU_ACTS:
-        raise ValueError(f"moecc.ep_act: activation {kind!r} is not one of {', '.join(torch_backend.GLU_ACTS)}")
-
-
 @torch.library.custom_op("moecc::ep_act", mutates_args=())
 def ep_act(h_SF: torch.Tensor, plan: torch.Tensor, kind: str) -> torch.Tensor:
     from moecc.backends import triton_backend
 
-    _act_check(kind)
+    _act_check(kind, "moecc.ep_act")
     return triton_backend.act_rows(h_SF, plan[:1], kind)
 
 
 @ep_act.register_fake
 def _(h_SF: torch.Tensor, plan: torch.Tensor, kind: str):
-    _act_check(kind)
+    _act_check(kind, "moecc.ep_act")
     return torch.empty_like(h_SF)
 
 

@@ -147,29 +147,20 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
     with gm.graph.inserting_before(m.gm1):
         h, _, plan = ops.ep_dispatch_gemm(em.proxy(m.x), em.proxy(m.idx), em.proxy(m.gm1.args[1]), ep, group)
     m.gm1.replace_all_uses_with(h.node)
-    act, glu_rows = m.gm2.args[0], False
-    if (  # a GLU between the ops computes only the rows this rank received, not the worst case's room
-        isinstance(act, fx.Node)
-        and act.target is torch.ops.moecc.glu.default
-        and act.args[0] is h.node
-        and set(act.users) == {m.gm2}
-    ):
-        with gm.graph.inserting_before(act):
-            a = ops.ep_glu(h, plan, act.args[1])
-        act.replace_all_uses_with(a.node)
-        gm.graph.erase_node(act)
-        glu_rows = True
-    elif (  # so does a plain activation (a non-GLU MLP expert's)
-        isinstance(act, fx.Node)
-        and call_activation(act) in torch_backend.GLU_ACTS
-        and act.args[0] is h.node
-        and set(act.users) == {m.gm2}
-    ):
-        with gm.graph.inserting_before(act):
-            a = ops.ep_act(h, plan, call_activation(act))
-        act.replace_all_uses_with(a.node)
-        gm.graph.erase_node(act)
-        glu_rows = True
+    act, bounded = m.gm2.args[0], False
+    # the activation between the ops (a GLU, or a plain one of a non-GLU MLP expert) computes only the rows
+    # this rank received, not the worst case's room
+    if isinstance(act, fx.Node) and act.args and act.args[0] is h.node and set(act.users) == {m.gm2}:
+        if act.target is torch.ops.moecc.glu.default:
+            op, kind = ops.ep_glu, act.args[1]
+        else:
+            op, kind = ops.ep_act, call_activation(act)
+        if kind in torch_backend.GLU_ACTS:
+            with gm.graph.inserting_before(act):
+                a = op(h, plan, kind)
+            act.replace_all_uses_with(a.node)
+            gm.graph.erase_node(act)
+            bounded = True
     with gm.graph.inserting_before(m.out):
         out, _ = ops.ep_gemm_combine(em.proxy(m.gm2.args[0]), em.proxy(m.gm2.args[1]), em.proxy(m.w), plan, ep, group)
     m.out.replace_all_uses_with(out.node)
@@ -179,7 +170,7 @@ def fuse_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion, m
     for n in reversed(list(gm.graph.nodes)):
         if ir.facts(n).get("region") == region.path and not n.users and n.op == "call_function" and n not in em.created:
             gm.graph.erase_node(n)
-    return glu_rows
+    return bounded
 
 
 def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -201,11 +192,11 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             ctx.note(f"not fused {r.path}: {reason}")
             refused[r.path] = str(reason)
             continue
-        glu_rows = fuse_region(gm, ctx, r, m)
+        bounded = fuse_region(gm, ctx, r, m)
         ctx.counters["fuse.fused"] += 1
         ctx.note(
             f"fused {r.path}: dispatch + expert GEMM 1, expert GEMM 2 + combine (ep={ctx.mesh.ep})"
-            + ("; the activation between them over the rows received only" if glu_rows else "")
+            + ("; the activation between them over the rows received only" if bounded else "")
         )
     gm.graph.lint()
     gm.recompile()
@@ -218,8 +209,7 @@ def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None
     reuse the captured counts. Said at compile time (after the Dynamo-stage passes, whichever ran), rather
     than as a failed capture later."""
     refused = ctx.plan.get("fuse_refused", {})
-    # a fused region's plan is dead code at this stage (nothing uses it; the autograd trace drops it)
-    fused = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default}
+    fused = fused_regions(gm)  # their plan is dead code at this stage (the autograd trace drops it)
     synced = [
         ir.facts(n).get("region")
         for n in gm.graph.nodes
@@ -237,9 +227,13 @@ def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None
     )
 
 
+def fused_regions(gm: fx.GraphModule) -> set[str | None]:
+    return {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default}
+
+
 def check_fused(gm: fx.GraphModule, ctx: CompileContext) -> None:
     """Invariant: a fused region has no unfused dispatch, expert GEMM or collective left."""
-    fused = {ir.facts(n).get("region") for n in gm.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default}
+    fused = fused_regions(gm)
     for n in gm.graph.nodes:
         if ir.facts(n).get("region") in fused and ir.is_moe_op(n) and n.target not in FUSED_OPS:
             raise AssertionError(f"fused region {ir.facts(n)['region']} still has {n.format_node()}")

@@ -19,6 +19,8 @@ unfused path's receive buffer has room for ep times a rank's average rows; nothi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -43,7 +45,7 @@ _SAVED_ALIASES = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
 _ROW_BOUNDED = (*_GEMMS, torch.ops.moecc.grouped_mm_wgrad.default, torch.ops.moecc.triton_grouped_mm_wgrad.default)
 
 
-def _offsets_bounding(n: fx.Node, rows: fx.Node) -> fx.Node | None:
+def _offsets_bounding(n: fx.Node, rows: Any) -> fx.Node | None:
     """The expert offsets that bound an activation node's rows: `rows` (its h forward, its da backward) comes
     out of a grouped GEMM, and every user of the result is a grouped GEMM (or dW) over the same offsets, or the
     graph's output (saved for the backward, whose users there are the dW GEMM and the activation's backward,
@@ -90,6 +92,20 @@ def _act_backward_kind(n: fx.Node) -> str | None:
     return None
 
 
+def _bounded_form(n: fx.Node) -> tuple[Any, str, tuple[Any, ...], Any] | None:
+    """For an activation node (forward or backward) the lower bound can apply to: (the op that stops at the
+    offsets' end, "glu" or "act", its tensor inputs, its activation); None for other nodes."""
+    if n.target is torch.ops.moecc.triton_glu.default:
+        return torch.ops.moecc.triton_glu_rows.default, "glu", n.args[:1], n.args[1]
+    if n.target is torch.ops.moecc.triton_glu_backward.default:
+        return torch.ops.moecc.triton_glu_rows_backward.default, "glu", n.args[:2], n.args[2]
+    if (kind := _act_kind(n)) is not None:
+        return torch.ops.moecc.triton_act_rows.default, "act", n.args[:1], kind
+    if (kind := _act_backward_kind(n)) is not None:
+        return torch.ops.moecc.triton_act_rows_backward.default, "act", n.args[:2], kind
+    return None
+
+
 def bound_activation_rows(gm: fx.GraphModule) -> dict[str, int]:
     """GLU and plain activation nodes between grouped GEMMs over the same offsets compute the rows before the
     offsets' end only (the unfused expert-parallel path's receive buffer has room for ep times the rows a rank
@@ -97,24 +113,14 @@ def bound_activation_rows(gm: fx.GraphModule) -> dict[str, int]:
     "gelu"), and their backwards. Returns how many of each ("glu", "act") were bounded."""
     bounded = {"glu": 0, "act": 0}
     for n in gm.graph.nodes:
-        if n.target is torch.ops.moecc.triton_glu.default:
-            offs = _offsets_bounding(n, n.args[0])
-            if offs is not None:
-                n.target, n.args = torch.ops.moecc.triton_glu_rows.default, (n.args[0], offs, n.args[1])
-                bounded["glu"] += 1
-        elif n.target is torch.ops.moecc.triton_glu_backward.default:
-            offs = _offsets_bounding(n, n.args[0])
-            if offs is not None:
-                n.target = torch.ops.moecc.triton_glu_rows_backward.default
-                n.args = (n.args[0], n.args[1], offs, n.args[2])
-                bounded["glu"] += 1
-        elif (kind := _act_kind(n)) is not None and (offs := _offsets_bounding(n, n.args[0])) is not None:
-            n.target, n.args, n.kwargs = torch.ops.moecc.triton_act_rows.default, (n.args[0], offs, kind), {}
-            bounded["act"] += 1
-        elif (kind := _act_backward_kind(n)) is not None and (offs := _offsets_bounding(n, n.args[0])) is not None:
-            n.target = torch.ops.moecc.triton_act_rows_backward.default
-            n.args, n.kwargs = (n.args[0], n.args[1], offs, kind), {}
-            bounded["act"] += 1
+        form = _bounded_form(n)
+        if form is None:
+            continue
+        target, family, inputs, kind = form
+        offs = _offsets_bounding(n, inputs[0])  # h forward, da backward
+        if offs is not None:
+            n.target, n.args, n.kwargs = target, (*inputs, offs, kind), {}
+            bounded[family] += 1
     return bounded
 
 
