@@ -2,7 +2,8 @@
 
 Measured: the dense GEMM rate (a square matmul), the grouped GEMM rate (the torch backend's grouped GEMM over
 8 experts), on a GPU the rate of moecc's fused expert-parallel ops (one rank, a SwiGLU MoE layer's forward
-and backward), device memory bandwidth (a large copy), and, over a local world of `world_size` processes
+and backward), how these rates fall with the problem's size (dense GEMMs by FLOPs, the grouped GEMM and the
+fused ops by rows per expert), device memory bandwidth (a large copy), and, over a local world of `world_size` processes
 (gloo on the CPU, NCCL with one GPU per rank), the latency/bandwidth curves of `all_to_all_single` and
 `all_reduce` (the median time per call at message sizes from a few KB to tens of MB per rank) and, on GPUs,
 the fused ops' rate across those ranks, which the cost model charges them at ep = `world_size`.
@@ -14,6 +15,7 @@ select another one.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import tempfile
@@ -71,12 +73,60 @@ def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
     else:  # the host runs the op: its whole cost
         overhead = _time_s(lambda: tiny.add(1.0), device, iters * 10)
     rates: dict[str, Any] = {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
+    rates["rate_curves"] = measure_rate_curves(device, quick)
     if device.type == "cuda":
         rates["fused_gemm_flops"] = measure_fused(device, quick)
+        rates["rate_curves"]["fused"] = measure_fused_curve(device, quick)
         rates.update(measure_attention(device, quick))
         # on the CPU the host runs the ops itself: their cost is on the compute stream (op_overhead)
         rates.update(measure_host(device, quick))
     return rates
+
+
+def measure_rate_curves(device: torch.device, quick: bool) -> dict[str, list[list[float]]]:
+    """GEMM rates by size (`HardwareProfile.rate_curves`): "dense", m x n x n matmuls with m from a few hundred
+    rows to many thousands, by their FLOPs; "grouped", the grouped GEMM of `measure_compute` over 64 experts
+    (8 on the CPU) at 64 to 2048 rows per expert, by those rows. Small problems fill fewer tiles and waves per
+    FLOP: the rates of the large sizes alone overestimate a step with few tokens (on an H200 a step of 2048
+    tokens per GPU was predicted 29 % short)."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    iters = 5 if quick else 20
+    gen = torch.Generator(device=device).manual_seed(0)
+    if gpu:
+        n, ms = (2048, [256, 1024, 4096]) if quick else (4096, [256, 512, 1024, 2048, 4096, 8192, 16384])
+        E, H, N = (32, 2048, 2048) if quick else (64, 4096, 3072)
+        rows = [64, 256, 1024] if quick else [32, 64, 128, 256, 512, 1024, 2048]
+    else:
+        n, ms = 256, [16, 64, 256]
+        E, H, N = 8, 128, 128
+        rows = [8, 32, 128]
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    dense = []
+    for m in ms:
+        a = torch.randn(m, n, device=device, dtype=dtype, generator=gen)
+        flops = 2.0 * m * n * n
+        dense.append([flops, flops / _time_s(functools.partial(torch.matmul, a, b), device, iters)])
+    w = torch.randn(E, H, N, device=device, dtype=dtype, generator=gen) * H**-0.5
+    grouped = []
+    for r in rows:
+        x = torch.randn(E * r, H, device=device, dtype=dtype, generator=gen)
+        offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * r
+        flops = 2.0 * E * r * H * N
+        t = _time_s(functools.partial(torch_backend.grouped_mm, x, w, offs), device, iters)
+        grouped.append([float(r), flops / t])
+    return {"dense": dense, "grouped": grouped}
+
+
+def measure_fused_curve(device: torch.device, quick: bool) -> list[list[float]]:
+    """The fused ops' rate in one rank by rows per expert (the "fused" curve): `_fused_layer` at token counts
+    from an eighth to twice its default."""
+    points = []
+    for scale in (0.25, 1.0, 4.0) if quick else (0.125, 0.25, 0.5, 1.0, 2.0):
+        layer, flops, rows = _fused_layer(device, quick, tokens_scale=scale)
+        points.append([rows, flops / _time_s(layer, device, 5 if quick else 20)])
+        del layer
+    return points
 
 
 def measure_attention(device: torch.device, quick: bool) -> dict[str, float]:
@@ -199,17 +249,21 @@ def _layer_inputs(
     return x, idx, w_TK, w1, w2
 
 
-def _fused_layer(device: torch.device, quick: bool, ep: int = 1, group: str = "") -> tuple[Callable[[], None], float]:
+def _fused_layer(
+    device: torch.device, quick: bool, ep: int = 1, group: str = "", tokens_scale: float = 1.0
+) -> tuple[Callable[[], None], float, float]:
     """One call of moecc's fused expert-parallel ops for a MoE layer's forward (dispatch + expert GEMM 1,
     expert GEMM 2 + combine) and backward (the mirror ops: dX and dW of both GEMMs), routing included, over
-    `ep` ranks of `group` (this rank holds 1/ep of the experts; every rank draws its own tokens), and the GEMM
-    FLOPs one rank does in it, expected under the uniform routing drawn here. The activation between the two
-    GEMMs is an op of its own, which the cost model charges by memory bandwidth: it is computed once, outside
-    the call, so that its time does not count."""
+    `ep` ranks of `group` (this rank holds 1/ep of the experts; every rank draws its own tokens), the GEMM
+    FLOPs one rank does in it, expected under the uniform routing drawn here, and the rows per expert that
+    routing gives on average (T*K over a rank's E/ep experts). `tokens_scale` scales the tokens per rank. The
+    activation between the two GEMMs is an op of its own, which the cost model charges by memory bandwidth: it
+    is computed once, outside the call, so that its time does not count."""
     from moecc import dist as moecc_dist
     from moecc import ops
 
     T, H, F, E, K = (2048, 2048, 1024, 32, 4) if quick else (8192, 4096, 1536, 64, 6)
+    T = max(int(T * tokens_scale), 1)
     rank = dist.get_rank(moecc_dist.group_by_name(group)) if ep > 1 else 0
     gen = torch.Generator(device=device).manual_seed(rank)
     x, idx, w_TK, w1, w2 = _layer_inputs(gen, device, torch.bfloat16, T, H, F, E, K)
@@ -228,31 +282,31 @@ def _fused_layer(device: torch.device, quick: bool, ep: int = 1, group: str = ""
         ops.ep_dispatch_gemm_backward(dh, x_SH, w1, plan, T, K, group)
 
     forward = 2 * T * K * H * 2 * F + 2 * T * K * F * H
-    return layer, 3.0 * forward
+    return layer, 3.0 * forward, T * K * ep / E
 
 
 def measure_fused(device: torch.device, quick: bool) -> float:
     """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU) in one rank, in
     FLOPs of the GEMMs per second: a MoE layer's forward and backward (`_fused_layer`). The cost model charges
     every fused op by this rate, the backward ones with twice the forward's FLOPs."""
-    layer, flops = _fused_layer(device, quick)
+    layer, flops, _ = _fused_layer(device, quick)
     return flops / _time_s(layer, device, 5 if quick else 20)
 
 
-def _fused_ep_rate(device: torch.device, world: int, quick: bool) -> float:
+def _fused_ep_rate(device: torch.device, world: int, quick: bool) -> tuple[float, float]:
     """The fused ops' rate across the `world` ranks of this node (each rank's GEMM FLOPs over the slowest
     rank's time): with the rows' transfers to and from the other ranks, the waits for them and the remote
     stores, which the one-rank rate does not see (on 2 x H200 the fused layer took 12-20 % longer than on one
-    GPU at the same tokens per rank)."""
+    GPU at the same tokens per rank), and the rows per expert it was measured at."""
     from moecc import dist as moecc_dist
 
     group = moecc_dist.make_mesh(world).ep_group
-    layer, flops = _fused_layer(device, quick, world, group)
+    layer, flops, rows = _fused_layer(device, quick, world, group)
     dist.barrier()
     t = _time_s(layer, device, 5 if quick else 20)
     worst = [0.0] * world
     dist.all_gather_object(worst, t)
-    return flops / max(worst)
+    return flops / max(worst), rows
 
 
 def _sizes(quick: bool) -> list[int]:
@@ -281,14 +335,17 @@ def _collectives(rank: int, world: int, quick: bool, out: str) -> None:
             worst = [0.0] * world
             dist.all_gather_object(worst, t)  # the slowest rank sets the pace of a collective
             curves[kind].append([float(n * 4), max(worst)])
-    fused_ep = {world: _fused_ep_rate(device, world, quick)} if device.type == "cuda" else {}
+    fused_ep, ep_rows = {}, {}
+    if device.type == "cuda":
+        fused_ep[world], ep_rows[world] = _fused_ep_rate(device, world, quick)
     if rank == 0:
-        Path(out).write_text(json.dumps({"curves": curves, "fused_ep_gemm_flops": fused_ep}))
+        Path(out).write_text(json.dumps({"curves": curves, "fused_ep_gemm_flops": fused_ep, "fused_ep_rows": ep_rows}))
 
 
 def measure_collectives(world_size: int, quick: bool) -> dict[str, Any]:
     """Over a local world of `world_size` processes: the collectives' curves ("curves") and, on GPUs, the fused
-    ops' rate across the ranks ("fused_ep_gemm_flops", by world size)."""
+    ops' rate across the ranks ("fused_ep_gemm_flops", by world size) and the rows per expert it was measured
+    at ("fused_ep_rows")."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "curves.json")
         testing.spawn(_collectives, world_size, quick, out, timeout_s=300)
@@ -318,6 +375,7 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
             "a2a_latency": a2a[0][1] if a2a else builtin.a2a_latency,
             "curves": curves,
             "fused_ep_gemm_flops": across.get("fused_ep_gemm_flops", {}),
+            "fused_ep_rows": across.get("fused_ep_rows", {}),
         },
         source="measured",
     )

@@ -192,6 +192,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({p.name})")
     print(f"  dense GEMM {p.gemm_flops / 1e12:.3g} TFLOP/s, grouped GEMM {p.grouped_gemm_flops / 1e12:.3g} TFLOP/s")
     print(f"  memory {p.mem_bw / 1e9:.3g} GB/s")
+    for kind, pts in p.rate_curves:
+        unit = "GFLOP" if kind == "dense" else "rows/expert"
+        size = (lambda x: f"{x / 1e9:.3g}") if kind == "dense" else (lambda x: f"{x:.0f}")
+        row = ", ".join(f"{size(x)} {r / 1e12:.3g}" for x, r in pts)
+        print(f"  {kind} GEMM TFLOP/s by {unit}: {row}")
     for kind, pts in p.curves:
         row = ", ".join(f"{b / 1024:.0f} KiB {t * 1e6:.0f} us" for b, t in pts)
         print(f"  {kind}: {row}")

@@ -54,6 +54,15 @@ class HardwareProfile:
     host_op: float = 0.0
     host_view: float = 0.0
     host_ops: tuple[tuple[str, float], ...] = ()
+    # GEMM rates by problem size, measured (`moecc calibrate`): (size, FLOP/s) points per kind, "dense" by a
+    # GEMM's FLOPs, "grouped" (the grouped GEMM) and "fused" (the fused ops in one rank) by the rows an expert
+    # receives. A kind with points replaces its single rate (gemm_flops, grouped_gemm_flops,
+    # fused_gemm_flops), which stands for large sizes only: on an H200 the fused ops ran at about half their
+    # 8192-token rate with a quarter of the rows per expert
+    rate_curves: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    # the rows per expert at which each fused_ep_gemm_flops entry was measured, by ep: that rate is scaled by
+    # the "fused" curve from there
+    fused_ep_rows: tuple[tuple[int, float], ...] = ()
     source: str = "built-in"  # where the figures come from (built-in, or the calibrated profile's path)
 
     def comm_s(self, kind: str, nbytes: float) -> float:
@@ -62,6 +71,30 @@ class HardwareProfile:
         if not points:
             return self.a2a_latency + nbytes / self.a2a_bw
         return _interpolate(points, nbytes)
+
+    def rate(self, kind: str, size: float) -> float:
+        """FLOP/s of a GEMM of `kind` ("dense", "grouped", "fused") at `size` (FLOPs for dense, rows per
+        expert otherwise): the measured curve where the profile has one, else the kind's single rate."""
+        points = dict(self.rate_curves).get(kind)
+        if points:
+            return _rate_at(points, size)
+        if kind == "dense":
+            return self.gemm_flops
+        if kind == "fused" and self.fused_gemm_flops:
+            return self.fused_gemm_flops
+        return self.grouped_gemm_flops
+
+    def fused_rate(self, rows: float, ep: int) -> float:
+        """FLOP/s of the fused expert-parallel ops at `rows` rows per expert across `ep` ranks: the rate measured
+        at that ep (with the transfers, waits and remote stores in it), moved along the one-rank curve from the
+        rows it was measured at; an ep without a measurement: the one-rank rate."""
+        across = dict(self.fused_ep_gemm_flops).get(ep) if ep > 1 else None
+        if across is None:
+            return self.rate("fused", rows)
+        at = dict(self.fused_ep_rows).get(ep)
+        if at is None or "fused" not in dict(self.rate_curves):
+            return across
+        return across * self.rate("fused", rows) / self.rate("fused", at)
 
     def bucket_bytes(self) -> float:
         """Gradient bucket size: where an all-reduce's fixed latency is a tenth of its time (9 x latency x
@@ -76,6 +109,8 @@ class HardwareProfile:
         d["curves"] = {k: [list(p) for p in pts] for k, pts in self.curves}
         d["host_ops"] = dict(self.host_ops)
         d["fused_ep_gemm_flops"] = {str(ep): rate for ep, rate in self.fused_ep_gemm_flops}
+        d["fused_ep_rows"] = {str(ep): rows for ep, rows in self.fused_ep_rows}
+        d["rate_curves"] = {k: [list(p) for p in pts] for k, pts in self.rate_curves}
         return d
 
     @staticmethod
@@ -89,9 +124,46 @@ class HardwareProfile:
         curves = tuple((k, _monotone(pts)) for k, pts in sorted(d.get("curves", {}).items()))
         host_ops = tuple(sorted((str(k), float(v)) for k, v in d.get("host_ops", {}).items()))
         fused_ep = tuple(sorted((int(k), float(v)) for k, v in d.get("fused_ep_gemm_flops", {}).items()))
-        return HardwareProfile(
-            **{**d, "curves": curves, "host_ops": host_ops, "fused_ep_gemm_flops": fused_ep, "source": source}
+        ep_rows = tuple(sorted((int(k), float(v)) for k, v in d.get("fused_ep_rows", {}).items()))
+        rates = d.get("rate_curves", {})
+        bad = [k for k, pts in rates.items() if k not in RATE_KINDS or not pts or any(r <= 0 or x <= 0 for x, r in pts)]
+        if bad:
+            raise ValueError(
+                f"rate_curves {sorted(bad)}: kinds are {RATE_KINDS}, each with positive (size, FLOP/s) points"
+            )
+        rate_curves = tuple(
+            (k, tuple(sorted((float(x), float(r)) for x, r in pts))) for k, pts in sorted(rates.items())
         )
+        return HardwareProfile(
+            **{
+                **d,
+                "curves": curves,
+                "host_ops": host_ops,
+                "fused_ep_gemm_flops": fused_ep,
+                "fused_ep_rows": ep_rows,
+                "rate_curves": rate_curves,
+                "source": source,
+            }
+        )
+
+
+RATE_KINDS = ("dense", "fused", "grouped")
+
+
+def _rate_at(points: tuple[tuple[float, float], ...], size: float) -> float:
+    """A GEMM's rate at `size` from measured (size, FLOP/s) points: linear in log(size) between them; below the
+    smallest the time stays the smallest one's (the rate falls with the size: tiles, waves and launches cost as
+    much for less work); beyond the largest, the largest one's rate."""
+    (x0, r0), (xn, rn) = points[0], points[-1]
+    if size <= x0:
+        return r0 * max(size, 1e-9) / x0
+    if size >= xn:
+        return rn
+    for (a, ra), (b, rb) in zip(points, points[1:], strict=False):
+        if size <= b:
+            f = math.log(size / a) / math.log(b / a)
+            return ra + (rb - ra) * f
+    return rn
 
 
 def _monotone(points: Any) -> tuple[tuple[float, float], ...]:
@@ -373,17 +445,21 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
         return 0.0
     f = flops_formula(node)
     grouped = "moecc.grouped" in name or "moecc.ep_" in name
-    rate = profile.grouped_gemm_flops if grouped else profile.gemm_flops
-    if "aten._scaled_dot_product" in name:
-        rate = (profile.attention_bwd_flops if "backward" in name else profile.attention_flops) or rate
-    if "moecc.ep_" in name:  # the rate measured across ep ranks, else in one rank, else the grouped GEMM's
-        across = dict(profile.fused_ep_gemm_flops).get(ep) if ep > 1 else None
-        rate = across or profile.fused_gemm_flops or rate
     flops = 0.0
     if f is not None:
         flops = float(f.subs(S_e, expected_rows_per_expert(node))) if grouped else float(f)
+    if "aten._scaled_dot_product" in name:
+        rate = (profile.attention_bwd_flops if "backward" in name else profile.attention_flops) or profile.gemm_flops
+    elif "moecc.ep_" in name:  # the rate measured across ep ranks, else in one rank, else the grouped GEMM's
+        rate = profile.fused_rate(expected_rows_per_expert(node), ep) if f is not None else profile.grouped_gemm_flops
+    elif grouped:
+        rate = profile.rate("grouped", expected_rows_per_expert(node)) if f is not None else profile.grouped_gemm_flops
+    else:
+        rate = profile.rate("dense", flops) if flops else profile.gemm_flops
     touched: float = _nbytes(_val(node)) + sum(_nbytes(_val(a)) for a in node.all_input_nodes)
-    if name.startswith("moecc.ep_glu"):  # the rows received, 1/ep of the worst case's room on average; no plan
+    if name.startswith(
+        ("moecc.ep_glu", "moecc.ep_act")
+    ):  # the rows received, 1/ep of the worst case's room on average; no plan
         touched = (touched - _nbytes(_val(schema_args(node)["plan"]))) / max(ep, 1)
     t = max(flops / rate, touched / profile.mem_bw)
     fused = _fused(node)

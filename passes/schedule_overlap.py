@@ -64,14 +64,17 @@ BUCKET_SHARE = 1 / 8  # the largest share of a graph's gradients the cost model'
 
 
 def pipeline_us(profile: cost.HardwareProfile, *, ep: int, T: int, H: int, K: int, elt: int, gemm_flops: float,
-                nodes: int, n: int) -> float:  # fmt: skip
+                experts: int, nodes: int, n: int) -> float:  # fmt: skip
     """Predicted forward + backward time of one MoE region in n token chunks: per chunk a dispatch d, expert
     compute x (2x in backward) and a combine b, the all-to-alls sharing one stream; n chunks pipeline as
     d + x + b + (n - 1) max(x, d + b), and each chunk pays the region's per-op overheads again (the device's
-    gap or the host's time per op, whichever is longer: the two overlap)."""
+    gap or the host's time per op, whichever is longer: the two overlap). A chunk's grouped GEMMs run at the
+    rate for its rows per expert (a rank receives T*K/n rows a chunk on average, over its `experts`), which
+    falls as the chunks shrink."""
     moved = T / n * cost.expected_destinations(ep, K) * (ep - 1) / ep * H * elt
     d = b = 1e6 * profile.comm_s("all_to_all", moved)
-    x = 1e6 * (gemm_flops / n / profile.grouped_gemm_flops + max(profile.op_overhead, profile.host_op) * nodes)
+    rate = profile.rate("grouped", T * K / n / max(experts, 1))
+    x = 1e6 * (gemm_flops / n / rate + max(profile.op_overhead, profile.host_op) * nodes)
     fwd = d + x + b + (n - 1) * max(x, d + b)
     bwd = d + 2 * x + b + (n - 1) * max(2 * x, d + b)
     return fwd + bwd
@@ -123,6 +126,16 @@ def _gemm_flops(body: list[fx.Node], rows: int) -> float:
     return flops
 
 
+def _experts(body: list[fx.Node]) -> int:
+    """The local experts of a region: its grouped GEMMs' weights' first dimension."""
+    for n in body:
+        if n.target is torch.ops.moecc.grouped_mm.default:
+            w = cost._val(n.args[1])
+            if isinstance(w, torch.Tensor) and w.dim() == 3:
+                return cost._size(w.shape[0])
+    return 1
+
+
 def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tuple[int, str, Any]:
     """(n, why, (x, idx, w, out, body)) for one region."""
     if ctx.mesh.ep == 1:
@@ -154,7 +167,7 @@ def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tu
         )
         return n, why, (x, idx, w, out, body)
     shape = dict(ep=ctx.mesh.ep, T=T, H=H, K=K, elt=xv.element_size(), gemm_flops=_gemm_flops(body, T * K),
-                 nodes=len(body))  # fmt: skip
+                 experts=_experts(body), nodes=len(body))  # fmt: skip
     n, one, best = choose_chunks(ctx.profile, **shape)
     n = min(n, T)
     return n, f"cost model: {one:.0f} us forward + backward in 1 chunk, {best:.0f} us in {n}", (x, idx, w, out, body)

@@ -207,6 +207,26 @@ def test_calibrate_measures_the_host_cost_of_every_expert_op() -> None:
     assert dict(p.host_ops) == ops and p.host_op == host["host_op"]
 
 
+def test_calibrate_measures_gemm_rates_by_size() -> None:
+    """The rate curves: dense GEMMs by FLOPs, the grouped GEMM and the fused ops by rows per expert; real rates,
+    the smallest sizes slower than the largest (what the single large-size rates missed), and a profile that
+    holds them charges a small grouped GEMM at its measured rate."""
+    from moecc import calibrate, cost
+
+    dev = torch.device("cuda")
+    curves = calibrate.measure_rate_curves(dev, quick=True)
+    curves["fused"] = calibrate.measure_fused_curve(dev, quick=True)
+    for kind, pts in curves.items():
+        sizes = [x for x, _ in pts]
+        assert sizes == sorted(sizes) and len(pts) == 3, (kind, pts)
+        assert all(1e12 < r < 2e15 for _, r in pts), (kind, pts)
+        assert pts[0][1] < pts[-1][1], (kind, pts)
+    assert [x for x, _ in curves["fused"]] == [64.0, 256.0, 1024.0]  # 2048 x 4 tokens over 32 experts, scaled
+    p = cost.HardwareProfile.from_json({**cost.PROFILES["h200"].to_json(), "rate_curves": curves}, source="test")
+    (r0, rate0) = curves["grouped"][0]
+    assert p.rate("grouped", r0) == rate0 and p.rate("grouped", r0 / 2) == pytest.approx(rate0 / 2)
+
+
 def test_graph_step_trains_as_the_uncaptured_step() -> None:
     """`moecc.graph_step`: a training step with a capturable AdamW, captured after one warm-up step and replayed,
     gives the losses, gradients and weights of the same compiled model stepped without a graph; what it

@@ -149,4 +149,7 @@ def test_calibrate_measures_the_fused_ops_across_the_ranks() -> None:
     across = calibrate.measure_collectives(2, quick=True)
     rate = across["fused_ep_gemm_flops"]["2"]  # by world size; JSON keys are strings
     assert 1e12 < rate < 2e15, rate  # a real rate in FLOP/s, below any GPU's peak
+    # the rows per expert it was measured at, which the cost model moves the rate from along the one-rank curve:
+    # the quick layer's 2048 tokens x top-4 per rank over each rank's 16 of 32 experts
+    assert across["fused_ep_rows"] == {"2": 2048 * 4 / 16}
     assert {"all_to_all", "all_reduce"} <= set(across["curves"])

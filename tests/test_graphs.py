@@ -73,7 +73,7 @@ def test_replayed_profile_makes_chunks_weigh_the_device_gap_only() -> None:
     replayed = cost.replayed(hosted)
     assert replayed.host_op == replayed.host_view == 0 and replayed.host_ops == ()
     assert replayed.op_overhead == hosted.op_overhead and replayed.gemm_flops == hosted.gemm_flops
-    layer = dict(T=8192, H=2048, K=6, elt=2, gemm_flops=2 * 8192 * 6 * 3 * 2048 * 1408, nodes=60)
+    layer = dict(T=8192, H=2048, K=6, elt=2, gemm_flops=2 * 8192 * 6 * 3 * 2048 * 1408, experts=16, nodes=60)
     n_hosted, _, best_hosted = so.choose_chunks(hosted, ep=4, **layer)
     n_replayed, _, best_replayed = so.choose_chunks(replayed, ep=4, **layer)
     assert n_replayed > n_hosted and best_replayed < best_hosted, (n_hosted, n_replayed)

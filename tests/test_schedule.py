@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -274,11 +275,11 @@ def test_chunk_count_follows_the_cost_model() -> None:
     from moecc.passes import schedule_overlap as so
 
     h200 = cost.PROFILES["h200"]
-    deepseek = dict(T=8192, H=7168, K=8, elt=2, gemm_flops=2 * 8192 * 8 * 3 * 7168 * 2048, nodes=40)
+    deepseek = dict(T=8192, H=7168, K=8, elt=2, gemm_flops=2 * 8192 * 8 * 3 * 7168 * 2048, experts=64, nodes=40)
     n, one, best = so.choose_chunks(h200, ep=4, **deepseek)
     assert 1 < n <= so.MAX_CHUNKS and best < one  # a layer whose all-to-alls take as long as its GEMMs
     assert so.choose_chunks(h200, ep=1, **deepseek)[0] == 1  # nothing to overlap
-    tiny = dict(T=16, H=32, K=2, elt=4, gemm_flops=2 * 16 * 2 * 3 * 32 * 16, nodes=40)
+    tiny = dict(T=16, H=32, K=2, elt=4, gemm_flops=2 * 16 * 2 * 3 * 32 * 16, experts=2, nodes=40)
     assert so.choose_chunks(cost.PROFILES["cpu"], ep=2, **tiny)[0] == 1  # per-op overhead dominates
     for bad in (0, 9, True, 2.0):
         with pytest.raises(MoeccError, match=r"chunks=.* must be an integer from 1 to 8"):
@@ -336,6 +337,80 @@ def test_attention_and_fused_op_costs() -> None:
     assert back.fused_ep_gemm_flops == across.fused_ep_gemm_flops
 
 
+def test_rate_curves_charge_small_gemms_their_measured_rate() -> None:
+    """A profile's GEMM rates by size: between measured points linear in log(size), below the smallest the
+    smallest's time (a rate proportional to the size), beyond the largest its rate; a grouped GEMM node and a
+    fused op node are charged at the rows per expert they get on average, a dense mm at its FLOPs, and a
+    fused op across ranks at the rate measured there, moved along the one-rank curve."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moecc import ops
+
+    flat = dataclasses.replace(cost.PROFILES["h200"], rate_curves=(), mem_bw=1e30, op_overhead=0.0)
+    curves = {"dense": [[1e9, 200e12], [1e12, 800e12]], "grouped": [[64, 100e12], [1024, 500e12]],
+              "fused": [[64, 50e12], [1024, 400e12]]}  # fmt: skip
+    p = cost.HardwareProfile.from_json({**flat.to_json(), "rate_curves": curves}, source="test")
+    assert p.rate("grouped", 256) == pytest.approx(300e12)  # halfway in log(rows) from 64 to 1024
+    assert p.rate("grouped", 32) == pytest.approx(50e12)  # half the smallest's rows: the same time
+    assert p.rate("grouped", 1e6) == 500e12 and p.rate("dense", 1e15) == 800e12
+    assert p.rate("dense", math.sqrt(1e9 * 1e12)) == pytest.approx(500e12)
+    assert flat.rate("grouped", 8) == flat.grouped_gemm_flops and flat.rate("dense", 1) == flat.gemm_flops
+    assert flat.rate("fused", 8) == flat.fused_gemm_flops  # no curve: the single rates, whatever the size
+    back = cost.HardwareProfile.from_json({k: v for k, v in p.to_json().items() if k != "source"}, "x")
+    assert back.rate_curves == p.rate_curves
+
+    E, H, N = 8, 512, 1024
+    for rows in (64, 256):  # rows per expert
+        x, w = torch.randn(E * rows, H), torch.randn(E, H, N)
+        offs = torch.arange(1, E + 1, dtype=torch.int32) * rows
+        g = make_fx(lambda x, w, o: ops.grouped_mm(x, w, o), tracing_mode="fake")(x, w, offs)
+        (node,) = [n for n in g.graph.nodes if n.target is torch.ops.moecc.grouped_mm.default]
+        flops = 2.0 * E * rows * H * N
+        assert cost.estimate_us(node, p) == pytest.approx(1e6 * flops / p.rate("grouped", rows))
+        assert cost.estimate_us(node, flat) == pytest.approx(1e6 * flops / flat.grouped_gemm_flops)
+    g = make_fx(torch.mm, tracing_mode="fake")(torch.randn(1000, 1000), torch.randn(1000, 1000))
+    (mm,) = [n for n in g.graph.nodes if n.op == "call_function"]
+    assert cost.estimate_us(mm, p) == pytest.approx(1e6 * 2e9 / p.rate("dense", 2e9))
+
+    T, K = 4096, 2  # T*K/E = 1024 rows per expert in one rank
+    g = make_fx(lambda x, i, w: ops.ep_dispatch_gemm(x, i, w, 1, ""), tracing_mode="fake")(
+        torch.randn(T, H), torch.randint(0, E, (T, K)), torch.randn(E, H, N)
+    )
+    (node,) = [n for n in g.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default]
+    flops = 2.0 * T * K * H * N
+    assert cost.estimate_us(node, p) == pytest.approx(1e6 * flops / 400e12)
+    # measured across 2 ranks at 256 rows per expert (where the one-rank curve says 225 TFLOP/s) at 100
+    # TFLOP/s: at 1024 rows (400 on the curve), 400 / 225 of that
+    across = dataclasses.replace(p, fused_ep_gemm_flops=((2, 100e12),), fused_ep_rows=((2, 256.0),), a2a_bw=1e30)
+    assert p.rate("fused", 256) == pytest.approx(225e12)
+    assert across.fused_rate(1024, 2) == pytest.approx(100e12 * 400 / 225)
+    assert across.fused_rate(1024, 4) == pytest.approx(400e12)  # an ep not measured: the one-rank curve
+    assert cost.estimate_us(node, across, top_k=K, ep=2) == pytest.approx(1e6 * flops / across.fused_rate(1024, 2))
+    # no rows recorded with the rate across ranks (a profile from before the curves): that rate as it is
+    old = dataclasses.replace(across, fused_ep_rows=())
+    assert old.fused_rate(64, 2) == 100e12
+    for bad in ({"dense": []}, {"sparse": [[1, 1e12]]}, {"grouped": [[0, 1e12]]}):
+        with pytest.raises(ValueError, match="rate_curves"):
+            cost.HardwareProfile.from_json({**flat.to_json(), "rate_curves": bad}, source="test")
+
+
+def test_chunks_weigh_the_grouped_gemm_rate_at_their_rows() -> None:
+    """Token chunks cut the rows each expert's GEMM gets; where the measured rate falls with them, the cost
+    model chooses fewer chunks than the single large-size rate would have it choose."""
+    from moecc.passes import schedule_overlap as so
+
+    flat = dataclasses.replace(cost.PROFILES["h200"], rate_curves=())
+    # the grouped GEMM's rate halves with every halving of the rows below 768 per expert
+    curve = tuple((768.0 / 2**i, flat.grouped_gemm_flops / 2**i) for i in range(4, -1, -1))
+    steep = dataclasses.replace(flat, rate_curves=(("grouped", curve),))
+    layer = dict(T=8192, H=7168, K=8, elt=2, gemm_flops=2 * 8192 * 8 * 3 * 7168 * 2048, experts=64, nodes=40)
+    n_flat, _, _ = so.choose_chunks(flat, ep=4, **layer)
+    n_steep, one, best = so.choose_chunks(steep, ep=4, **layer)
+    assert n_flat > 1 and n_steep < n_flat, (n_flat, n_steep)
+    # one chunk (1024 rows per expert) is at the top of the curve: the same time with either profile
+    assert so.pipeline_us(steep, n=1, ep=4, **layer) == pytest.approx(so.pipeline_us(flat, n=1, ep=4, **layer))
+
+
 def test_profile_curves_interpolate_and_stay_monotone() -> None:
     p = cost.HardwareProfile.from_json(
         {
@@ -377,7 +452,11 @@ def test_calibrated_profile_is_picked_up_by_compile(tmp_path: Path, monkeypatch:
     cm = moecc.compile(model, profile=path)
     cm(ids)
     assert {c.profile.source for c in cm.session.contexts} == {str(path)}
+    assert set(data["rate_curves"]) == {"dense", "grouped"}  # "fused" needs a GPU
+    for kind, pts in data["rate_curves"].items():
+        assert len(pts) == 3 and all(size > 0 and rate > 0 for size, rate in pts), (kind, pts)
     slow = dict(data, gemm_flops=data["gemm_flops"] / 1000, grouped_gemm_flops=data["grouped_gemm_flops"] / 1000)
+    slow["rate_curves"] = {k: [[x, r / 1000] for x, r in pts] for k, pts in data["rate_curves"].items()}
     (tmp_path / "slow.json").write_text(json.dumps(slow))
     monkeypatch.setenv(cost.PROFILE_ENV, str(tmp_path / "slow.json"))
     cm_slow = moecc.compile(copy.deepcopy(model))
