@@ -208,6 +208,18 @@ PROFILES = {
         attention_bwd_flops=329e12,
         host_op=8.7e-6,
         host_view=2.1e-6,
+        # GEMM rates by size and the fused ops' rate across 2 ranks: `moecc calibrate` on 2 x H200
+        # (benchmarks/results/profile_h200_2gpu_2026-11-30_curves.json); dense by FLOPs (m x 4096 x 4096), the
+        # grouped GEMM (64 experts, 4096 x 3072) and the fused ops by rows per expert
+        rate_curves=(
+            ("dense", ((8.59e9, 223e12), (17.2e9, 336e12), (34.4e9, 447e12), (68.7e9, 610e12), (137e9, 686e12),
+                       (275e9, 714e12), (550e9, 731e12))),
+            ("fused", ((96, 165e12), (192, 297e12), (384, 415e12), (768, 482e12), (1536, 527e12))),
+            ("grouped", ((32, 81e12), (64, 161e12), (128, 332e12), (256, 515e12), (512, 558e12), (1024, 562e12),
+                         (2048, 569e12))),
+        ),  # fmt: skip
+        fused_ep_gemm_flops=((2, 462e12),),
+        fused_ep_rows=((2, 1536.0),),
         host_ops=(
             ("moecc.ep_dispatch_gemm", 1550e-6),
             ("moecc.ep_dispatch_gemm_backward", 667e-6),

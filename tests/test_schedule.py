@@ -323,7 +323,15 @@ def test_attention_and_fused_op_costs() -> None:
     )
     (node,) = [n for n in g.graph.nodes if n.target is torch.ops.moecc.ep_dispatch_gemm.default]
     flops = 2 * 4096 * 2 * 512 * 1024
-    base = dataclasses.replace(cost.PROFILES["h200"], fused_gemm_flops=None, mem_bw=1e30, op_overhead=0.0)
+    base = dataclasses.replace(
+        cost.PROFILES["h200"],
+        fused_gemm_flops=None,
+        mem_bw=1e30,
+        op_overhead=0.0,
+        rate_curves=(),  # single rates (the curves' own test is below)
+        fused_ep_gemm_flops=(),
+        fused_ep_rows=(),
+    )
     slow = dataclasses.replace(base, fused_gemm_flops=base.grouped_gemm_flops / 4)
     assert cost.estimate_us(node, base) == pytest.approx(1e6 * flops / base.grouped_gemm_flops)
     assert cost.estimate_us(node, slow) == pytest.approx(4 * cost.estimate_us(node, base))
