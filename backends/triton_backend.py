@@ -434,6 +434,102 @@ def grouped_mm_wgrad_segments(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# torch._grouped_mm under the contracts of the Triton grouped GEMMs, for the shapes where lower's timing finds it
+# faster: rows past offs[-1] zeroed (forward), experts without rows zeroed and the scale applied (dW), in one
+# small kernel each (the native kernel leaves both unwritten)
+
+
+@triton.jit
+def _zero_rows_past_kernel(y_ptr, offs_ptr, E, S, N, stride_s, BN: tl.constexpr):
+    """y[r] = 0 for the rows r from offs[E - 1] (read on the device) to S; programs take every
+    num_programs(0)-th row."""
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = cols < N
+    row = tl.load(offs_ptr + E - 1).to(tl.int64) + tl.program_id(0)
+    while row < S:
+        tl.store(y_ptr + row * stride_s + cols, tl.zeros([BN], dtype=y_ptr.dtype.element_ty), mask=m)
+        row += tl.num_programs(0)
+
+
+@triton.jit
+def _wgrad_fixup_kernel(dw_ptr, offs_ptr, KN, scale, BLOCK: tl.constexpr):
+    """dw[e] = 0 where expert e has no rows, else scale * dw[e] where scale != 1 (dw contiguous [E, K*N])."""
+    e = tl.program_id(0)
+    lo = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    hi = tl.load(offs_ptr + e)
+    empty = hi == lo
+    if empty | (scale != 1.0):
+        i = tl.program_id(1).to(tl.int64) * BLOCK
+        base = dw_ptr + e.to(tl.int64) * KN
+        while i < KN:
+            idx = i + tl.arange(0, BLOCK)
+            m = idx < KN
+            v = tl.load(base + idx, mask=m, other=0.0).to(tl.float32) * scale
+            tl.store(base + idx, tl.where(empty, 0.0, v).to(dw_ptr.dtype.element_ty), mask=m)
+            i += tl.num_programs(1) * BLOCK
+
+
+_NATIVE_WARNED: set[str] = set()
+
+
+def _native_refused(op: str, why: str) -> None:
+    """A native grouped GEMM whose operands torch._grouped_mm cannot take at run time (lower checked the traced
+    strides; a base pointer off 16 bytes shows only here): the Triton kernel of the same contract runs instead,
+    counted and warned about once per op."""
+    COUNTERS[f"{op}.refused"] += 1
+    if op not in _NATIVE_WARNED:
+        _NATIVE_WARNED.add(op)
+        import warnings
+
+        warnings.warn(
+            f"moecc: {op}: torch._grouped_mm cannot take these operands ({why}); the Triton kernel runs", stacklevel=3
+        )
+
+
+def native_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's contract (y[rows of e] = x[rows of e] @ w[e], rows past offs[-1] zero) through
+    torch._grouped_mm and a kernel that zeroes the rows past the end."""
+    from moecc.backends import torch_backend
+
+    S, N, E = x_SK.shape[0], w_EKN.shape[2], w_EKN.shape[0]
+    if S == 0 or E == 0:
+        return torch.zeros(S, N, device=x_SK.device, dtype=x_SK.dtype)
+    if not torch_backend.can_use_native_grouped_mm(x_SK, w_EKN):
+        _native_refused("native_grouped_mm", f"x {x_SK.dtype} strides {x_SK.stride()}, w strides {w_EKN.stride()}")
+        return grouped_mm(x_SK, w_EKN, offs_E)
+    y_SN = torch._grouped_mm(x_SK, w_EKN, offs=offs_E)
+    BN = min(1024, triton.next_power_of_2(N)) if x_SK.device.type == "cuda" else 16
+    P = max(1, min(S, 4 * _num_programs(x_SK.device)))
+    _zero_rows_past_kernel[(P, triton.cdiv(N, BN))](y_SN, offs_E, E, S, N, y_SN.stride(0), BN=BN)
+    COUNTERS["native_grouped_mm"] += 1
+    return y_SN
+
+
+def native_grouped_mm_wgrad(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
+) -> torch.Tensor:
+    """grouped_mm_wgrad's contract (dw[e] = scale * x[rows of e]^T @ dy[rows of e] (+ acc[e]); zero for an
+    expert without rows) through torch._grouped_mm, then one pass that zeroes the experts without rows and,
+    where scale != 1, scales the rest (the native kernel has no scale: its bf16 results are scaled, not its
+    float32 sums)."""
+    from moecc.backends import torch_backend
+
+    E, K, N = offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1]
+    if x_SK.shape[0] == 0 or E == 0:
+        dw = torch.zeros(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
+        return dw if acc is None else dw.add_(acc)
+    if not torch_backend.can_use_native_grouped_mm(x_SK.t(), dy_SN):
+        _native_refused("native_grouped_mm_wgrad", f"x strides {x_SK.stride()}, dy strides {dy_SN.stride()}")
+        return grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale, acc)
+    dw_EKN = torch._grouped_mm(x_SK.t(), dy_SN, offs=offs_E).contiguous()
+    BLOCK = 4096 if x_SK.device.type == "cuda" else 64
+    per = max(1, min(triton.cdiv(K * N, BLOCK), triton.cdiv(4 * _num_programs(x_SK.device), E)))
+    _wgrad_fixup_kernel[(E, per)](dw_EKN, offs_E, K * N, float(scale), BLOCK=BLOCK)
+    COUNTERS["native_grouped_mm_wgrad"] += 1
+    return dw_EKN if acc is None else dw_EKN.add_(acc)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # the GLU activation between the two expert GEMMs: one pass over h instead of the model's chunk, act and
 # multiply (and, backward, their four to five passes and a concatenation)
 

@@ -404,6 +404,32 @@ def triton_grouped_mm_wgrad(
 triton_grouped_mm_wgrad.register_fake(_wgrad_fake)
 
 
+@torch.library.custom_op("moecc::native_grouped_mm", mutates_args=())
+def native_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """triton_grouped_mm's contract through torch._grouped_mm (lower picks it where it times faster)."""
+    from moecc.backends import triton_backend
+
+    return triton_backend.native_grouped_mm(x_SK, w_EKN, offs_E)
+
+
+@native_grouped_mm.register_fake
+def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
+    return x_SK.new_empty(x_SK.shape[0], w_EKN.shape[2])
+
+
+@torch.library.custom_op("moecc::native_grouped_mm_wgrad", mutates_args=())
+def native_grouped_mm_wgrad(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float = 1.0, acc: torch.Tensor | None = None
+) -> torch.Tensor:
+    """triton_grouped_mm_wgrad's contract through torch._grouped_mm."""
+    from moecc.backends import triton_backend
+
+    return triton_backend.native_grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale, acc)
+
+
+native_grouped_mm_wgrad.register_fake(_wgrad_fake)
+
+
 @torch.library.custom_op("moecc::triton_glu", mutates_args=())
 def triton_glu(h_SF2: torch.Tensor, kind: str) -> torch.Tensor:
     from moecc.backends import triton_backend
@@ -739,6 +765,8 @@ MOE_OPS = {
     torch.ops.moecc.all_to_all_rows_start.default,
     torch.ops.moecc.triton_grouped_mm.default,
     torch.ops.moecc.triton_grouped_mm_wgrad.default,
+    torch.ops.moecc.native_grouped_mm.default,
+    torch.ops.moecc.native_grouped_mm_wgrad.default,
     torch.ops.moecc.ep_dispatch_gemm.default,
     torch.ops.moecc.ep_dispatch_gemm_backward.default,
     torch.ops.moecc.ep_gemm_combine.default,

@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 
 BACKENDS = ("auto", "torch", "triton")
+GROUPED_GEMMS = ("auto", "triton", "native")
 
 
 class MoeccError(RuntimeError):
@@ -52,6 +53,11 @@ class CompileOptions:
             that a replay cannot run (one left unfused, whose all-to-all row counts the host reads every step)
             is an error at compile time, and the cost model charges no host time to issue the graphs' nodes
             (a replay issues none).
+        grouped_gemm: with the triton backend, the kernel of the plain grouped GEMMs (forward, dX, dW; the
+            fused expert-parallel ops have their own): "auto" times moecc's Triton kernel and
+            `torch._grouped_mm` at each GEMM's shape when compiling on a GPU and keeps the faster (Triton
+            unless native is at least 3 % faster; the CPU keeps Triton), "triton" or "native" force one.
+            `MOECC_GROUPED_GEMM` sets the default. The dumps record each choice and its timings.
     """
 
     ep: int | None = None
@@ -68,6 +74,7 @@ class CompileOptions:
     profile_nodes: bool = False
     chunks: int | None = None
     cuda_graph: bool = False
+    grouped_gemm: str = "auto"
 
     @staticmethod
     def make(
@@ -86,6 +93,7 @@ class CompileOptions:
         profile_nodes: bool = False,
         chunks: int | None = None,
         cuda_graph: bool = False,
+        grouped_gemm: str | None = None,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
@@ -108,6 +116,12 @@ class CompileOptions:
         if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= 8):
             raise MoeccError(
                 f"moecc.compile: chunks={chunks!r} must be an integer from 1 to 8 (or None: the cost model's choice)"
+            )
+        if grouped_gemm is None:
+            grouped_gemm = os.environ.get("MOECC_GROUPED_GEMM", "auto") or "auto"
+        if grouped_gemm not in GROUPED_GEMMS:
+            raise MoeccError(
+                f"moecc.compile: grouped_gemm={grouped_gemm!r} (or MOECC_GROUPED_GEMM) is not one of {GROUPED_GEMMS}"
             )
         if profile is not None:
             from moecc import cost
@@ -132,6 +146,7 @@ class CompileOptions:
             profile_nodes=profile_nodes,
             chunks=chunks,
             cuda_graph=bool(cuda_graph),
+            grouped_gemm=grouped_gemm,
         )
 
     def enabled(self, pass_name: str) -> bool:

@@ -15,10 +15,18 @@ that cannot run on the device is an error, never a silent switch.
 
 A GLU between grouped GEMMs over the same offsets computes the rows before the last expert's end only (the
 unfused path's receive buffer has room for ep times a rank's average rows; nothing reads the rows past it).
+
+Each plain grouped GEMM (forward / dX, and dW) then runs the faster of moecc's Triton kernel and
+`torch._grouped_mm` at its shape (`grouped_gemm="auto"`): on a GPU both are timed on random operands of the
+node's shapes, strides and expected rows per expert, and native is kept where it is at least 3 % faster
+(`moecc.native_grouped_mm(_wgrad)`: the same contract, with the rows past the end and the experts without rows
+zeroed by a small kernel). The timings are cached per shape for the process.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,9 +48,18 @@ TRITON_KERNELS = {
 }
 
 
-_GEMMS = (torch.ops.moecc.grouped_mm.default, torch.ops.moecc.triton_grouped_mm.default)  # (x, w, offs)
+_GEMMS = (  # (x, w, offs)
+    torch.ops.moecc.grouped_mm.default,
+    torch.ops.moecc.triton_grouped_mm.default,
+    torch.ops.moecc.native_grouped_mm.default,
+)
 _SAVED_ALIASES = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
-_ROW_BOUNDED = (*_GEMMS, torch.ops.moecc.grouped_mm_wgrad.default, torch.ops.moecc.triton_grouped_mm_wgrad.default)
+_WGRADS = (
+    torch.ops.moecc.grouped_mm_wgrad.default,
+    torch.ops.moecc.triton_grouped_mm_wgrad.default,
+    torch.ops.moecc.native_grouped_mm_wgrad.default,
+)
+_ROW_BOUNDED = (*_GEMMS, *_WGRADS)
 
 
 def _offsets_bounding(n: fx.Node, rows: Any) -> fx.Node | None:
@@ -124,6 +141,129 @@ def bound_activation_rows(gm: fx.GraphModule) -> dict[str, int]:
     return bounded
 
 
+_NATIVE = {
+    torch.ops.moecc.triton_grouped_mm.default: torch.ops.moecc.native_grouped_mm.default,
+    torch.ops.moecc.triton_grouped_mm_wgrad.default: torch.ops.moecc.native_grouped_mm_wgrad.default,
+}
+NATIVE_MARGIN = 0.97  # native is kept where it takes at most this fraction of the Triton kernel's time
+_TIMINGS: dict[tuple, tuple[float, float]] = {}  # (shape key) -> (triton us, native us), for the process
+
+
+def _operands(n: fx.Node, ep: int) -> tuple[tuple, Callable[[], list[Any]]]:
+    """(a cache key, a maker of operands) for timing a plain grouped GEMM node: its tensors with their traced
+    shapes, strides and dtype, random, and offsets that spread the rows a rank gets on average (1/ep of the
+    buffer on the unfused path) evenly over the experts."""
+    args = cost.schema_args(n)
+    names = ("x_SK", "w_EKN", "offs_E") if n.target is torch.ops.moecc.triton_grouped_mm.default else (
+        "x_SK", "dy_SN", "offs_E")  # fmt: skip
+    vals = [cost._val(args[k]) for k in names]
+    scale = float(args.get("scale", 1.0) or 1.0)
+    acc = cost._val(args.get("acc")) if isinstance(args.get("acc"), fx.Node) else None
+    S, E = vals[0].shape[0], vals[2].shape[0]
+    live = S // max(ep, 1)
+    key = (str(n.target), *((tuple(v.shape), tuple(v.stride()), v.dtype) for v in vals[:2]), E, live, scale,
+           acc is not None, str(vals[0].device))  # fmt: skip
+
+    def make() -> list[Any]:
+        dev = vals[0].device
+        ts = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=dev).normal_() for v in vals[:2]]
+        offs = (torch.arange(1, E + 1, device=dev, dtype=torch.int64) * live // max(E, 1)).to(vals[2].dtype)
+        rest: list[Any] = [] if n.target is torch.ops.moecc.triton_grouped_mm.default else [scale]
+        if acc is not None:
+            rest.append(torch.zeros(acc.shape, dtype=acc.dtype, device=dev))
+        return [*ts, offs, *rest]
+
+    return key, make
+
+
+def _time_us(fn: Callable[[], Any], iters: int = 5) -> float:
+    """Median microseconds of a call on the GPU (CUDA events), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def time_grouped_gemm(n: fx.Node, ep: int) -> tuple[float, float] | None:
+    """(Triton us, native us) of a plain grouped GEMM node's op at its shapes, cached per shape; None off a GPU
+    (the CPU runs the Triton kernels under the interpreter: no timing to compare)."""
+    if cost._val(n.args[0]).device.type != "cuda":
+        return None
+    key, make = _operands(n, ep)
+    if key not in _TIMINGS:
+        ops = make()
+        triton_op = n.target
+        assert isinstance(triton_op, torch._ops.OpOverload), n.target
+        native = _NATIVE[triton_op]
+        _TIMINGS[key] = (_time_us(lambda: triton_op(*ops)), _time_us(lambda: native(*ops)))
+        del ops
+    return _TIMINGS[key]
+
+
+def _native_ok(n: fx.Node) -> str | None:
+    """Why torch._grouped_mm cannot take a plain grouped GEMM node's operands (traced dtype, device and
+    strides); None where it can."""
+    x, b = cost._val(n.args[0]), cost._val(n.args[1])
+    if n.target is torch.ops.moecc.triton_grouped_mm_wgrad.default:
+        x = x.t()
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return f"torch._grouped_mm needs compute capability 9.0 or newer, {x.device} has less"
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return f"torch._grouped_mm runs bfloat16 on CUDA, the operands are {x.dtype}"
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.bfloat16):
+        return f"torch._grouped_mm on the CPU runs float32 and bfloat16, the operands are {x.dtype}"
+    elt = x.element_size()
+    for name, t in (("a", x), ("b", b)):
+        if any(st != 1 and (st * elt) % 16 for st in t.stride()):
+            return f"operand {name}'s strides {tuple(t.stride())} are not 16-byte multiples"
+    return None
+
+
+def choose_grouped_gemms(gm: fx.GraphModule, ctx: CompileContext) -> dict[str, dict[str, Any]]:
+    """Each triton_grouped_mm(_wgrad) node becomes native_grouped_mm(_wgrad) where `grouped_gemm` says so:
+    "native" always (an error where torch._grouped_mm cannot take the operands), "auto" where, timed on a GPU
+    at the node's shape, native takes at most NATIVE_MARGIN of the Triton kernel's time. Returns the choice
+    per node: {"kernel", "why", "triton_us", "native_us"}."""
+    mode = ctx.options.grouped_gemm
+    choices: dict[str, dict[str, Any]] = {}
+    for n in gm.graph.nodes:
+        if n.target not in _NATIVE:
+            continue
+        why_not = _native_ok(n)
+        rec: dict[str, Any] = {"kernel": "triton"}
+        if mode == "triton":
+            rec["why"] = "grouped_gemm='triton'"
+        elif why_not is not None:
+            if mode == "native":
+                raise MoeccError(
+                    f"moecc.compile(grouped_gemm='native'): node {n.name} ({ir.op_name(n)}): {why_not}. Use "
+                    f"grouped_gemm='auto' or 'triton'."
+                )
+            rec["why"] = why_not
+        elif mode == "native":
+            rec.update(kernel="native", why="grouped_gemm='native'")
+        elif (timed := time_grouped_gemm(n, ctx.mesh.ep)) is None:
+            rec["why"] = "auto: timed on a GPU only"
+        else:
+            t_triton, t_native = timed
+            faster = t_native <= NATIVE_MARGIN * t_triton
+            rec.update(kernel="native" if faster else "triton", triton_us=round(t_triton, 1),
+                       native_us=round(t_native, 1),
+                       why=f"auto: Triton {t_triton:.0f} us, torch._grouped_mm {t_native:.0f} us")  # fmt: skip
+        if rec["kernel"] == "native":
+            n.target = _NATIVE[n.target]
+        ir.set_facts(n, grouped_gemm=rec["kernel"])
+        choices[n.name] = rec
+    return choices
+
+
 def graph_device(gm: fx.GraphModule) -> torch.device:
     for n in gm.graph.nodes:
         v = cost._val(n)  # AOT graphs (val) and Dynamo graphs (example_value)
@@ -155,6 +295,14 @@ def lower_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ir.set_facts(n, backend=backend)
         count += 1
     bounded = bound_activation_rows(gm) if backend == "triton" else {"glu": 0, "act": 0}
+    choices = choose_grouped_gemms(gm, ctx) if backend == "triton" else {}
+    if choices:
+        ctx.plan.setdefault("grouped_gemm", {}).update(choices)
+    native = sum(c["kernel"] == "native" for c in choices.values())
+    timed = {k: c for k, c in choices.items() if "triton_us" in c}
+    if timed:
+        ctx.note("grouped GEMMs timed: " + "; ".join(f"{k} {c['kernel']} ({c['why'][6:]})" for k, c in timed.items()))
+    ctx.counters["lower.native_grouped_mm"] += native
     ctx.counters[f"lower.{backend}"] += count
     ctx.counters["lower.glu_rows"] += bounded["glu"]
     ctx.counters["lower.act_rows"] += bounded["act"]
@@ -163,6 +311,7 @@ def lower_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         f"backend {backend}: {count} moecc op(s)"
         + (f", {swapped} grouped GEMM / GLU op(s) on Triton kernels" if backend == "triton" else "")
         + (f", {rows} activation(s) computing the rows before their experts' end only" if rows else "")
+        + (f", {native} of {len(choices)} plain grouped GEMM(s) on torch._grouped_mm" if choices else "")
     )
     gm.recompile()
     return gm

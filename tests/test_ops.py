@@ -209,12 +209,14 @@ def test_opcheck(name):
 def test_every_moe_op_is_opchecked():
     # ep_plan and all_to_all_rows need a process group: tests/test_distributed.py opchecks them (and checks
     # all_to_all_rows_start, which has no autograd formula, against all_to_all_rows); the triton kernels' ops
-    # are opchecked in tests/test_triton_backend.py, the fused ones in tests/test_triton_ep.py
+    # (and native_grouped_mm's) are opchecked in tests/test_triton_backend.py, the fused ones in tests/test_triton_ep.py
     names = ("route_permute", "grouped_mm", "grouped_mm_wgrad", "unpermute_combine", "unpermute_combine_backward",
              "route_permute_backward", "ep_plan", "all_to_all_rows", "all_to_all_rows_start")  # fmt: skip
     assert {op.name() for op in ops.MOE_OPS} == {f"moecc::{n}" for n in names} | {
         "moecc::triton_grouped_mm",
         "moecc::triton_grouped_mm_wgrad",
+        "moecc::native_grouped_mm",
+        "moecc::native_grouped_mm_wgrad",
         "moecc::triton_unpermute_combine",
         "moecc::triton_unpermute_combine_backward",
         "moecc::triton_route_permute_backward",

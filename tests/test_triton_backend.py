@@ -98,7 +98,8 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch
 def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
     model, (ids,) = build(tokens=16)
     model, ids = model.to(_device()), ids.to(_device())
-    cm = moecc.compile(model, backend="triton", disable_passes=[] if fused else ["fuse"])
+    # the Triton grouped GEMMs (on a GPU "auto" could time torch._grouped_mm faster at a shape; tested below)
+    cm = moecc.compile(model, backend="triton", disable_passes=[] if fused else ["fuse"], grouped_gemm="triton")
     before, before_ep = dict(triton_backend.COUNTERS), dict(triton_ep.COUNTERS)
     out = cm(ids)
     ref = model(ids)
@@ -137,6 +138,185 @@ def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
         assert ran(triton_backend.COUNTERS, "route_permute_backward", before) == regions
         assert ran(triton_ep.COUNTERS, "dispatch_gemm.forward", before_ep) == 0
     assert counters["lower.triton"] > 0
+
+
+def _native_dtype() -> torch.dtype:
+    """torch._grouped_mm runs bfloat16 on CUDA, float32 (and bfloat16) on the CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+@pytest.mark.parametrize("counts,S", [([10, 0, 17, 3, 12], 50), ([0, 0, 0], 8), ([5, 7], 12)],
+                         ids=["empty-expert-and-room", "no-rows", "full"])  # fmt: skip
+def test_native_grouped_mm_keeps_the_triton_kernels_contract(counts: list[int], S: int) -> None:
+    """native_grouped_mm(_wgrad): torch._grouped_mm with the rows past the last expert's end zeroed (NaN rows
+    there in x do not leak), an expert without rows given a zero gradient, the scale and acc applied."""
+    dt, dev = _native_dtype(), _device()
+    gen = torch.Generator().manual_seed(S)
+    E, K, N, end = len(counts), 32, 48, sum(counts)
+    x = torch.randn(S, K, generator=gen).to(dev, dt)
+    w = torch.randn(E, K, N, generator=gen).to(dev, dt)
+    dy = torch.randn(S, N, generator=gen).to(dev, dt)
+    x[end:], dy[end:] = float("nan"), float("nan")  # the room past the end: anything
+    acc = torch.randn(E, K, N, generator=gen).to(dev, dt)
+    offs = _segments(counts)
+    before = dict(triton_backend.COUNTERS)
+    y = ops.native_grouped_mm(x, w, offs)
+    ref = torch_backend.grouped_mm(x[:end].float(), w.float(), offs)
+    tol = dict(atol=3e-2, rtol=2e-2) if dt == torch.bfloat16 else {}
+    torch.testing.assert_close(y[:end].float(), ref, **tol)
+    assert y.shape == (S, N) and not y[end:].any(), "rows past the end are zero"
+    y_t = ops.native_grouped_mm(dy, w.transpose(1, 2), offs)  # dX: the weights as a transposed view
+    torch.testing.assert_close(
+        y_t[:end].float(), torch_backend.grouped_mm(dy[:end].float(), w.float().transpose(1, 2), offs), **tol
+    )
+    for scale, a in ((1.0, None), (0.375, None), (0.5, acc)):
+        dw = ops.native_grouped_mm_wgrad(x, dy, offs, scale, a)
+        want = torch_backend.grouped_mm_wgrad(x[:end].float(), dy[:end].float(), offs, scale)
+        if a is not None:
+            want = want + a.float()
+        assert dw.shape == (E, K, N) and dw.dtype == dt and dw.is_contiguous()
+        torch.testing.assert_close(dw.float(), want, **(dict(atol=0.3, rtol=3e-2) if tol else {}))
+        for e, c in enumerate(counts):
+            if c == 0:
+                torch.testing.assert_close(dw[e], a[e] if a is not None else torch.zeros_like(dw[e]))
+    assert triton_backend.COUNTERS["native_grouped_mm"] - before.get("native_grouped_mm", 0) == 2
+    assert triton_backend.COUNTERS["native_grouped_mm_wgrad"] - before.get("native_grouped_mm_wgrad", 0) == 3
+    torch.library.opcheck(ops.native_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.native_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_native_grouped_mm_on_operands_it_cannot_take_runs_the_triton_kernel_and_says_so() -> None:
+    """A base pointer off 16 bytes (what the traced strides cannot show): the Triton kernel of the same contract
+    runs, counted, with a warning."""
+    dt, dev = _native_dtype(), _device()
+    x = torch.randn(33 * 32 + 1, device=dev).to(dt)[1:].view(33, 32)  # 2 or 4 bytes past an aligned base
+    w = torch.randn(2, 32, 16, device=dev).to(dt)
+    offs = _segments([20, 13])
+    before = triton_backend.COUNTERS["native_grouped_mm.refused"]
+    with pytest.warns(UserWarning, match=r"native_grouped_mm: torch._grouped_mm cannot take these operands"):
+        y = ops.native_grouped_mm(x, w, offs)
+    torch.testing.assert_close(y, triton_backend.grouped_mm(x.contiguous(), w, offs))
+    assert triton_backend.COUNTERS["native_grouped_mm.refused"] == before + 1
+
+
+def _unfused(grouped_gemm: str, **kw) -> tuple[torch.nn.Module, moecc.CompiledModule, torch.Tensor]:
+    model, (ids,) = mixtral_style.build(tokens=16)
+    model, ids = model.to(_device(), _native_dtype()), ids.to(_device())
+    return model, moecc.compile(model, backend="triton", disable_passes=["fuse"], grouped_gemm=grouped_gemm, **kw), ids
+
+
+def test_grouped_gemm_native_runs_the_model_on_torch_grouped_mm(tmp_path) -> None:
+    """grouped_gemm="native": every plain grouped GEMM of the unfused path (2 forward, 2 dX, 2 dW a region) on
+    torch._grouped_mm, with the results of the Triton kernels' model; recorded in the plan and the dumps."""
+    model, cm, ids = _unfused("native", dump_dir=tmp_path)
+    _, tri, _ = _unfused("triton")
+    tri.load_state_dict(cm.state_dict())
+    before = dict(triton_backend.COUNTERS)
+    out = cm(ids)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(cm.parameters()), g)
+    native_ran = {k: triton_backend.COUNTERS[k] - before.get(k, 0) for k in ("native_grouped_mm",
+                  "native_grouped_mm_wgrad", "grouped_mm", "grouped_mm_wgrad")}  # fmt: skip
+    regions = len(cm.regions)
+    assert native_ran == {"native_grouped_mm": 4 * regions, "native_grouped_mm_wgrad": 2 * regions,
+                          "grouped_mm": 0, "grouped_mm_wgrad": 0}, native_ran  # fmt: skip
+    ref = tri(ids)
+    ref_grads = torch.autograd.grad(ref, list(tri.parameters()), g)
+    tol = dict(atol=5e-2, rtol=5e-2) if _native_dtype() == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    if _native_dtype() == torch.float32:  # and eager's numbers
+        torch.testing.assert_close(out, model(ids), atol=1e-4, rtol=1e-4)
+    choices = {k: v for ctx in cm.session.contexts for k, v in ctx.plan.get("grouped_gemm", {}).items()}
+    assert len(choices) == 6 * regions and {c["kernel"] for c in choices.values()} == {"native"}
+    assert cm.session.counters()["lower.native_grouped_mm"] == 6 * regions
+    dumped = "\n".join(p.read_text() for p in tmp_path.rglob("*") if p.is_file())
+    assert "native_grouped_mm" in dumped and "on torch._grouped_mm" in dumped
+
+
+def test_grouped_gemm_auto_keeps_native_where_it_times_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "auto" rule on timings (patched here; a GPU measures them): native where it takes at most 97 % of the
+    Triton kernel's time, Triton otherwise, each choice with its timings in the plan; "triton" times nothing;
+    on the CPU nothing is timed and Triton stays."""
+    import torch.fx as fx
+
+    from moecc import cost
+    from moecc.options import CompileOptions
+    from moecc.pass_manager import CompileContext, Mesh
+    from moecc.passes import lower_backend
+
+    if not torch.cuda.is_available():
+        _, cm, ids = _unfused("auto")
+        cm(ids)
+        choices = [c for ctx in cm.session.contexts for c in ctx.plan.get("grouped_gemm", {}).values()]
+        assert choices and all(c["kernel"] == "triton" and c["why"] == "auto: timed on a GPU only" for c in choices)
+
+    def graph() -> fx.GraphModule:
+        g = fx.Graph()
+        x, w, offs, dy = (g.placeholder(n) for n in ("x", "w", "offs", "dy"))
+        for node, v in ((x, torch.randn(64, 32)), (w, torch.randn(4, 32, 16)), (offs, _segments([16] * 4).cpu()),
+                        (dy, torch.randn(64, 16))):  # fmt: skip
+            node.meta["val"] = v
+        y = g.call_function(torch.ops.moecc.triton_grouped_mm.default, (x, w, offs))
+        dw = g.call_function(torch.ops.moecc.triton_grouped_mm_wgrad.default, (x, dy, offs))
+        g.output((y, dw))
+        return fx.GraphModule(torch.nn.Module(), g)
+
+    timed = []
+    timings = {"moecc.triton_grouped_mm.default": (100.0, 96.0), "moecc.triton_grouped_mm_wgrad.default": (100.0, 98.0)}
+
+    def fake_time(n: fx.Node, ep: int) -> tuple[float, float]:
+        timed.append(str(n.target))
+        return timings[str(n.target)]
+
+    monkeypatch.setattr(lower_backend, "time_grouped_gemm", fake_time)
+    for mode, want in (("auto", ["native_grouped_mm", "triton_grouped_mm_wgrad"]),
+                       ("triton", ["triton_grouped_mm", "triton_grouped_mm_wgrad"]),
+                       ("native", ["native_grouped_mm", "native_grouped_mm_wgrad"])):  # fmt: skip
+        timed.clear()
+        gm = graph()
+        ctx = CompileContext(CompileOptions.make(grouped_gemm=mode), Mesh(), cost.PROFILES["cpu"], 0, {})
+        choices = lower_backend.choose_grouped_gemms(gm, ctx)
+        got = [str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"]
+        assert got == want, (mode, got)
+        assert len(timed) == (2 if mode == "auto" else 0)
+        if mode == "auto":
+            fwd, wgrad = choices.values()  # in graph order
+            assert fwd == {"kernel": "native", "triton_us": 100.0, "native_us": 96.0,
+                           "why": "auto: Triton 100 us, torch._grouped_mm 96 us"}  # fmt: skip
+            assert wgrad["kernel"] == "triton"  # 98 %: within the margin
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the kernels on a GPU")
+def test_grouped_gemm_auto_times_both_kernels_on_the_gpu() -> None:
+    """On a GPU "auto" times both kernels at every plain grouped GEMM's shape, keeps native exactly where the
+    rule says, and the model's numbers match the Triton kernels' model."""
+    from moecc.passes import lower_backend
+
+    _, cm, ids = _unfused("auto")
+    _, tri, _ = _unfused("triton")
+    tri.load_state_dict(cm.state_dict())
+    torch.testing.assert_close(cm(ids), tri(ids), atol=5e-2, rtol=5e-2)
+    choices = [c for ctx in cm.session.contexts for c in ctx.plan.get("grouped_gemm", {}).values()]
+    assert len(choices) == 6 * len(cm.regions)
+    for c in choices:
+        assert c["triton_us"] > 0 and c["native_us"] > 0, c
+        native = c["native_us"] <= lower_backend.NATIVE_MARGIN * c["triton_us"]
+        assert c["kernel"] == ("native" if native else "triton"), c
+
+
+def test_grouped_gemm_option_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(moecc.MoeccError, match=r"grouped_gemm='cublas'.*not one of \('auto', 'triton', 'native'\)"):
+        moecc.compile(torch.nn.Linear(2, 2), grouped_gemm="cublas")
+    monkeypatch.setenv("MOECC_GROUPED_GEMM", "fast")
+    with pytest.raises(moecc.MoeccError, match=r"MOECC_GROUPED_GEMM"):
+        moecc.compile(torch.nn.Linear(2, 2))
+    model, (ids,) = mixtral_style.build(tokens=16)  # float64: torch._grouped_mm runs float32 and bfloat16
+    cm = moecc.compile(model.to(_device(), torch.float64), backend="triton", disable_passes=["fuse"],
+                       grouped_gemm="native")  # fmt: skip
+    with pytest.raises(moecc.MoeccError, match=r"grouped_gemm='native'\): node .*moecc.triton_grouped_mm.*float64"):
+        cm(ids.to(_device()))
 
 
 @pytest.mark.parametrize("nin,bm", [(1, 16), (5, 16), (40, 128), (257, 128)])
