@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from moecc import cost, ir
 from moecc.backends import triton_backend
@@ -198,13 +199,20 @@ def time_grouped_gemm(n: fx.Node, ep: int) -> tuple[float, float] | None:
         return None
     key, make = _operands(n, ep)
     if key not in _TIMINGS:
-        ops = make()
-        triton_op = n.target
-        assert isinstance(triton_op, torch._ops.OpOverload), n.target
-        native = _NATIVE[triton_op]
-        _TIMINGS[key] = (_time_us(lambda: triton_op(*ops)), _time_us(lambda: native(*ops)))
-        del ops
+        # AOTAutograd lowers the forward graph with its fake mode active: the operands must be real tensors
+        with unset_fake_temporarily(), torch.no_grad():
+            _TIMINGS[key] = _time_pair(n, make)
     return _TIMINGS[key]
+
+
+def _time_pair(n: fx.Node, make: Callable[[], list[Any]]) -> tuple[float, float]:
+    ops = make()
+    if any(isinstance(t, FakeTensor) for t in ops):
+        raise AssertionError(f"moecc: lower would time {n.name} on fake tensors")
+    triton_op = n.target
+    assert isinstance(triton_op, torch._ops.OpOverload), n.target
+    native = _NATIVE[triton_op]
+    return _time_us(lambda: triton_op(*ops)), _time_us(lambda: native(*ops))
 
 
 def _native_ok(n: fx.Node) -> str | None:

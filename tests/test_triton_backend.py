@@ -297,7 +297,12 @@ def test_grouped_gemm_auto_times_both_kernels_on_the_gpu() -> None:
     _, cm, ids = _unfused("auto")
     _, tri, _ = _unfused("triton")
     tri.load_state_dict(cm.state_dict())
-    torch.testing.assert_close(cm(ids), tri(ids), atol=5e-2, rtol=5e-2)
+    out, ref = cm(ids), tri(ids)
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, list(cm.parameters()), g),
+                    torch.autograd.grad(ref, list(tri.parameters()), g), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
     choices = [c for ctx in cm.session.contexts for c in ctx.plan.get("grouped_gemm", {}).values()]
     assert len(choices) == 6 * len(cm.regions)
     for c in choices:
