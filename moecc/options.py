@@ -54,10 +54,11 @@ class CompileOptions:
             is an error at compile time, and the cost model charges no host time to issue the graphs' nodes
             (a replay issues none).
         grouped_gemm: with the triton backend, the kernel of the plain grouped GEMMs (forward, dX, dW; the
-            fused expert-parallel ops have their own): "auto" times moecc's Triton kernel and
-            `torch._grouped_mm` at each GEMM's shape when compiling on a GPU and keeps the faster (Triton
-            unless native is at least 3 % faster; the CPU keeps Triton), "triton" or "native" force one.
-            `MOECC_GROUPED_GEMM` sets the default. The dumps record each choice and its timings.
+            fused expert-parallel ops have their own): "triton" (the default) moecc's Triton kernels,
+            "native" `torch._grouped_mm`, "auto" times both at each GEMM's shape when compiling on a GPU
+            and keeps the faster (Triton unless native is at least 3 % faster; the CPU keeps Triton). "auto"
+            allocates each GEMM's operands once at compile time and may choose differently on different
+            ranks. `MOECC_GROUPED_GEMM` sets the default. The dumps record each choice and its timings.
     """
 
     ep: int | None = None
@@ -74,7 +75,7 @@ class CompileOptions:
     profile_nodes: bool = False
     chunks: int | None = None
     cuda_graph: bool = False
-    grouped_gemm: str = "auto"
+    grouped_gemm: str = "triton"
 
     @staticmethod
     def make(
@@ -118,7 +119,7 @@ class CompileOptions:
                 f"moecc.compile: chunks={chunks!r} must be an integer from 1 to 8 (or None: the cost model's choice)"
             )
         if grouped_gemm is None:
-            grouped_gemm = os.environ.get("MOECC_GROUPED_GEMM", "auto") or "auto"
+            grouped_gemm = os.environ.get("MOECC_GROUPED_GEMM", "triton") or "triton"
         if grouped_gemm not in GROUPED_GEMMS:
             raise MoeccError(
                 f"moecc.compile: grouped_gemm={grouped_gemm!r} (or MOECC_GROUPED_GEMM) is not one of {GROUPED_GEMMS}"

@@ -16,11 +16,11 @@ that cannot run on the device is an error, never a silent switch.
 A GLU between grouped GEMMs over the same offsets computes the rows before the last expert's end only (the
 unfused path's receive buffer has room for ep times a rank's average rows; nothing reads the rows past it).
 
-Each plain grouped GEMM (forward / dX, and dW) then runs the faster of moecc's Triton kernel and
-`torch._grouped_mm` at its shape (`grouped_gemm="auto"`): on a GPU both are timed on random operands of the
-node's shapes, strides and expected rows per expert, and native is kept where it is at least 3 % faster
-(`moecc.native_grouped_mm(_wgrad)`: the same contract, with the rows past the end and the experts without rows
-zeroed by a small kernel). The timings are cached per shape for the process.
+With `grouped_gemm="auto"` each plain grouped GEMM (forward / dX, and dW) then runs the faster of moecc's
+Triton kernel and `torch._grouped_mm` at its shape (the default keeps Triton): on a GPU both are timed on
+random operands of the node's shapes, strides and expected rows per expert, and native is kept where it is
+at least 3 % faster (`moecc.native_grouped_mm(_wgrad)`: the same contract, with the rows past the end and the
+experts without rows zeroed by a small kernel). The timings are cached per shape for the process.
 """
 
 from __future__ import annotations
