@@ -502,7 +502,7 @@ def native_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Ten
     P = max(1, min(S, 4 * _num_programs(x_SK.device)))
     _zero_rows_past_kernel[(P, triton.cdiv(N, BN))](y_SN, offs_E, E, S, N, y_SN.stride(0), BN=BN)
     COUNTERS["native_grouped_mm"] += 1
-    return y_SN
+    return y_SN.contiguous()  # the native kernel pads rows to 16 bytes: a copy where N * element size is not
 
 
 def native_grouped_mm_wgrad(

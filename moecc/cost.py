@@ -75,13 +75,15 @@ class HardwareProfile:
     def rate(self, kind: str, size: float) -> float:
         """FLOP/s of a GEMM of `kind` ("dense", "grouped", "fused") at `size` (FLOPs for dense, rows per
         expert otherwise): the measured curve where the profile has one, else the kind's single rate."""
-        points = dict(self.rate_curves).get(kind)
-        if points:
-            return _rate_at(points, size)
+        curves = dict(self.rate_curves)
+        if kind in curves:
+            return _rate_at(curves[kind], size, fixed_time=kind != "dense")
         if kind == "dense":
             return self.gemm_flops
         if kind == "fused" and self.fused_gemm_flops:
             return self.fused_gemm_flops
+        if "grouped" in curves:  # the fused ops without a rate of their own: the grouped GEMM's
+            return _rate_at(curves["grouped"], size)
         return self.grouped_gemm_flops
 
     def fused_rate(self, rows: float, ep: int) -> float:
@@ -150,13 +152,15 @@ class HardwareProfile:
 RATE_KINDS = ("dense", "fused", "grouped")
 
 
-def _rate_at(points: tuple[tuple[float, float], ...], size: float) -> float:
-    """A GEMM's rate at `size` from measured (size, FLOP/s) points: linear in log(size) between them; below the
-    smallest the time stays the smallest one's (the rate falls with the size: tiles, waves and launches cost as
-    much for less work); beyond the largest, the largest one's rate."""
+def _rate_at(points: tuple[tuple[float, float], ...], size: float, fixed_time: bool = True) -> float:
+    """A GEMM's rate at `size` from measured (size, FLOP/s) points: linear in log(size) between them; beyond the
+    largest, the largest one's rate. Below the smallest, with `fixed_time` (sizes in rows per expert) the time
+    stays the smallest one's: an expert's GEMM with fewer rows still reads its whole weight and fills its
+    tiles; without it (sizes in FLOPs, where a fixed time would charge a tiny matmul as much as the smallest
+    probe) the smallest one's rate, the memory term of the estimate taking over for small, skinny ones."""
     (x0, r0), (xn, rn) = points[0], points[-1]
     if size <= x0:
-        return r0 * max(size, 1e-9) / x0
+        return r0 * max(size, 1e-9) / x0 if fixed_time else r0
     if size >= xn:
         return rn
     for (a, ra), (b, rb) in zip(points, points[1:], strict=False):
@@ -409,15 +413,16 @@ def attention_flops(node: fx.Node) -> sympy.Expr | None:
     return sympy.Float(flops)
 
 
-def expected_rows_per_expert(node: fx.Node) -> float:
-    """E[S_e] under uniform routing: the routed rows of a grouped GEMM spread evenly over its experts (for the
-    fused ops: the T*K rows of a rank's tokens, what a rank receives on average, over its local experts)."""
+def expected_rows_per_expert(node: fx.Node, ep: int = 1) -> float:
+    """E[S_e] under uniform routing: what a rank receives on average (the T*K rows of a rank's tokens) over its
+    local experts. For the fused ops T*K is their routing's; a plain grouped GEMM's rows are a receive buffer
+    with room for ep times that (all of it at ep = 1)."""
     fused = _fused(node)
     if fused is not None:
         T, K, w = fused
         return T * K / max(_size(w.shape[0]), 1)
     x, offs = _val(node.args[0]), _val(node.args[2])
-    return _size(x.shape[0]) / max(_size(offs.shape[0]), 1)
+    return _size(x.shape[0]) / max(ep, 1) / max(_size(offs.shape[0]), 1)
 
 
 def expected_destinations(ep: int, top_k: int) -> float:
@@ -478,14 +483,15 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     f = flops_formula(node)
     grouped = "moecc.grouped" in name or "moecc.ep_" in name
     flops = 0.0
+    rows = expected_rows_per_expert(node, ep) if grouped and f is not None else 0.0
     if f is not None:
-        flops = float(f.subs(S_e, expected_rows_per_expert(node))) if grouped else float(f)
+        flops = float(f.subs(S_e, rows)) if grouped else float(f)
     if "aten._scaled_dot_product" in name:
         rate = (profile.attention_bwd_flops if "backward" in name else profile.attention_flops) or profile.gemm_flops
     elif "moecc.ep_" in name:  # the rate measured across ep ranks, else in one rank, else the grouped GEMM's
-        rate = profile.fused_rate(expected_rows_per_expert(node), ep) if f is not None else profile.grouped_gemm_flops
+        rate = profile.fused_rate(rows, ep) if f is not None else profile.grouped_gemm_flops
     elif grouped:
-        rate = profile.rate("grouped", expected_rows_per_expert(node)) if f is not None else profile.grouped_gemm_flops
+        rate = profile.rate("grouped", rows) if f is not None else profile.grouped_gemm_flops
     else:
         rate = profile.rate("dense", flops) if flops else profile.gemm_flops
     touched: float = _nbytes(_val(node)) + sum(_nbytes(_val(a)) for a in node.all_input_nodes)

@@ -257,6 +257,8 @@ def choose_grouped_gemms(gm: fx.GraphModule, ctx: CompileContext) -> dict[str, d
             rec["why"] = why_not
         elif mode == "native":
             rec.update(kernel="native", why="grouped_gemm='native'")
+        elif not all(isinstance(d, int) for a in n.args[:3] for d in cost._val(a).shape):
+            rec["why"] = "auto: symbolic shapes (dynamic=True) are not timed"
         elif (timed := time_grouped_gemm(n, ctx.mesh.ep)) is None:
             rec["why"] = "auto: timed on a GPU only"
         else:

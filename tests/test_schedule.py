@@ -364,6 +364,11 @@ def test_rate_curves_charge_small_gemms_their_measured_rate() -> None:
     assert p.rate("dense", math.sqrt(1e9 * 1e12)) == pytest.approx(500e12)
     assert flat.rate("grouped", 8) == flat.grouped_gemm_flops and flat.rate("dense", 1) == flat.gemm_flops
     assert flat.rate("fused", 8) == flat.fused_gemm_flops  # no curve: the single rates, whatever the size
+    # below the smallest dense probe its rate, not its time: a tiny matmul costs what its bytes cost
+    assert p.rate("dense", 1e6) == 200e12
+    grouped_only = dataclasses.replace(p, rate_curves=(("grouped", dict(p.rate_curves)["grouped"]),))
+    no_fused = dataclasses.replace(grouped_only, fused_gemm_flops=None)
+    assert no_fused.rate("fused", 256) == p.rate("grouped", 256)  # no fused rate of any kind: the grouped curve
     back = cost.HardwareProfile.from_json({k: v for k, v in p.to_json().items() if k != "source"}, "x")
     assert back.rate_curves == p.rate_curves
 
@@ -376,9 +381,16 @@ def test_rate_curves_charge_small_gemms_their_measured_rate() -> None:
         flops = 2.0 * E * rows * H * N
         assert cost.estimate_us(node, p) == pytest.approx(1e6 * flops / p.rate("grouped", rows))
         assert cost.estimate_us(node, flat) == pytest.approx(1e6 * flops / flat.grouped_gemm_flops)
+        # at ep = 2 the rows are a receive buffer with room for twice what a rank gets on average: half of them
+        # count, at half the rows' rate
+        half = 1e6 * flops / 2 / p.rate("grouped", rows / 2)
+        assert cost.estimate_us(node, p, ep=2) == pytest.approx(half)
     g = make_fx(torch.mm, tracing_mode="fake")(torch.randn(1000, 1000), torch.randn(1000, 1000))
     (mm,) = [n for n in g.graph.nodes if n.op == "call_function"]
     assert cost.estimate_us(mm, p) == pytest.approx(1e6 * 2e9 / p.rate("dense", 2e9))
+    g = make_fx(torch.mm, tracing_mode="fake")(torch.randn(500, 1000), torch.randn(1000, 500))
+    (small,) = [n for n in g.graph.nodes if n.op == "call_function"]
+    assert cost.estimate_us(small, p) == pytest.approx(1e6 * 5e8 / 200e12)  # 0.5 GFLOP: the smallest probe's rate
 
     T, K = 4096, 2  # T*K/E = 1024 rows per expert in one rank
     g = make_fx(lambda x, i, w: ops.ep_dispatch_gemm(x, i, w, 1, ""), tracing_mode="fake")(

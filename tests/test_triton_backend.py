@@ -98,7 +98,7 @@ def test_grouped_mm_matches_torch_backend(counts: list[int], S: int, monkeypatch
 def test_model_on_triton_backend_matches_eager(build, fused: bool) -> None:
     model, (ids,) = build(tokens=16)
     model, ids = model.to(_device()), ids.to(_device())
-    # the Triton grouped GEMMs (on a GPU "auto" could time torch._grouped_mm faster at a shape; tested below)
+    # the Triton grouped GEMMs (the default; grouped_gemm="native" / "auto" are tested below)
     cm = moecc.compile(model, backend="triton", disable_passes=[] if fused else ["fuse"], grouped_gemm="triton")
     before, before_ep = dict(triton_backend.COUNTERS), dict(triton_ep.COUNTERS)
     out = cm(ids)
@@ -166,6 +166,13 @@ def test_native_grouped_mm_keeps_the_triton_kernels_contract(counts: list[int], 
     torch.testing.assert_close(y[:end].float(), ref, **tol)
     assert y.shape == (S, N) and not y[end:].any(), "rows past the end are zero"
     y_t = ops.native_grouped_mm(dy, w.transpose(1, 2), offs)  # dX: the weights as a transposed view
+    assert not y_t[end:].any()
+    # 12 output columns (24 bytes a row in bfloat16: the native kernel pads its rows), weights in nn.Linear's
+    # layout: still a contiguous result, as the op's fake says
+    w12 = torch.randn(E, 12, K, generator=gen).to(dev, dt).transpose(1, 2)
+    y12 = ops.native_grouped_mm(x, w12, offs)
+    assert y12.is_contiguous() and not y12[end:].any()
+    torch.testing.assert_close(y12[:end].float(), torch_backend.grouped_mm(x[:end].float(), w12.float(), offs), **tol)
     torch.testing.assert_close(
         y_t[:end].float(), torch_backend.grouped_mm(dy[:end].float(), w.float().transpose(1, 2), offs), **tol
     )
@@ -179,7 +186,7 @@ def test_native_grouped_mm_keeps_the_triton_kernels_contract(counts: list[int], 
         for e, c in enumerate(counts):
             if c == 0:
                 torch.testing.assert_close(dw[e], a[e] if a is not None else torch.zeros_like(dw[e]))
-    assert triton_backend.COUNTERS["native_grouped_mm"] - before.get("native_grouped_mm", 0) == 2
+    assert triton_backend.COUNTERS["native_grouped_mm"] - before.get("native_grouped_mm", 0) == 3
     assert triton_backend.COUNTERS["native_grouped_mm_wgrad"] - before.get("native_grouped_mm_wgrad", 0) == 3
     torch.library.opcheck(ops.native_grouped_mm, (x, w, offs), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(ops.native_grouped_mm_wgrad, (x, dy, offs), test_utils=("test_schema", "test_faketensor"))
@@ -309,6 +316,21 @@ def test_grouped_gemm_auto_times_both_kernels_on_the_gpu() -> None:
         assert c["triton_us"] > 0 and c["native_us"] > 0, c
         native = c["native_us"] <= lower_backend.NATIVE_MARGIN * c["triton_us"]
         assert c["kernel"] == ("native" if native else "triton"), c
+
+
+def test_grouped_gemm_auto_does_not_time_symbolic_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dynamic=True: a grouped GEMM's rows are symbolic; "auto" keeps Triton there and says why."""
+    from moecc.passes import lower_backend
+
+    def never(n, ep):
+        raise AssertionError(f"timed {n.name}")
+
+    monkeypatch.setattr(lower_backend, "time_grouped_gemm", never)
+    _, cm, ids = _unfused("auto", dynamic=True)
+    cm(ids).float().sum().backward()
+    choices = [c for ctx in cm.session.contexts for c in ctx.plan.get("grouped_gemm", {}).values()]
+    assert choices and {c["kernel"] for c in choices} == {"triton"}
+    assert {c["why"] for c in choices} == {"auto: symbolic shapes (dynamic=True) are not timed"}, choices
 
 
 def test_grouped_gemm_option_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
