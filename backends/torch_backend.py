@@ -20,28 +20,33 @@ NAME = "torch"
 COUNTERS: collections.Counter[str] = collections.Counter()
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    """`torch._grouped_mm` needs 16-byte aligned strides (except unit strides) and base pointer."""
-    elem = t.element_size()
-    if t.data_ptr() % 16:
-        return False
-    return all(s == 1 or (s * elem) % 16 == 0 for s in t.stride())
+def native_grouped_mm_refusal(a: torch.Tensor, b: torch.Tensor, base: bool = True) -> str | None:
+    """Why `torch._grouped_mm` cannot run these operands (device, dtype, 16-byte strides except unit ones and,
+    with `base`, a 16-byte aligned base pointer: traced values have none to check); None where it can."""
+    if a.device != b.device or a.dtype != b.dtype:
+        return f"operands on {a.device} / {b.device} in {a.dtype} / {b.dtype}: one device and dtype needed"
+    if a.device.type == "cuda":
+        if torch.cuda.get_device_capability(a.device)[0] < 9:
+            return f"torch._grouped_mm needs compute capability 9.0 or newer, {a.device} has less"
+        if a.dtype != torch.bfloat16:
+            return f"torch._grouped_mm runs bfloat16 on CUDA, the operands are {a.dtype}"
+    elif a.device.type == "cpu":
+        if a.dtype not in (torch.float32, torch.bfloat16):
+            return f"torch._grouped_mm on the CPU runs float32 and bfloat16, the operands are {a.dtype}"
+    else:
+        return f"torch._grouped_mm does not run on {a.device}"
+    elt = a.element_size()
+    for name, t in (("a", a), ("b", b)):
+        if any(st != 1 and (st * elt) % 16 for st in t.stride()):
+            return f"operand {name}'s strides {tuple(t.stride())} are not 16-byte multiples"
+        if base and t.data_ptr() % 16:
+            return f"operand {name}'s base pointer is not 16-byte aligned"
+    return None
 
 
 def can_use_native_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs these operands on their device and dtype."""
-    if a.device != b.device or a.dtype != b.dtype:
-        return False
-    if a.device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(a.device)
-        if major < 9 or a.dtype != torch.bfloat16:
-            return False
-    elif a.device.type == "cpu":
-        if a.dtype not in (torch.float32, torch.bfloat16):
-            return False
-    else:
-        return False
-    return _aligned(a) and _aligned(b)
+    return native_grouped_mm_refusal(a, b) is None
 
 
 def _segments(offs_E: torch.Tensor) -> list[tuple[int, int]]:

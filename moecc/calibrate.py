@@ -75,8 +75,9 @@ def measure_compute(device: torch.device, quick: bool) -> dict[str, float]:
     rates: dict[str, Any] = {"gemm_flops": gemm, "grouped_gemm_flops": grouped, "mem_bw": bw, "op_overhead": overhead}
     rates["rate_curves"] = measure_rate_curves(device, quick)
     if device.type == "cuda":
-        rates["fused_gemm_flops"] = measure_fused(device, quick)
-        rates["rate_curves"]["fused"] = measure_fused_curve(device, quick)
+        curve = measure_fused_curve(device, quick)
+        rates["rate_curves"]["fused"] = curve
+        rates["fused_gemm_flops"] = curve[FUSED_SCALES[quick].index(1.0)][1]  # at the layer's own tokens
         rates.update(measure_attention(device, quick))
         # on the CPU the host runs the ops itself: their cost is on the compute stream (op_overhead)
         rates.update(measure_host(device, quick))
@@ -118,11 +119,17 @@ def measure_rate_curves(device: torch.device, quick: bool) -> dict[str, list[lis
     return {"dense": dense, "grouped": grouped}
 
 
+# token counts of the fused curve's points, as multiples of `_fused_layer`'s (quick: its quick layer's)
+FUSED_SCALES = {False: (0.125, 0.25, 0.5, 1.0, 2.0), True: (0.25, 1.0, 4.0)}
+
+
 def measure_fused_curve(device: torch.device, quick: bool) -> list[list[float]]:
-    """The fused ops' rate in one rank by rows per expert (the "fused" curve): `_fused_layer` at token counts
-    from an eighth to twice its default."""
+    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU) in one rank by rows
+    per expert (the "fused" curve), in FLOPs of the GEMMs per second: a MoE layer's forward and backward
+    (`_fused_layer`) at FUSED_SCALES of its tokens. The point at its own tokens is the profile's
+    fused_gemm_flops; the cost model charges the backward ops twice the forward's FLOPs."""
     points = []
-    for scale in (0.25, 1.0, 4.0) if quick else (0.125, 0.25, 0.5, 1.0, 2.0):
+    for scale in FUSED_SCALES[quick]:
         layer, flops, rows = _fused_layer(device, quick, tokens_scale=scale)
         points.append([rows, flops / _time_s(layer, device, 5 if quick else 20)])
         del layer
@@ -283,14 +290,6 @@ def _fused_layer(
 
     forward = 2 * T * K * H * 2 * F + 2 * T * K * F * H
     return layer, 3.0 * forward, T * K * ep / E
-
-
-def measure_fused(device: torch.device, quick: bool) -> float:
-    """The rate of moecc's fused expert-parallel ops (what the triton backend runs on a GPU) in one rank, in
-    FLOPs of the GEMMs per second: a MoE layer's forward and backward (`_fused_layer`). The cost model charges
-    every fused op by this rate, the backward ones with twice the forward's FLOPs."""
-    layer, flops, _ = _fused_layer(device, quick)
-    return flops / _time_s(layer, device, 5 if quick else 20)
 
 
 def _fused_ep_rate(device: torch.device, world: int, quick: bool) -> tuple[float, float]:

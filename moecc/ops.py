@@ -387,9 +387,11 @@ def triton_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Ten
     return triton_backend.grouped_mm(x_SK, w_EKN, offs_E)
 
 
-@triton_grouped_mm.register_fake
-def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
+def _grouped_mm_fake(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return x_SK.new_empty(x_SK.shape[0], w_EKN.shape[2])
+
+
+triton_grouped_mm.register_fake(_grouped_mm_fake)
 
 
 @torch.library.custom_op("moecc::triton_grouped_mm_wgrad", mutates_args=())
@@ -412,9 +414,7 @@ def native_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Ten
     return triton_backend.native_grouped_mm(x_SK, w_EKN, offs_E)
 
 
-@native_grouped_mm.register_fake
-def _(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor):
-    return x_SK.new_empty(x_SK.shape[0], w_EKN.shape[2])
+native_grouped_mm.register_fake(_grouped_mm_fake)
 
 
 @torch.library.custom_op("moecc::native_grouped_mm_wgrad", mutates_args=())

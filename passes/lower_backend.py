@@ -25,7 +25,6 @@ experts without rows zeroed by a small kernel). The timings are cached per shape
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from moecc import cost, ir
-from moecc.backends import triton_backend
+from moecc.backends import torch_backend, triton_backend
 from moecc.options import MoeccError
 from moecc.pass_manager import CompileContext
 
@@ -177,21 +176,6 @@ def _operands(n: fx.Node, ep: int) -> tuple[tuple, Callable[[], list[Any]]]:
     return key, make
 
 
-def _time_us(fn: Callable[[], Any], iters: int = 5) -> float:
-    """Median microseconds of a call on the GPU (CUDA events), after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
 def time_grouped_gemm(n: fx.Node, ep: int) -> tuple[float, float] | None:
     """(Triton us, native us) of a plain grouped GEMM node's op at its shapes, cached per shape; None off a GPU
     (the CPU runs the Triton kernels under the interpreter: no timing to compare)."""
@@ -212,7 +196,10 @@ def _time_pair(n: fx.Node, make: Callable[[], list[Any]]) -> tuple[float, float]
     triton_op = n.target
     assert isinstance(triton_op, torch._ops.OpOverload), n.target
     native = _NATIVE[triton_op]
-    return _time_us(lambda: triton_op(*ops)), _time_us(lambda: native(*ops))
+    from moecc.calibrate import _time_s
+
+    dev = ops[0].device
+    return 1e6 * _time_s(lambda: triton_op(*ops), dev, 5, 2), 1e6 * _time_s(lambda: native(*ops), dev, 5, 2)
 
 
 def _native_ok(n: fx.Node) -> str | None:
@@ -221,17 +208,7 @@ def _native_ok(n: fx.Node) -> str | None:
     x, b = cost._val(n.args[0]), cost._val(n.args[1])
     if n.target is torch.ops.moecc.triton_grouped_mm_wgrad.default:
         x = x.t()
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return f"torch._grouped_mm needs compute capability 9.0 or newer, {x.device} has less"
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
-        return f"torch._grouped_mm runs bfloat16 on CUDA, the operands are {x.dtype}"
-    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.bfloat16):
-        return f"torch._grouped_mm on the CPU runs float32 and bfloat16, the operands are {x.dtype}"
-    elt = x.element_size()
-    for name, t in (("a", x), ("b", b)):
-        if any(st != 1 and (st * elt) % 16 for st in t.stride()):
-            return f"operand {name}'s strides {tuple(t.stride())} are not 16-byte multiples"
-    return None
+    return torch_backend.native_grouped_mm_refusal(x, b, base=False)
 
 
 def choose_grouped_gemms(gm: fx.GraphModule, ctx: CompileContext) -> dict[str, dict[str, Any]]:

@@ -115,25 +115,21 @@ def region_body(inputs: list[fx.Node], out: fx.Node) -> list[fx.Node]:
     return [n for n in out.graph.nodes if n in body]
 
 
+def _expert_weights(body: list[fx.Node]) -> list[torch.Tensor]:
+    """The (traced) [E, K, N] weights of the region's grouped GEMMs."""
+    ws = [cost._val(n.args[1]) for n in body if n.target is torch.ops.moecc.grouped_mm.default]
+    return [w for w in ws if isinstance(w, torch.Tensor) and w.dim() == 3]
+
+
 def _gemm_flops(body: list[fx.Node], rows: int) -> float:
     """FLOPs of the region's grouped GEMMs when `rows` (token, slot) rows go through them."""
-    flops = 0.0
-    for n in body:
-        if n.target is torch.ops.moecc.grouped_mm.default:
-            w = cost._val(n.args[1])
-            if isinstance(w, torch.Tensor) and w.dim() == 3:
-                flops += 2.0 * rows * cost._size(w.shape[1]) * cost._size(w.shape[2])
-    return flops
+    return sum(2.0 * rows * cost._size(w.shape[1]) * cost._size(w.shape[2]) for w in _expert_weights(body))
 
 
 def _experts(body: list[fx.Node]) -> int:
     """The local experts of a region: its grouped GEMMs' weights' first dimension."""
-    for n in body:
-        if n.target is torch.ops.moecc.grouped_mm.default:
-            w = cost._val(n.args[1])
-            if isinstance(w, torch.Tensor) and w.dim() == 3:
-                return cost._size(w.shape[0])
-    return 1
+    ws = _expert_weights(body)
+    return cost._size(ws[0].shape[0]) if ws else 1
 
 
 def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tuple[int, str, Any]:
