@@ -62,9 +62,10 @@ def past_half_l2(nbytes: int, device: torch.device) -> bool:
     return device.type != "cuda" or nbytes > cuda_l2_bytes(device) // 2
 
 
-def _num_programs(device: torch.device) -> int:
+def _num_programs(device: torch.device, kernel: str | None = None) -> int:
+    """Programs of a persistent kernel: PROGRAMS_PER_SM[kernel] (default 1) per SM on a GPU."""
     if device.type == "cuda":
-        return cuda_sms(device)
+        return cuda_sms(device) * PROGRAMS_PER_SM.get(kernel or "", 1)
     return 4  # the interpreter runs programs one after another: a few keep tests fast
 
 
@@ -282,6 +283,11 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
     "ep_gemm_scatter": (128, 256, 64, 8, 3, 8),
 }
 
+# Programs per SM of the persistent GEMM kernels above (absent: one). Two programs of a smaller tile on one SM
+# can overlap one's epilogue with the other's main loop; the fused scattering GEMM counts its programs' arrivals
+# per call, so a value here must not change between calls of one process.
+PROGRAMS_PER_SM: dict[str, int] = {}
+
 
 # Descriptor loads in the forward / dX grouped GEMM, from this inner dimension K on. On 1 x H200, as a fraction
 # of torch._grouped_mm in the same run: K = 4096..28672 (Mixtral, DeepSeek gemm1 / dx1) went from 0.88-1.02
@@ -324,7 +330,7 @@ def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) ->
     BM, BN, BK, warps, stages, group_m = _config("grouped_mm", x_SK.device, x_SK.dtype)
     # segments: the E experts, then the tail of dropped rows, which the kernel zeroes
     offs_ext, cum_ext, seg = tile_plan(offs_E, S, BM)
-    P = _num_programs(x_SK.device)
+    P = _num_programs(x_SK.device, "grouped_mm")
     descs = _grouped_mm_descriptors(x_SK, w_EKN, BM, BN, BK)
     _grouped_mm_kernel[(P,)](
         x_SK, w_EKN, y_SN, offs_ext, cum_ext, seg, *(descs[:2] if descs else (None, None)), N, K, E,
@@ -409,10 +415,10 @@ def grouped_mm_wgrad_segments(
     dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
     if E == 0:
         return dw_EKN
-    P = _num_programs(x_SK.device)
     desc = _descriptor_ok(x_SK) and _descriptor_ok(dy_SN)  # else strides a descriptor cannot express
     long = _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
     kernel = ("grouped_mm_wgrad_long" if long else "grouped_mm_wgrad") if desc else "grouped_mm_wgrad_pointer"
+    P = _num_programs(x_SK.device, kernel)
     BK, BN, BS, warps, stages, group_n = _config(kernel, x_SK.device, x_SK.dtype)
     group_n = group_n if _wgrad_banded(x_SK, dy_SN, E, nsrc) else triton.cdiv(N, BN)
     descs = (

@@ -104,7 +104,7 @@ class EPBuffers:
     local: dict[str, torch.Tensor]
     tables: dict[str, torch.Tensor]  # name -> int64 [ep] addresses of that part on every rank
     epoch: torch.Tensor  # int64 [NSIG]: calls of each phase completed on this rank
-    done: torch.Tensor  # int64 [NSIG]: programs that finished each phase's sends (last-program detection)
+    done: torch.Tensor  # int64 [NSIG]: programs of this call that finished each phase (last-program detection)
     claim: torch.Tensor  # int32 [NSIG]: the next GEMM tile of a call (zeroed before each launch that claims)
     chain: torch.Tensor  # int64 [ep * CHAIN_PROGRAMS]: the routing scan's running counts (`_route_scan_kernel`)
     simulated: bool
@@ -247,10 +247,12 @@ def _ptr(table, r, like):
 
 @triton.jit
 def _arrive_and_signal(done_ptr, sig_tab, epoch_ptr, slot, me, EP: tl.constexpr, NP):
-    """Count this program as done with `slot`; the last of the NP programs signals every rank (release)."""
+    """Count this program as done with `slot`; the last of the NP programs resets the count for the next call
+    (which launches after this kernel ends, so NP may differ between calls) and signals every rank (release)."""
     target = tl.load(epoch_ptr + slot) + 1
     old = tl.atomic_add(done_ptr + slot, 1, sem="acq_rel", scope="sys")
-    if old == target * NP - 1:
+    if old == NP - 1:
+        tl.atomic_xchg(done_ptr + slot, 0, sem="relaxed", scope="gpu")
         for d in range(EP):
             peer = tl.load(sig_tab + d).to(tl.pointer_type(tl.int64))
             tl.atomic_xchg(peer + slot * EP + me, target, sem="release", scope="sys")
@@ -810,11 +812,11 @@ def _receiver_plan(buf: EPBuffers, plan: Plan) -> None:
 # launch parameters
 
 
-def _programs(device: torch.device) -> tuple[int, int]:
-    """(all programs, send programs) of the merged kernel."""
+def _programs(device: torch.device, kernel: str = "ep_dispatch_gemm") -> tuple[int, int]:
+    """(all programs, send programs) of a fused GEMM kernel (`triton_backend.PROGRAMS_PER_SM` per SM)."""
     if device.type == "cuda":
         sms = triton_backend.cuda_sms(device)
-        return sms, max(8, sms // 8)
+        return sms * triton_backend.PROGRAMS_PER_SM.get(kernel, 1), max(8, sms // 8)
     return 4, 2
 
 
@@ -914,7 +916,7 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     N = w_EKN.shape[2]
     BM, BN, BK, warps, stages, _ = _gemm_config(buf.device, a_SK.dtype, "ep_gemm_scatter")
     assert BM == plan.bm, (BM, plan.bm)
-    NP, _ = _programs(buf.device)
+    NP, _ = _programs(buf.device, "ep_gemm_scatter")
     nseg = plan.offs.shape[0]
     descs = triton_backend._grouped_mm_descriptors(a_SK, w_EKN, BM, BN, BK)
     COUNTERS["fused_gemm.descriptor" if descs else "fused_gemm.pointer"] += 1
@@ -952,7 +954,7 @@ def dispatch_gemm_forward(buf: EPBuffers, x_TH: torch.Tensor, idx_TK: torch.Tens
     """-> (h_SF, x_SH: the gathered rows of x, plan)."""
     plan = Plan.empty(buf.ep, buf.T, buf.K, buf.E_l, _gemm_config(buf.device, x_TH.dtype)[0], buf.device)
     src = _source_plan(buf, idx_TK, plan)
-    NP, _ = _programs(buf.device)
+    NP, _ = _programs(buf.device, "ep_push_meta")
     _push_meta_kernel[(NP,)](
         plan.dest_J, plan.q_J, src["row_J"], plan.slot_J, src["counts_E"],
         buf.tables["rowmap"], buf.tables["counts"], buf.tables["sig"], buf.done, buf.epoch,

@@ -17,7 +17,8 @@ queue): what the op costs the host, launches, torch ops and Python, whatever the
 `fused_ops_<date><tag>.json` to --out.
 
 Tile sweeps: each `--config` is one variant, a `+`-separated list of `kernel=BM,BN,BK,warps,stages,group_m`
-overrides of `triton_backend.CONFIGS` (an empty string: the defaults); every case runs under every variant, in
+overrides of `triton_backend.CONFIGS`, with an optional seventh integer for its programs per SM
+(`triton_backend.PROGRAMS_PER_SM`; an empty string: the defaults); every case runs under every variant, in
 one process, one variant after the other, and each record names its variant.
 
     python benchmarks/bench_fused_ops.py --out benchmarks/results
@@ -62,20 +63,29 @@ def kernel_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> dict[str, f
 
 
 def parse_config(text: str) -> dict[str, tuple[int, ...]]:
-    """`kernel=BM,BN,BK,warps,stages,group_m[+kernel=...]` -> overrides of triton_backend.CONFIGS."""
+    """`kernel=BM,BN,BK,warps,stages,group_m[,programs per SM][+kernel=...]` -> overrides of
+    triton_backend.CONFIGS (and PROGRAMS_PER_SM where a seventh integer is given)."""
     out: dict[str, tuple[int, ...]] = {}
     for part in filter(None, text.split("+")):
         kernel, _, values = part.partition("=")
         if kernel not in triton_backend.CONFIGS:
             raise SystemExit(f"--config: unknown kernel {kernel!r}; known: {sorted(triton_backend.CONFIGS)}")
         cfg = tuple(int(v) for v in values.split(","))
-        if len(cfg) != len(triton_backend.CONFIGS[kernel]):
-            raise SystemExit(f"--config {part!r}: {len(triton_backend.CONFIGS[kernel])} integers expected")
+        n = len(triton_backend.CONFIGS[kernel])
+        if len(cfg) not in (n, n + 1):
+            raise SystemExit(f"--config {part!r}: {n} integers expected, or {n + 1} with programs per SM")
         if kernel.startswith("ep_") and cfg[0] != triton_backend.CONFIGS[kernel][0]:
             raise SystemExit(f"--config {part!r}: keep BM {triton_backend.CONFIGS[kernel][0]}: the fused plan is "
                              f"made once per shape, with the default BM")  # fmt: skip
         out[kernel] = cfg
     return out
+
+
+def apply_config(text: str) -> None:
+    for kernel, cfg in parse_config(text).items():
+        triton_backend.CONFIGS[kernel] = cfg[:6]  # type: ignore[assignment]
+        if len(cfg) > 6:
+            triton_backend.PROGRAMS_PER_SM[kernel] = cfg[6]
 
 
 def bench_shape(name: str, s: bench.Shape, iters: int, cases_wanted: list[str] | None = None,
@@ -128,9 +138,9 @@ def bench_shape(name: str, s: bench.Shape, iters: int, cases_wanted: list[str] |
     }
     records = []
     print(f"== {name}: H {H}, F {Fd}, E {E}, top-{K}, T {T}", flush=True)
-    defaults = dict(triton_backend.CONFIGS)
+    defaults, per_sm = dict(triton_backend.CONFIGS), dict(triton_backend.PROGRAMS_PER_SM)
     for config in configs:
-        triton_backend.CONFIGS.update(parse_config(config))
+        apply_config(config)
         if len(configs) > 1:
             print(f" -- config {config or 'default'}", flush=True)
         try:
@@ -151,6 +161,8 @@ def bench_shape(name: str, s: bench.Shape, iters: int, cases_wanted: list[str] |
         finally:
             triton_backend.CONFIGS.clear()
             triton_backend.CONFIGS.update(defaults)
+            triton_backend.PROGRAMS_PER_SM.clear()
+            triton_backend.PROGRAMS_PER_SM.update(per_sm)
     return records
 
 

@@ -28,14 +28,21 @@ SHAPES = {  # hidden, expert ffn, experts, top-k, tokens
     "deepseek": (7168, 2048, 256, 8, 8192),
     "qwen3": (2048, 768, 128, 8, 16384),
 }
-SWEEP = [  # (BM, BN, BK, warps, stages, GROUP_M); GROUP_M is ignored by the dW kernel
+SWEEP = [  # (BM, BN, BK, warps, stages, GROUP_M[, programs per SM]); GROUP_M is ignored by the dW kernel
     (128, 256, 64, 8, 3, 1),
     (128, 256, 64, 8, 3, 8),
     (128, 256, 64, 8, 4, 8),
     (256, 128, 64, 8, 3, 8),
     (128, 128, 64, 8, 4, 8),
     (128, 128, 128, 8, 3, 8),
+    (128, 128, 64, 8, 3, 8, 2),
+    (128, 128, 64, 4, 3, 8, 2),
 ]
+
+
+def set_config(kernel: str, cfg: tuple[int, ...]) -> None:
+    triton_backend.CONFIGS[kernel] = cfg[:6]  # type: ignore[assignment]
+    triton_backend.PROGRAMS_PER_SM[kernel] = cfg[6] if len(cfg) > 6 else 1
 
 
 def time_ms(fn, iters: int = 30, warmup: int = 3) -> float:
@@ -81,8 +88,9 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator, only: list[
         kernel = "grouped_mm_wgrad" if name.startswith("dw") else "grouped_mm"
         native_ms = time_ms(native)
         best = None
+        sweep: dict[str, float] = {}
         for cfg in SWEEP:
-            triton_backend.CONFIGS[kernel] = cfg
+            set_config(kernel, cfg)
             try:
                 got = triton_fn().reshape(-1)[: 1 << 24].float()
             except Exception as e:  # a config the compiler rejects (e.g. shared memory): skip it
@@ -90,18 +98,20 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator, only: list[
                 continue
             err = ((got - ref).abs().max() / (ref.abs().max() + 1e-6)).item()
             ms = time_ms(triton_fn)
+            sweep[",".join(map(str, cfg))] = ms
             if best is None or ms < best[0]:
                 best = (ms, cfg, err)
         assert best is not None
         ms, cfg, err = best
         # the winner and native once more, interleaved, so that the ratio is not skewed by drift over the sweep
-        triton_backend.CONFIGS[kernel] = cfg
+        set_config(kernel, cfg)
         pairs = [(time_ms(native), time_ms(triton_fn)) for _ in range(3)]
         native_ms = statistics.median(p[0] for p in pairs)
         ms = statistics.median(p[1] for p in pairs)
         rec = {"shape": shape, "gemm": name, "native_ms": native_ms, "triton_ms": ms,
                "native_tflops": flops / native_ms / 1e9, "triton_tflops": flops / ms / 1e9,
-               "triton_over_native": native_ms / ms, "triton_config": cfg, "max_rel_err": err}  # fmt: skip
+               "triton_over_native": native_ms / ms, "triton_config": cfg, "max_rel_err": err,
+               "sweep_ms": sweep}  # fmt: skip
         records.append(rec)
         print(json.dumps(rec), flush=True)
     return records
