@@ -238,6 +238,32 @@ def _collective(what: str, fn, *args, **kwargs):
         ) from e
 
 
+def plan_rows(
+    idx_TK: torch.Tensor, num_experts: int, ep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ep_plan`'s rows, on the device and without waiting for it: (send_tok_R, send_idx_RK, send_sel_RK,
+    send_counts_P). The (destination, token) pairs a token's slots hit are put first, in destination then token
+    order, by a stable sort of the ep * T hit flags (a `nonzero` would copy its count to the host and wait)."""
+    T, K = idx_TK.shape
+    R = ep * T
+    E_local = num_experts // ep
+    valid_TK = (idx_TK >= 0) & (idx_TK < num_experts)
+    dest_TK = torch.where(valid_TK, idx_TK // E_local, -1)
+    ranks_P = torch.arange(ep, device=idx_TK.device)
+    hit_PTK = dest_TK.unsqueeze(0) == ranks_P[:, None, None]  # [ep, T, K]
+    hit_PT = hit_PTK.any(-1)
+    send_counts_P = hit_PT.sum(-1)
+    # the hits first (key 0), each group in its original (destination-major) order
+    order_R = torch.sort((~hit_PT).flatten().to(torch.uint8), stable=True).indices
+    live_R = torch.arange(R, device=idx_TK.device) < send_counts_P.sum()
+    peer_R, tok_R = order_R // T, order_R % T
+    send_tok_R = torch.where(live_R, tok_R, 0)
+    send_sel_RK = hit_PTK[peer_R, tok_R] & live_R[:, None]
+    local_RK = idx_TK[tok_R] - (peer_R * E_local)[:, None]
+    send_idx_RK = torch.where(send_sel_RK, local_RK, -1)
+    return send_tok_R, send_idx_RK, send_sel_RK, send_counts_P
+
+
 def ep_plan(
     idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,24 +277,7 @@ def ep_plan(
     """
     import torch.distributed as dist
 
-    T, K = idx_TK.shape
-    R = ep * T
-    E_local = num_experts // ep
-    valid_TK = (idx_TK >= 0) & (idx_TK < num_experts)
-    dest_TK = torch.where(valid_TK, idx_TK // E_local, -1)
-    ranks_P = torch.arange(ep, device=idx_TK.device)
-    hit_PTK = dest_TK.unsqueeze(0) == ranks_P[:, None, None]  # [ep, T, K]
-    hit_PT = hit_PTK.any(-1)
-    send_counts_P = hit_PT.sum(-1)
-    peer_S, tok_S = hit_PT.nonzero(as_tuple=True)  # sorted by peer, then token
-    n = tok_S.shape[0]
-    send_tok_R = torch.zeros(R, dtype=torch.int64, device=idx_TK.device)
-    send_tok_R[:n] = tok_S
-    send_sel_RK = torch.zeros(R, K, dtype=torch.bool, device=idx_TK.device)
-    send_sel_RK[:n] = hit_PTK[peer_S, tok_S]
-    local_SK = idx_TK[tok_S] - (peer_S * E_local)[:, None]
-    send_idx_RK = torch.full((R, K), -1, dtype=torch.int64, device=idx_TK.device)
-    send_idx_RK[:n] = torch.where(send_sel_RK[:n], local_SK, -1)
+    send_tok_R, send_idx_RK, send_sel_RK, send_counts_P = plan_rows(idx_TK, num_experts, ep)
     recv_counts_P = torch.empty_like(send_counts_P)
     _collective(
         "the routing-count exchange", dist.all_to_all_single, recv_counts_P, send_counts_P, group=_group(group_name)

@@ -284,3 +284,18 @@ def test_graph_step_trains_as_the_uncaptured_step() -> None:
     opt.param_groups[0]["weight_decay"] = 0.01
     step.close()  # the graph released: the next call warms up and captures again
     assert step.graph is None and float(step(batch)) > 0 and step.graph is None and step.replays == 4
+
+
+def test_plan_rows_do_not_wait_for_the_device() -> None:
+    """The unfused dispatch's routing plan copies its row counts to the host once (ep_plan's split sizes); the
+    rows themselves are planned without a synchronisation (CUDA's sync debug mode raises on one)."""
+    idx = torch.randint(0, 64, (4096, 6), device="cuda")
+    torch_backend.plan_rows(idx, 64, 4)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tok, sel_idx, sel, counts = torch_backend.plan_rows(idx, 64, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(counts.sum()) == int(sel.any(-1).sum())
+    assert torch.equal(sel_idx >= 0, sel)

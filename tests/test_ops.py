@@ -407,3 +407,38 @@ def test_grouped_mm_wgrad_adds_its_accumulator() -> None:
     with pytest.raises(Exception, match=r"acc is \[8, 4, 4\]"):
         torch.compile(lambda a: torch.ops.moecc.grouped_mm_wgrad(x_SH, dy, offs_E, 1.0, a), backend="eager",
                       fullgraph=True)(torch.randn(8, 4, 4))  # fmt: skip
+
+
+def _plan_rows_reference(idx_TK: torch.Tensor, E: int, ep: int):
+    """ep_plan's rows written the plain way, with nonzero (which waits for the device on a GPU)."""
+    T, K = idx_TK.shape
+    E_l = E // ep
+    dest = torch.where((idx_TK >= 0) & (idx_TK < E), idx_TK // E_l, -1)
+    tok, idx, sel = (
+        torch.zeros(ep * T, dtype=torch.int64),
+        torch.full((ep * T, K), -1),
+        torch.zeros(ep * T, K, dtype=torch.bool),
+    )
+    r = 0
+    for p in range(ep):
+        for t in range(T):
+            hit = dest[t] == p
+            if hit.any():
+                tok[r], sel[r] = t, hit
+                idx[r] = torch.where(hit, idx_TK[t] - p * E_l, -1)
+                r += 1
+    counts = torch.tensor([int(((dest == p).any(-1)).sum()) for p in range(ep)])
+    return tok, idx, sel, counts
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_plan_rows_matches_the_plain_plan_with_dropped_slots(ep: int) -> None:
+    gen = torch.Generator().manual_seed(ep)
+    T, K, E = 37, 3, 8
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    drop = torch.rand(T, K, generator=gen) < 0.2
+    idx = torch.where(drop, torch.where(torch.rand(T, K, generator=gen) < 0.5, -1, E + 3), idx)  # out of range
+    idx[5] = -1  # a token that goes nowhere
+    got = torch_backend.plan_rows(idx, E, ep)
+    for g, w, name in zip(got, _plan_rows_reference(idx, E, ep), ("tok", "idx", "sel", "counts"), strict=True):
+        assert torch.equal(g, w), name
