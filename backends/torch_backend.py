@@ -264,8 +264,25 @@ def plan_rows(
     return send_tok_R, send_idx_RK, send_sel_RK, send_counts_P
 
 
+def padded_plan(
+    idx_TK: torch.Tensor, num_experts: int, ep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ep_plan(padded=True)`: row d * T + t is token t for rank d (see there)."""
+    T, K = idx_TK.shape
+    E_local = num_experts // ep
+    valid_TK = (idx_TK >= 0) & (idx_TK < num_experts)
+    dest_TK = torch.where(valid_TK, idx_TK // E_local, -1)
+    ranks_P = torch.arange(ep, device=idx_TK.device)
+    sel_RK = (dest_TK.unsqueeze(0) == ranks_P[:, None, None]).reshape(ep * T, K)
+    local_RK = (idx_TK.unsqueeze(0) - (ranks_P * E_local)[:, None, None]).reshape(ep * T, K)
+    tok_R = torch.arange(T, device=idx_TK.device).repeat(ep)
+    counts_P = torch.full((ep,), T, dtype=torch.int64)  # on the host, known without the device
+    COUNTERS["ep.plans_padded"] += 1
+    return tok_R, torch.where(sel_RK, local_RK, -1), sel_RK, counts_P, counts_P.clone()
+
+
 def ep_plan(
-    idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str
+    idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str, padded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Which token rows go to which rank, each token at most once per destination rank.
 
@@ -274,9 +291,16 @@ def ep_plan(
     lives elsewhere), send_sel_RK (those slots as a mask), send_counts_P and recv_counts_P (rows per peer,
     on the host: the one host synchronisation of a dispatch is here, so that the row all-to-alls that use
     these counts as split sizes can be issued without waiting for the device).
+
+    padded: every token goes to every rank, row d * T + t to rank d; the rows of tokens with no expert there
+    travel as padding (all their slots -1, so the receiver's permutation drops them and its combine returns
+    zeros for them). The counts are T per peer, known without the device: no count exchange and no host
+    synchronisation (a CUDA graph can replay it), for ep * T rows of traffic instead of the rows needed.
     """
     import torch.distributed as dist
 
+    if padded:
+        return padded_plan(idx_TK, num_experts, ep)
     send_tok_R, send_idx_RK, send_sel_RK, send_counts_P = plan_rows(idx_TK, num_experts, ep)
     recv_counts_P = torch.empty_like(send_counts_P)
     _collective(

@@ -438,8 +438,28 @@ COLLECTIVE_KIND = {
 }
 
 
-def comm_bytes(node: fx.Node, top_k: int) -> float:
-    """Bytes one rank sends to other ranks in a collective node, expected under uniform routing."""
+def exchanged_rows(T: float, ep: int, top_k: int, padded: bool) -> float:
+    """Rows one rank sends to the other ranks in a row all-to-all of T tokens: each token once per other rank
+    holding one of its experts (expected under uniform routing), or, padded, every token to every other rank."""
+    return T * (ep - 1) if padded else T * expected_destinations(ep, top_k) * (ep - 1) / ep
+
+
+def is_padded_plan(node: fx.Node) -> bool:
+    """Whether an `ep_plan` node plans a padded exchange (no count exchange, no host synchronisation)."""
+    return bool(node.args[4] if len(node.args) > 4 else node.kwargs.get("padded", False))
+
+
+def collective_kind(node: fx.Node) -> str | None:
+    """The collective a node runs ("all_to_all", "all_reduce"), or None: a padded ep_plan runs none."""
+    name = str(node.target)
+    if name == "moecc.ep_plan.default" and is_padded_plan(node):
+        return None
+    return COLLECTIVE_KIND.get(name)
+
+
+def comm_bytes(node: fx.Node, top_k: int, padded: bool = False) -> float:
+    """Bytes one rank sends to other ranks in a collective node, expected under uniform routing (`padded`: the
+    row all-to-alls send every token to every rank, compile's exchange="padded")."""
     name = str(node.target)
     if name == "moecc.ep_plan.default":
         return 8.0 * _size(node.args[2]) if isinstance(node.args[2], int) else 64.0  # one count per peer
@@ -449,7 +469,7 @@ def comm_bytes(node: fx.Node, top_k: int) -> float:
         rows = x.shape[0]  # the buffer holds ep * T rows, the most a rank can send or receive
         T = _size(rows) / ep
         row_bytes = _nbytes(x) / max(_size(rows), 1)
-        return T * expected_destinations(ep, top_k) * (ep - 1) / ep * row_bytes
+        return exchanged_rows(T, ep, top_k, padded) * row_bytes
     return float(_nbytes(_val(node.args[0])))
 
 
@@ -468,16 +488,16 @@ def host_us(node: fx.Node, profile: HardwareProfile) -> float:
     return 1e6 * dict(profile.host_ops).get(ir.op_name(node), profile.host_op)
 
 
-def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1) -> float:
+def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int = 1, padded: bool = False) -> float:
     """Predicted time of one node in microseconds: max(FLOPs / rate, bytes / bandwidth) for compute, the
-    profile's collective curve for collectives; the fused expert-parallel ops overlap their transfers with
-    their GEMMs, so they take the longer of the two, at the rate measured across `ep` ranks where the profile
-    has one."""
+    profile's collective curve for collectives (`padded`: row all-to-alls of every token, see `comm_bytes`);
+    the fused expert-parallel ops overlap their transfers with their GEMMs, so they take the longer of the
+    two, at the rate measured across `ep` ranks where the profile has one."""
     if node.op != "call_function" or node.target is operator.getitem or is_view(node):
         return 0.0
     name = str(node.target)
-    if name in COLLECTIVE_KIND:
-        return 1e6 * profile.comm_s(COLLECTIVE_KIND[name], comm_bytes(node, top_k))
+    if (kind := collective_kind(node)) is not None:
+        return 1e6 * profile.comm_s(kind, comm_bytes(node, top_k, padded))
     if name == "_c10d_functional.wait_tensor.default":
         return 0.0
     f = flops_formula(node)

@@ -310,13 +310,13 @@ unpermute_combine.register_autograd(_combine_backward, setup_context=_combine_se
 
 @torch.library.custom_op("moecc::ep_plan", mutates_args=())
 def ep_plan(
-    idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str
+    idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str, padded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch_backend.ep_plan(idx_TK, num_experts, ep, group_name)
+    return torch_backend.ep_plan(idx_TK, num_experts, ep, group_name, padded)
 
 
 @ep_plan.register_fake
-def _(idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str):
+def _(idx_TK: torch.Tensor, num_experts: int, ep: int, group_name: str, padded: bool = False):
     T, K = idx_TK.shape
     R = ep * T
     return (

@@ -6,6 +6,8 @@
 | `MOECC_DEBUG`          | 1: pass timings, 2: decisions (lifted/fused/refused), 3: IR after each pass |
 |                        | any level >= 1 also runs the checker (graph lint + pass invariants)         |
 | `MOECC_DISABLE_PASSES` | comma-separated pass names to switch off (same as `disable_passes=`)        |
+| `MOECC_GROUPED_GEMM`   | the default of `grouped_gemm=`                                              |
+| `MOECC_EXCHANGE`       | the default of `exchange=`                                                  |
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 BACKENDS = ("auto", "torch", "triton")
 GROUPED_GEMMS = ("auto", "triton", "native")
+EXCHANGES = ("auto", "counted", "padded")
 
 
 class MoeccError(RuntimeError):
@@ -59,6 +62,12 @@ class CompileOptions:
             and keeps the faster (Triton unless native is at least 3 % faster; the CPU keeps Triton). "auto"
             allocates each GEMM's operands once at compile time and may choose differently on different
             ranks. `MOECC_GROUPED_GEMM` sets the default. The dumps record each choice and its timings.
+        exchange: how a sharded MoE region left unfused (the all-to-all path) sizes its row all-to-alls:
+            "counted" exchanges each step's row counts and copies them to the host (one synchronisation a
+            layer; only the rows needed travel), "padded" sends every token to every rank of the ep-group,
+            those with no expert there as padding (ep * T rows a rank, no synchronisation, so a CUDA graph
+            can replay it), "auto" (the default) is "padded" with cuda_graph=True and "counted" otherwise.
+            `MOECC_EXCHANGE` sets the default. Regions fused across ranks have their own exchange.
     """
 
     ep: int | None = None
@@ -76,6 +85,7 @@ class CompileOptions:
     chunks: int | None = None
     cuda_graph: bool = False
     grouped_gemm: str = "triton"
+    exchange: str = "auto"
 
     @staticmethod
     def make(
@@ -95,6 +105,7 @@ class CompileOptions:
         chunks: int | None = None,
         cuda_graph: bool = False,
         grouped_gemm: str | None = None,
+        exchange: str | None = None,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
@@ -124,6 +135,10 @@ class CompileOptions:
             raise MoeccError(
                 f"moecc.compile: grouped_gemm={grouped_gemm!r} (or MOECC_GROUPED_GEMM) is not one of {GROUPED_GEMMS}"
             )
+        if exchange is None:
+            exchange = os.environ.get("MOECC_EXCHANGE", "auto") or "auto"
+        if exchange not in EXCHANGES:
+            raise MoeccError(f"moecc.compile: exchange={exchange!r} (or MOECC_EXCHANGE) is not one of {EXCHANGES}")
         if profile is not None:
             from moecc import cost
 
@@ -148,7 +163,13 @@ class CompileOptions:
             chunks=chunks,
             cuda_graph=bool(cuda_graph),
             grouped_gemm=grouped_gemm,
+            exchange=exchange,
         )
+
+    @property
+    def padded_exchange(self) -> bool:
+        """Whether unfused sharded regions exchange padded rows (see `exchange`)."""
+        return self.exchange == "padded" or (self.exchange == "auto" and self.cuda_graph)
 
     def enabled(self, pass_name: str) -> bool:
         return pass_name not in self.disable_passes

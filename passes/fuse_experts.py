@@ -213,7 +213,9 @@ def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None
     synced = [
         ir.facts(n).get("region")
         for n in gm.graph.nodes
-        if n.target is torch.ops.moecc.ep_plan.default and ir.facts(n).get("region") not in fused
+        if n.target is torch.ops.moecc.ep_plan.default
+        and not cost.is_padded_plan(n)
+        and ir.facts(n).get("region") not in fused
     ]
     if not synced:
         ctx.note("cuda_graph=True: no sharded region reads its row counts on the host; the step can be replayed")
@@ -222,7 +224,8 @@ def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None
     raise MoeccError(
         "moecc.compile(cuda_graph=True): these MoE regions exchange tokens by all-to-alls whose row counts the "
         "host reads every step, which a CUDA graph cannot replay: " + "; ".join(lines) + ". Only regions fused "
-        "across ranks (backend 'triton' on the GPUs of one node, MOECC_FUSED_EP unset) run without the host; "
+        "across ranks (backend 'triton' on the GPUs of one node, MOECC_FUSED_EP unset) or exchanging padded rows "
+        "(exchange='padded' or 'auto': every token to every rank, no row counts) run without the host; "
         "or compile without cuda_graph=True and run the step without moecc.graph_step"
     )
 

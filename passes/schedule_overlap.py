@@ -53,7 +53,7 @@ _WAIT = torch.ops._c10d_functional.wait_tensor.default
 _A2A = torch.ops.moecc.all_to_all_rows.default
 _A2A_START = torch.ops.moecc.all_to_all_rows_start.default
 _PLAN = torch.ops.moecc.ep_plan.default
-# collectives that hold the host until done (nothing else is issued meanwhile)
+# collectives that hold the host until done (nothing else is issued meanwhile; a padded ep_plan does not)
 BLOCKING = {"moecc.all_to_all_rows.default", "moecc.ep_plan.default"}
 MAX_CHUNKS = 8
 BUCKET_SHARE = 1 / 8  # the largest share of a graph's gradients the cost model's bucket may hold
@@ -64,14 +64,14 @@ BUCKET_SHARE = 1 / 8  # the largest share of a graph's gradients the cost model'
 
 
 def pipeline_us(profile: cost.HardwareProfile, *, ep: int, T: int, H: int, K: int, elt: int, gemm_flops: float,
-                experts: int, nodes: int, n: int) -> float:  # fmt: skip
+                experts: int, nodes: int, n: int, padded: bool = False) -> float:  # fmt: skip
     """Predicted forward + backward time of one MoE region in n token chunks: per chunk a dispatch d, expert
     compute x (2x in backward) and a combine b, the all-to-alls sharing one stream; n chunks pipeline as
     d + x + b + (n - 1) max(x, d + b), and each chunk pays the region's per-op overheads again (the device's
     gap or the host's time per op, whichever is longer: the two overlap). A chunk's grouped GEMMs run at the
     rate for its rows per expert (a rank receives T*K/n rows a chunk on average, over its `experts`), which
-    falls as the chunks shrink."""
-    moved = T / n * cost.expected_destinations(ep, K) * (ep - 1) / ep * H * elt
+    falls as the chunks shrink. `padded`: the all-to-alls send every token to every rank."""
+    moved = cost.exchanged_rows(T / n, ep, K, padded) * H * elt
     d = b = 1e6 * profile.comm_s("all_to_all", moved)
     rate = profile.rate("grouped", T * K / n / max(experts, 1))
     x = 1e6 * (gemm_flops / n / rate + max(profile.op_overhead, profile.host_op) * nodes)
@@ -163,7 +163,7 @@ def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tu
         )
         return n, why, (x, idx, w, out, body)
     shape = dict(ep=ctx.mesh.ep, T=T, H=H, K=K, elt=xv.element_size(), gemm_flops=_gemm_flops(body, T * K),
-                 experts=_experts(body), nodes=len(body))  # fmt: skip
+                 experts=_experts(body), nodes=len(body), padded=ctx.options.padded_exchange)  # fmt: skip
     n, one, best = choose_chunks(ctx.profile, **shape)
     n = min(n, T)
     return n, f"cost model: {one:.0f} us forward + backward in 1 chunk, {best:.0f} us in {n}", (x, idx, w, out, body)
@@ -336,7 +336,7 @@ def _kind(n: fx.Node) -> str:
         return "all_reduce"
     if n.target is _WAIT:
         return "wait"
-    if str(n.target) in BLOCKING:
+    if str(n.target) in BLOCKING and not (n.target is _PLAN and cost.is_padded_plan(n)):
         return "blocking"
     return "compute"
 
@@ -674,9 +674,10 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for n in gm.graph.nodes:
         if n.op == "call_function":
             k = top_k.get(ir.facts(n).get("region"), 2)
-            ir.set_facts(n, cost_us=cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep))
+            us = cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep, padded=ctx.options.padded_exchange)
+            ir.set_facts(n, cost_us=us)
             ir.set_facts(n, host_us=cost.host_us(n, ctx.profile))
-            ir.facts(n).setdefault("stream", "comm" if str(n.target) in cost.COLLECTIVE_KIND else "compute")
+            ir.facts(n).setdefault("stream", "comm" if cost.collective_kind(n) is not None else "compute")
     _, before = predicted_timeline(gm)
     moved, scheduled = reorder(gm)
     sunk = sink_recomputed(gm)

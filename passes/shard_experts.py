@@ -74,7 +74,7 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(rp):
         x, idx = em.proxy(x_TH), em.proxy(idx_TK)
-        tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group)
+        tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group, ctx.options.padded_exchange)
         recv_x = ops.all_to_all_rows(x.index_select(0, tok_R), n_P, m_P, group)
         recv_idx = ops.all_to_all_rows(idx_RK, n_P, m_P, group)
     rp.args = (recv_x.node, recv_idx.node, E_local, capacity)
@@ -109,6 +109,11 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
                 n.args = (weights[lo : lo + E_local], *n.args[1:])
     ctx.note(
         f"sharded {region.path}: experts {lo}..{lo + E_local - 1} of {E} on this rank, dispatch/combine over ep={ep}"
+        + (
+            " (padded exchange: every token to every rank, no host synchronisation)"
+            if ctx.options.padded_exchange
+            else ""
+        )
     )
 
 

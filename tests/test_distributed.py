@@ -39,7 +39,16 @@ def _batches(ids: torch.Tensor, world: int, step: int) -> list[torch.Tensor]:
     return [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
 
 
-def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps: int, backend: str = "auto") -> None:
+def _check_exchange(exchange: str, before: dict) -> None:
+    """The plans the exchange option asked for ran, and no other kind."""
+    plans = {k: torch_backend.COUNTERS[k] - before.get(k, 0) for k in ("ep.plans", "ep.plans_padded")}
+    want = "ep.plans_padded" if exchange == "padded" else "ep.plans"
+    assert plans[want] > 0 and sum(plans.values()) == plans[want], (exchange, plans)
+
+
+def train_matches_eager(
+    rank: int, world: int, names: list[str], ep: int, steps: int, backend: str = "auto", exchange: str = "auto"
+) -> None:
     """Per model: losses and every gradient of `steps` AdamW steps match the eager global-batch reference,
     and so do the parameters afterwards."""
     builds = _builds()
@@ -47,7 +56,8 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
         model, (ids,) = builds[name](seed=0)
         ref = copy.deepcopy(model)
         full_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        cm = moecc.compile(model, ep=ep, backend=backend)
+        before = dict(torch_backend.COUNTERS)
+        cm = moecc.compile(model, ep=ep, backend=backend, exchange=exchange)
         mesh = cm.session.mesh
         assert (mesh.dp, mesh.ep) == (world // ep, ep)
         opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
@@ -65,6 +75,7 @@ def train_matches_eager(rank: int, world: int, names: list[str], ep: int, steps:
                 atol=1e-4,
                 msg=lambda m, n=pname, model_name=name: f"{model_name}: {n} after {steps} steps: {m}",
             )
+        _check_exchange(exchange, before)
         counters = cm.session.counters()
         # every expert weight's 1/W is applied inside the kernel that computes its gradient (biases: a mul)
         weights = sum(1 for n, p in cm.named_parameters() if ".experts." in n and not n.endswith("bias"))
@@ -98,6 +109,13 @@ def test_ep_training_matches_eager(world: int, ep: int, names: list[str]) -> Non
     testing.spawn(train_matches_eager, world, names, ep, 3)
 
 
+def test_padded_exchange_training_matches_eager() -> None:
+    """exchange="padded": every token travels to every rank of its ep-group (those with no expert there as
+    padding, dropped by the receiver), with split sizes known without the device. ep = 2 within dp = 2:
+    the same losses, gradients and parameters as eager, as the counted exchange gives."""
+    testing.spawn(train_matches_eager, 4, ["mixtral", "deepseek"], 2, 2, "auto", "padded")
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton kernels on the CPU need TRITON_INTERPRET=1")  # fmt: skip
 def test_ep_training_on_the_triton_backend_matches_eager() -> None:
@@ -105,6 +123,7 @@ def test_ep_training_on_the_triton_backend_matches_eager() -> None:
     multi-GPU run gets this path with MOECC_FUSED_EP=0): row all-to-alls over the process group, the Triton
     grouped GEMMs and GLU kernels on the padded rows a rank receives. Two steps against the eager global batch."""
     testing.spawn(train_matches_eager, 2, ["mixtral", "deepseek"], 2, 2, "triton")
+    testing.spawn(train_matches_eager, 2, ["mixtral"], 2, 1, "triton", "padded")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,11 +157,12 @@ class _Skewed(nn.Module):
         return self.head(out_TH.reshape(x.shape) + x)
 
 
-def skewed_matches_eager(rank: int, world: int, k: int, favourite: int) -> None:
+def skewed_matches_eager(rank: int, world: int, k: int, favourite: int, exchange: str) -> None:
     torch.manual_seed(0)
     model = _Skewed(k=k, favourite=favourite)
     ref = copy.deepcopy(model)
-    cm = moecc.compile(model, ep=world)
+    before = dict(torch_backend.COUNTERS)
+    cm = moecc.compile(model, ep=world, exchange=exchange)
     batches = _batches(torch.zeros(2, 8, dtype=torch.long), world, 0)
     loss = testing.lm_loss(cm(batches[rank]), batches[rank])
     assert [(r.status, r.expert_fn) for r in cm.regions] == [("lifted", "mlp_gelu")]
@@ -151,11 +171,14 @@ def skewed_matches_eager(rank: int, world: int, k: int, favourite: int) -> None:
     loss.backward()
     (sum(ref_losses) / world).backward()
     testing.assert_grads_match(cm, ref, cm.session.mesh.ep_index, f"skewed k={k}")
+    _check_exchange(exchange, before)
 
 
+@pytest.mark.parametrize("exchange", ["counted", "padded"])
 @pytest.mark.parametrize("k,favourite", [(1, 0), (2, 3)], ids=["all-to-expert-0", "top2-favour-3"])
-def test_skewed_routing_and_empty_experts(k: int, favourite: int) -> None:
-    testing.spawn(skewed_matches_eager, 2, k, favourite)
+def test_skewed_routing_and_empty_experts(k: int, favourite: int, exchange: str) -> None:
+    """Every token to one expert leaves a rank with nothing to receive (padded: padding rows only)."""
+    testing.spawn(skewed_matches_eager, 2, k, favourite, exchange)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,7 +371,13 @@ def capacity_matches_single_process(rank: int, world: int, ref_path: str, capaci
     from moecc.examples import mixtral_style
 
     model, (ids,) = mixtral_style.build(seed=0)
-    cm = moecc.compile(model, ep=world, capacity_factor=capacity_factor)
+    for exchange in ("counted", "padded"):  # padding rows take no place: the same pairs are dropped
+        _capacity_step(rank, world, ref_path, capacity_factor, copy.deepcopy(model), ids, exchange)
+        torch._dynamo.reset()
+
+
+def _capacity_step(rank: int, world: int, ref_path: str, capacity_factor: float, model, ids, exchange: str) -> None:
+    cm = moecc.compile(model, ep=world, capacity_factor=capacity_factor, exchange=exchange)
     ref = torch.load(ref_path)
     batches = _batches(ids, world, 0)
     loss = testing.lm_loss(cm(batches[rank]), batches[rank])

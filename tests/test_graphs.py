@@ -16,6 +16,7 @@ import torch.fx as fx
 
 import moecc
 from moecc import cost, ir, testing
+from moecc.backends import torch_backend
 from moecc.examples import mixtral_style
 from moecc.options import MoeccError
 from moecc.passes.fuse_experts import refuse_host_sized_exchanges
@@ -80,22 +81,32 @@ def test_replayed_profile_makes_chunks_weigh_the_device_gap_only() -> None:
 
 
 def _unfused_with_cuda_graph(rank: int, world: int) -> None:
-    model, (ids,) = mixtral_style.build(seed=0)
-    cm = moecc.compile(model, ep=world, cuda_graph=True)  # the torch backend: regions are not fused across ranks
+    # the torch backend: regions are not fused across ranks
+    cm = moecc.compile(mixtral_style.build(seed=0)[0], ep=world, cuda_graph=True, exchange="counted")
+    ids = torch.randint(0, 64, mixtral_style.build(seed=0)[1][0].shape, generator=torch.Generator().manual_seed(rank))
     with pytest.raises(
         MoeccError,
         match=r"cuda_graph=True\): these MoE regions exchange tokens by all-to-alls whose row counts the host reads "
         r"every step.*layers.0.moe.experts \(not fused: the torch backend has no fused dispatch/combine kernels\)",
     ):
         cm(ids)
-    plain = moecc.compile(mixtral_style.build(seed=0)[0], ep=world)  # without the promise it runs
-    assert testing.lm_loss(plain(ids), ids).isfinite()
+    torch._dynamo.reset()
+    plain = moecc.compile(mixtral_style.build(seed=0)[0], ep=world)  # without the promise it runs, counted
+    want = testing.lm_loss(plain(ids), ids)
+    torch._dynamo.reset()
+    before = torch_backend.COUNTERS["ep.plans_padded"]
+    padded = moecc.compile(mixtral_style.build(seed=0)[0], ep=world, cuda_graph=True)  # exchange="auto": padded
+    torch.testing.assert_close(testing.lm_loss(padded(ids), ids), want, rtol=1e-5, atol=1e-5)
+    assert torch_backend.COUNTERS["ep.plans_padded"] > before
+    notes = [m for c in padded.session.contexts for m in c.notes]
+    assert any("the step can be replayed" in m for m in notes), notes
 
 
 def test_cuda_graph_option_refuses_regions_whose_exchange_sizes_come_from_the_host() -> None:
     """compile(cuda_graph=True) with expert parallelism on the unfused path (the torch backend here; on GPUs
-    MOECC_FUSED_EP=0 or an ep-group across hosts) is an error at compile time that names the regions and why
-    they were not fused, instead of a capture that fails later."""
+    MOECC_FUSED_EP=0 or an ep-group across hosts) with exchange="counted" is an error at compile time that
+    names the regions and why they were not fused, instead of a capture that fails later; the default exchange
+    is then padded (no row counts on the host) and gives the counted exchange's loss."""
     testing.spawn(_unfused_with_cuda_graph, 2)
 
 
@@ -106,6 +117,8 @@ def test_cuda_graph_check_names_unfused_regions_only() -> None:
     idx = g.placeholder("idx_TK")
     for path in ("layers.0.experts", "layers.1.experts"):
         ir.tag_region(g.call_function(torch.ops.moecc.ep_plan.default, (idx, 8, 2, "g")), path, "shard")
+    # a padded plan's counts are known without the device: never named
+    ir.tag_region(g.call_function(torch.ops.moecc.ep_plan.default, (idx, 8, 2, "g", True)), "layers.2.experts", "shard")
     ir.tag_region(g.call_function(torch.ops.moecc.ep_dispatch_gemm.default, (idx,)), "layers.0.experts", "fuse")
     g.output(None)
     gm = fx.GraphModule(torch.nn.Module(), g)

@@ -442,3 +442,25 @@ def test_plan_rows_matches_the_plain_plan_with_dropped_slots(ep: int) -> None:
     got = torch_backend.plan_rows(idx, E, ep)
     for g, w, name in zip(got, _plan_rows_reference(idx, E, ep), ("tok", "idx", "sel", "counts"), strict=True):
         assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_padded_plan_holds_every_token_once_per_rank_with_the_plain_plans_slots(ep: int) -> None:
+    """Row d * T + t of the padded plan is token t for rank d: the plain plan's row for (d, t) where t has an
+    expert on d, else padding (every slot -1, so the receiver drops it and its experts never see it)."""
+    gen = torch.Generator().manual_seed(10 + ep)
+    T, K, E = 29, 2, 8
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    idx[3, 1] = -1
+    idx[7] = E  # out of range: dropped
+    tok, sel_idx, sel, n_P, m_P = torch_backend.padded_plan(idx, E, ep)
+    assert n_P.device.type == m_P.device.type == "cpu" and n_P.tolist() == m_P.tolist() == [T] * ep
+    assert torch.equal(tok, torch.arange(T).repeat(ep))
+    assert torch.equal(sel_idx >= 0, sel)
+    ref_tok, ref_idx, ref_sel, counts = _plan_rows_reference(idx, E, ep)
+    live = ref_sel.any(-1)
+    rows = torch.repeat_interleave(torch.arange(ep), counts) * T + ref_tok[live]  # (d, t) of each plain row
+    assert torch.equal(sel_idx[rows], ref_idx[live]) and torch.equal(sel[rows], ref_sel[live])
+    padding = torch.ones(ep * T, dtype=torch.bool)
+    padding[rows] = False
+    assert (sel_idx[padding] == -1).all() and not sel[padding].any()

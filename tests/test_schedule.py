@@ -641,3 +641,37 @@ def test_chunk_weight_gradient_sums_fold_into_the_accumulator_only_where_exact(c
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a, b)
+
+
+def test_padded_exchange_costs_every_token_and_no_host_copy() -> None:
+    """exchange="padded": a row all-to-all moves every token to every other rank (the counted one, the tokens
+    with an expert there, expected under uniform routing); the padded plan runs no collective and does not
+    hold the host (its counts need no device)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from moecc import ops
+    from moecc.passes import schedule_overlap as so
+
+    T, K, E, H, ep = 64, 2, 8, 16, 4
+    counts = torch.full((ep,), T)
+    rows = make_fx(lambda x, c: ops.all_to_all_rows_start(x, c, c, "ep"), tracing_mode="fake")(
+        torch.randn(ep * T, H), counts
+    )
+    (a2a,) = [n for n in rows.graph.nodes if n.target is torch.ops.moecc.all_to_all_rows_start.default]
+    row_bytes = H * 4
+    assert cost.comm_bytes(a2a, K, padded=True) == pytest.approx(T * (ep - 1) * row_bytes)
+    assert cost.comm_bytes(a2a, K) == pytest.approx(T * cost.expected_destinations(ep, K) * (ep - 1) / ep * row_bytes)
+    h200 = cost.PROFILES["h200"]
+    assert cost.estimate_us(a2a, h200, top_k=K, padded=True) > cost.estimate_us(a2a, h200, top_k=K)
+    g = torch.fx.Graph()
+    i = g.placeholder("idx")
+    counted = g.call_function(torch.ops.moecc.ep_plan.default, (i, E, ep, "ep"))
+    padded = g.call_function(torch.ops.moecc.ep_plan.default, (i, E, ep, "ep", True))
+    g.output((counted, padded))
+    assert not cost.is_padded_plan(counted) and cost.is_padded_plan(padded)
+    assert cost.collective_kind(counted) == "all_to_all" and cost.collective_kind(padded) is None
+    assert so._kind(counted) == "blocking" and so._kind(padded) == "compute"
+    layer = dict(T=8192, H=2048, K=6, elt=2, gemm_flops=2 * 8192 * 6 * 3 * 2048 * 1408, experts=16, nodes=60)
+    assert so.pipeline_us(h200, n=1, ep=4, padded=True, **layer) > so.pipeline_us(h200, n=1, ep=4, **layer)
+    with pytest.raises(MoeccError, match=r"exchange='sometimes' \(or MOECC_EXCHANGE\) is not one of"):
+        moecc.compile(mixtral_style.build()[0], exchange="sometimes")
