@@ -12,7 +12,7 @@ import torch
 
 import moecc
 from moecc import testing
-from moecc.backends import triton_ep
+from moecc.backends import torch_backend, triton_ep
 from moecc.examples import deepseek_style, mixtral_style
 
 pytestmark = [
@@ -92,11 +92,15 @@ def test_fused_expert_parallel_layer_captures_in_a_cuda_graph() -> None:
     testing.spawn(_capture, 2, timeout_s=300)
 
 
-def _graph_step(rank: int, world: int) -> None:
+def _graph_step(rank: int, world: int, fused: bool = True) -> None:
     """A training step of the fused expert-parallel model (all-reduces of the replicated gradients included)
     with a capturable AdamW, replayed from a CUDA graph by `moecc.graph_step`, follows eager's losses,
-    gradients and updates step after step."""
-    os.environ.pop("MOECC_FUSED_EP", None)
+    gradients and updates step after step. fused=False: the all-to-all path, whose exchange cuda_graph=True
+    pads (split sizes known without the device)."""
+    if fused:
+        os.environ.pop("MOECC_FUSED_EP", None)
+    else:
+        os.environ["MOECC_FUSED_EP"] = "0"
     torch.manual_seed(0)
     model, (ids,) = mixtral_style.build(tokens=64)
     model = model.cuda()
@@ -134,11 +138,19 @@ def _graph_step(rank: int, world: int) -> None:
     for name, p in cm.named_parameters():  # 4 AdamW steps of lr 1e-3 each: every weight within 2 steps' size
         err = (p.detach() - testing.local_slice(ref_params[name].detach(), p, rank)).abs().max().item()
         assert err <= 2e-3, f"rank {rank} weight {name} after 4 steps: {err:.3g} off"
-    assert cm.session.counters().get("fuse.fused", 0) == len(cm.regions) > 0
+    if fused:
+        assert cm.session.counters().get("fuse.fused", 0) == len(cm.regions) > 0
+    else:
+        assert not cm.session.counters().get("fuse.fused") and torch_backend.COUNTERS["ep.plans_padded"] > 0
+        assert not torch_backend.COUNTERS["ep.plans"]
 
 
 def test_graph_step_replays_the_fused_expert_parallel_training_step() -> None:
     testing.spawn(_graph_step, 2, timeout_s=300)
+
+
+def test_graph_step_replays_the_unfused_step_with_a_padded_exchange() -> None:
+    testing.spawn(_graph_step, 2, False, timeout_s=300)
 
 
 def test_calibrate_measures_the_fused_ops_across_the_ranks() -> None:
