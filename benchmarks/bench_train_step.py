@@ -737,7 +737,8 @@ def main() -> None:
             "config": {"model": model_name, **dataclasses.asdict(c), "tokens_per_rank": c.tokens,
                        "dtype": str(dtype).removeprefix("torch."), "backend": args.backend, "iters": iters,
                        "warmup": warmup, "tiny": args.tiny, "variants": variants, **flops,
-                       "MOECC_FUSED_EP": os.environ.get("MOECC_FUSED_EP"), "chunks": args.chunks},
+                       "MOECC_FUSED_EP": os.environ.get("MOECC_FUSED_EP"),
+                       "MOECC_EXCHANGE": os.environ.get("MOECC_EXCHANGE"), "chunks": args.chunks},
             "float32_reference": reference if dtype != torch.float32 else None,
             "records": records,
         }  # fmt: skip
