@@ -444,6 +444,18 @@ def exchanged_rows(T: float, ep: int, top_k: int, padded: bool) -> float:
     return T * (ep - 1) if padded else T * expected_destinations(ep, top_k) * (ep - 1) / ep
 
 
+# compile's exchange="auto" pads an unfused region's row all-to-alls where that sends at most this many times
+# the rows needed (uniform routing): the counted exchange's host synchronisation a layer cost more than the
+# padding at 1.02x (2 x H200, the 8-layer DeepSeek-style step, top-6 of 64 experts: benchmarks/README.md,
+# "The padded exchange")
+PAD_MAX_TRAFFIC = 1.25
+
+
+def padded_traffic_ratio(ep: int, top_k: int) -> float:
+    """Rows a padded row all-to-all sends over those a counted one sends (expected under uniform routing)."""
+    return exchanged_rows(1.0, ep, top_k, True) / max(exchanged_rows(1.0, ep, top_k, False), 1e-12)
+
+
 def is_padded_plan(node: fx.Node) -> bool:
     """Whether an `ep_plan` node plans a padded exchange (no count exchange, no host synchronisation)."""
     return bool(node.args[4] if len(node.args) > 4 else node.kwargs.get("padded", False))

@@ -66,8 +66,10 @@ class CompileOptions:
             "counted" exchanges each step's row counts and copies them to the host (one synchronisation a
             layer; only the rows needed travel), "padded" sends every token to every rank of the ep-group,
             those with no expert there as padding (ep * T rows a rank, no synchronisation, so a CUDA graph
-            can replay it), "auto" (the default) is "padded" with cuda_graph=True and "counted" otherwise.
-            `MOECC_EXCHANGE` sets the default. Regions fused across ranks have their own exchange.
+            can replay it), "auto" (the default) is "padded" with cuda_graph=True or where padding sends at
+            most `cost.PAD_MAX_TRAFFIC` (1.25) times the rows needed under uniform routing (many experts per
+            token over few ranks), else "counted"; the dumps say which and why. `MOECC_EXCHANGE` sets the
+            default. Regions fused across ranks have their own exchange.
     """
 
     ep: int | None = None
@@ -165,11 +167,6 @@ class CompileOptions:
             grouped_gemm=grouped_gemm,
             exchange=exchange,
         )
-
-    @property
-    def padded_exchange(self) -> bool:
-        """Whether unfused sharded regions exchange padded rows (see `exchange`)."""
-        return self.exchange == "padded" or (self.exchange == "auto" and self.cuda_graph)
 
     def enabled(self, pass_name: str) -> bool:
         return pass_name not in self.disable_passes

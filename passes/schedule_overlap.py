@@ -163,7 +163,8 @@ def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tu
         )
         return n, why, (x, idx, w, out, body)
     shape = dict(ep=ctx.mesh.ep, T=T, H=H, K=K, elt=xv.element_size(), gemm_flops=_gemm_flops(body, T * K),
-                 experts=_experts(body), nodes=len(body), padded=ctx.options.padded_exchange)  # fmt: skip
+                 experts=_experts(body), nodes=len(body),
+                 padded=ctx.plan.get("exchange", {}).get(r.path) == "padded")  # fmt: skip
     n, one, best = choose_chunks(ctx.profile, **shape)
     n = min(n, T)
     return n, f"cost model: {one:.0f} us forward + backward in 1 chunk, {best:.0f} us in {n}", (x, idx, w, out, body)
@@ -674,7 +675,8 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for n in gm.graph.nodes:
         if n.op == "call_function":
             k = top_k.get(ir.facts(n).get("region"), 2)
-            us = cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep, padded=ctx.options.padded_exchange)
+            padded = ctx.plan.get("exchange", {}).get(ir.facts(n).get("region")) == "padded"
+            us = cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep, padded=padded)
             ir.set_facts(n, cost_us=us)
             ir.set_facts(n, host_us=cost.host_us(n, ctx.profile))
             ir.facts(n).setdefault("stream", "comm" if cost.collective_kind(n) is not None else "compute")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from moecc import ir, ops
+from moecc import cost, ir, ops
 from moecc.pass_manager import CompileContext
 from moecc.passes.lift_moe import _GraphEmitter, param_fqn
 
@@ -54,6 +54,19 @@ def _region_nodes(gm: fx.GraphModule, path: str, target: object) -> list[fx.Node
     return [n for n in gm.graph.nodes if n.target is target and ir.facts(n).get("region") == path]
 
 
+def choose_exchange(ctx: CompileContext, ep: int, top_k: int) -> tuple[bool, str]:
+    """(padded, why) for a region's row all-to-alls (compile's `exchange` option)."""
+    opt = ctx.options.exchange
+    if opt != "auto":
+        return opt == "padded", f"exchange={opt!r}"
+    if ctx.options.cuda_graph:
+        return True, "cuda_graph=True (a replay cannot read row counts from the host)"
+    ratio = cost.padded_traffic_ratio(ep, top_k)
+    if ratio <= cost.PAD_MAX_TRAFFIC:
+        return True, f"padding sends {ratio:.2f}x the rows needed (top-{top_k} over ep={ep}), no host synchronisation"
+    return False, f"padding would send {ratio:.2f}x the rows needed (top-{top_k} over ep={ep})"
+
+
 def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) -> None:
     mesh = ctx.mesh
     E, ep = region.num_experts, mesh.ep
@@ -74,7 +87,9 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(rp):
         x, idx = em.proxy(x_TH), em.proxy(idx_TK)
-        tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group, ctx.options.padded_exchange)
+        padded, why = choose_exchange(ctx, ep, int(idx_TK.meta["example_value"].shape[1]))  # type: ignore[union-attr]
+        ctx.plan.setdefault("exchange", {})[region.path] = "padded" if padded else "counted"
+        tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group, padded)
         recv_x = ops.all_to_all_rows(x.index_select(0, tok_R), n_P, m_P, group)
         recv_idx = ops.all_to_all_rows(idx_RK, n_P, m_P, group)
     rp.args = (recv_x.node, recv_idx.node, E_local, capacity)
@@ -109,11 +124,7 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
                 n.args = (weights[lo : lo + E_local], *n.args[1:])
     ctx.note(
         f"sharded {region.path}: experts {lo}..{lo + E_local - 1} of {E} on this rank, dispatch/combine over ep={ep}"
-        + (
-            " (padded exchange: every token to every rank, no host synchronisation)"
-            if ctx.options.padded_exchange
-            else ""
-        )
+        + f"; {'padded' if padded else 'counted'} exchange: {why}"
     )
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 import moecc
-from moecc import testing
+from moecc import cost, testing
 from moecc.backends import torch_backend, triton_backend
 
 
@@ -39,10 +39,16 @@ def _batches(ids: torch.Tensor, world: int, step: int) -> list[torch.Tensor]:
     return [torch.randint(0, 64, ids.shape, generator=gen) for _ in range(world)]
 
 
-def _check_exchange(exchange: str, before: dict) -> None:
-    """The plans the exchange option asked for ran, and no other kind."""
+def _check_exchange(exchange: str, before: dict, cm) -> None:
+    """The plans the exchange option asked for ran ("auto": padded where that sends at most PAD_MAX_TRAFFIC
+    times the rows needed), and no other kind."""
     plans = {k: torch_backend.COUNTERS[k] - before.get(k, 0) for k in ("ep.plans", "ep.plans_padded")}
-    want = "ep.plans_padded" if exchange == "padded" else "ep.plans"
+    (top_k,) = {r.top_k for r in cm.regions}
+    ep = cm.session.mesh.ep
+    padded = exchange == "padded" or (
+        exchange == "auto" and cost.padded_traffic_ratio(ep, top_k) <= cost.PAD_MAX_TRAFFIC
+    )
+    want = "ep.plans_padded" if padded else "ep.plans"
     assert plans[want] > 0 and sum(plans.values()) == plans[want], (exchange, plans)
 
 
@@ -75,7 +81,7 @@ def train_matches_eager(
                 atol=1e-4,
                 msg=lambda m, n=pname, model_name=name: f"{model_name}: {n} after {steps} steps: {m}",
             )
-        _check_exchange(exchange, before)
+        _check_exchange(exchange, before, cm)
         counters = cm.session.counters()
         # every expert weight's 1/W is applied inside the kernel that computes its gradient (biases: a mul)
         weights = sum(1 for n, p in cm.named_parameters() if ".experts." in n and not n.endswith("bias"))
@@ -171,7 +177,7 @@ def skewed_matches_eager(rank: int, world: int, k: int, favourite: int, exchange
     loss.backward()
     (sum(ref_losses) / world).backward()
     testing.assert_grads_match(cm, ref, cm.session.mesh.ep_index, f"skewed k={k}")
-    _check_exchange(exchange, before)
+    _check_exchange(exchange, before, cm)
 
 
 @pytest.mark.parametrize("exchange", ["counted", "padded"])
