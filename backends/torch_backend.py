@@ -20,9 +20,17 @@ NAME = "torch"
 COUNTERS: collections.Counter[str] = collections.Counter()
 
 
-def native_grouped_mm_refusal(a: torch.Tensor, b: torch.Tensor, base: bool = True) -> str | None:
-    """Why `torch._grouped_mm` cannot run these operands (device, dtype, 16-byte strides except unit ones and,
-    with `base`, a 16-byte aligned base pointer: traced values have none to check); None where it can."""
+# torch._grouped_mm refuses 1024 groups or more ("Can't process more than 1024 groups", torch 2.11 on an
+# H200, 1024 included)
+NATIVE_MAX_GROUPS = 1023
+
+
+def native_grouped_mm_refusal(a: torch.Tensor, b: torch.Tensor, groups: int, base: bool = True) -> str | None:
+    """Why `torch._grouped_mm` cannot run these operands in `groups` groups (device, dtype, group count,
+    16-byte strides except unit ones and, with `base`, a 16-byte aligned base pointer: traced values have none
+    to check); None where it can."""
+    if groups > NATIVE_MAX_GROUPS:
+        return f"{groups} experts: torch._grouped_mm takes at most {NATIVE_MAX_GROUPS} groups"
     if a.device != b.device or a.dtype != b.dtype:
         return f"operands on {a.device} / {b.device} in {a.dtype} / {b.dtype}: one device and dtype needed"
     if a.device.type == "cuda":
@@ -44,9 +52,9 @@ def native_grouped_mm_refusal(a: torch.Tensor, b: torch.Tensor, base: bool = Tru
     return None
 
 
-def can_use_native_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs these operands on their device and dtype."""
-    return native_grouped_mm_refusal(a, b) is None
+def can_use_native_grouped_mm(a: torch.Tensor, b: torch.Tensor, groups: int) -> bool:
+    """Whether `torch._grouped_mm` runs these operands in `groups` groups on their device and dtype."""
+    return native_grouped_mm_refusal(a, b, groups) is None
 
 
 def _segments(offs_E: torch.Tensor) -> list[tuple[int, int]]:
@@ -64,7 +72,7 @@ def transposed_weight(w_EKN: torch.Tensor) -> bool:
 def grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """y[rows of expert e] = x[rows of expert e] @ w[e]; rows past offs[-1] are zero."""
     S, N = x_SK.shape[0], w_EKN.shape[2]
-    if S > 0 and can_use_native_grouped_mm(x_SK, w_EKN):
+    if S > 0 and can_use_native_grouped_mm(x_SK, w_EKN, w_EKN.shape[0]):
         COUNTERS["grouped_mm.native"] += 1
         y_SN = torch._grouped_mm(x_SK, w_EKN, offs=offs_E)
         # the native kernel leaves rows past offs[-1] unwritten
@@ -90,7 +98,7 @@ def grouped_mm_wgrad(
 def _wgrad(x_SK: torch.Tensor, dy_SN: torch.Tensor, offs_E: torch.Tensor, scale: float) -> torch.Tensor:
     E, K, N = offs_E.shape[0], x_SK.shape[1], dy_SN.shape[1]
     xt_KS = x_SK.t()
-    if x_SK.shape[0] > 0 and can_use_native_grouped_mm(xt_KS, dy_SN):
+    if x_SK.shape[0] > 0 and can_use_native_grouped_mm(xt_KS, dy_SN, E):
         COUNTERS["grouped_mm_wgrad.native"] += 1
         dw_EKN = torch._grouped_mm(xt_KS, dy_SN, offs=offs_E)
         # experts with no rows are left unwritten by the native kernel

@@ -500,7 +500,7 @@ def native_grouped_mm(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Ten
     S, N, E = x_SK.shape[0], w_EKN.shape[2], w_EKN.shape[0]
     if S == 0 or E == 0:
         return torch.zeros(S, N, device=x_SK.device, dtype=x_SK.dtype)
-    if (why := torch_backend.native_grouped_mm_refusal(x_SK, w_EKN)) is not None:
+    if (why := torch_backend.native_grouped_mm_refusal(x_SK, w_EKN, E)) is not None:
         _native_refused("native_grouped_mm", why)
         return grouped_mm(x_SK, w_EKN, offs_E)
     y_SN = torch._grouped_mm(x_SK, w_EKN, offs=offs_E)
@@ -524,7 +524,7 @@ def native_grouped_mm_wgrad(
     if x_SK.shape[0] == 0 or E == 0:
         dw = torch.zeros(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
         return dw if acc is None else dw.add_(acc)
-    if (why := torch_backend.native_grouped_mm_refusal(x_SK.t(), dy_SN)) is not None:
+    if (why := torch_backend.native_grouped_mm_refusal(x_SK.t(), dy_SN, E)) is not None:
         _native_refused("native_grouped_mm_wgrad", why)
         return grouped_mm_wgrad(x_SK, dy_SN, offs_E, scale, acc)
     dw_EKN = torch._grouped_mm(x_SK.t(), dy_SN, offs=offs_E).contiguous()

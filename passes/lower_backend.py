@@ -206,9 +206,10 @@ def _native_ok(n: fx.Node) -> str | None:
     """Why torch._grouped_mm cannot take a plain grouped GEMM node's operands (traced dtype, device and
     strides); None where it can."""
     x, b = cost._val(n.args[0]), cost._val(n.args[1])
+    groups = cost._size(cost._val(n.args[2]).shape[0])  # the offsets: one per expert
     if n.target is torch.ops.moecc.triton_grouped_mm_wgrad.default:
         x = x.t()
-    return torch_backend.native_grouped_mm_refusal(x, b, base=False)
+    return torch_backend.native_grouped_mm_refusal(x, b, groups, base=False)
 
 
 def choose_grouped_gemms(gm: fx.GraphModule, ctx: CompileContext) -> dict[str, dict[str, Any]]:

@@ -264,7 +264,7 @@ def _run_backend(x_SH, w, dy, offs_E):
 
 def test_grouped_mm_native_path_on_aligned_operands():
     x_SH, w, dy, offs_E = _grouped_inputs(hidden=32)
-    assert torch_backend.can_use_native_grouped_mm(x_SH, w)
+    assert torch_backend.can_use_native_grouped_mm(x_SH, w, w.shape[0])
     y, dw, ran = _run_backend(x_SH, w, dy, offs_E)
     assert ran == {"grouped_mm.native": 1, "grouped_mm_wgrad.native": 1}
     ry, rdw = _per_expert(x_SH, w, dy, offs_E)
@@ -272,9 +272,28 @@ def test_grouped_mm_native_path_on_aligned_operands():
     torch.testing.assert_close(dw, rdw, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_mm_refuses_the_native_kernel_past_its_group_limit():
+    """torch._grouped_mm stops at 1023 groups ("Can't process more than 1024 groups" on an H200 with 1024):
+    more experts take the loop, with the same results."""
+    x_SH, w, dy, offs_E = _grouped_inputs(hidden=32)
+    limit = torch_backend.NATIVE_MAX_GROUPS
+    assert torch_backend.native_grouped_mm_refusal(x_SH, w, limit) is None
+    why = torch_backend.native_grouped_mm_refusal(x_SH, w, limit + 1)
+    assert why == f"{limit + 1} experts: torch._grouped_mm takes at most {limit} groups", why
+    E, H = limit + 1, 16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * E, H, generator=gen)
+    many = torch.randn(E, H, 8, generator=gen)
+    offs = torch.arange(2, 2 * E + 1, 2, dtype=torch.int32)
+    before = dict(torch_backend.COUNTERS)
+    y = torch_backend.grouped_mm(x, many, offs)
+    assert torch_backend.COUNTERS["grouped_mm.loop"] == before.get("grouped_mm.loop", 0) + 1
+    torch.testing.assert_close(y, torch.bmm(x.view(E, 2, H), many).view(2 * E, 8), atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_mm_loop_path_on_unaligned_strides():
     x_SH, w, dy, offs_E = _grouped_inputs(hidden=6)  # a row is 24 bytes: not 16-byte aligned
-    assert not torch_backend.can_use_native_grouped_mm(x_SH, w)
+    assert not torch_backend.can_use_native_grouped_mm(x_SH, w, w.shape[0])
     y, dw, ran = _run_backend(x_SH, w, dy, offs_E)
     assert ran == {"grouped_mm.loop": 1, "grouped_mm_wgrad.loop": 1}
     ry, rdw = _per_expert(x_SH, w, dy, offs_E)
@@ -290,7 +309,7 @@ def test_grouped_mm_native_and_loop_paths_agree(monkeypatch, dtype, K):
     assert K == 2 or counts[1] == 0
     y_n, dw_n, ran_n = _run_backend(x_SH, w, dy, offs_E)
     assert ran_n == {"grouped_mm.native": 1, "grouped_mm_wgrad.native": 1}
-    monkeypatch.setattr(torch_backend, "can_use_native_grouped_mm", lambda a, b: False)
+    monkeypatch.setattr(torch_backend, "can_use_native_grouped_mm", lambda a, b, groups: False)
     y_l, dw_l, ran_l = _run_backend(x_SH, w, dy, offs_E)
     assert ran_l == {"grouped_mm.loop": 1, "grouped_mm_wgrad.loop": 1}
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
