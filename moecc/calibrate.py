@@ -226,6 +226,51 @@ def measure_host(device: torch.device, quick: bool) -> dict[str, Any]:
     }
 
 
+def measure_step_host(device: torch.device, quick: bool, ep: int = 1) -> dict[str, Any]:
+    """The host's time per graph node in a training step (`HardwareProfile.host_op`, `host_view`, `host_ops`),
+    as `moecc profile --host-costs-into` measures it: a small DeepSeek-style model (the package's example:
+    attention, routed experts with a shared one) compiled with `ep` (a world of `ep` processes must be up when
+    ep > 1), trained a few steps, one step profiled node by node; each node range's CPU time, scaled by the
+    step's host time without the profiler over its time with it and less what a range costs (from a copy
+    compiled without ranges). Ops timed alone on tiny inputs (`measure_host`) came out 3-4x short of this on
+    an H200 node: in a step the host also runs the graph's wrappers, autograd and the allocator for each
+    node. Runs the device's default backend (on the CPU the ops' own time is in it)."""
+    import copy
+
+    import moecc
+    from moecc import profile
+    from moecc.examples import deepseek_style
+
+    gpu = device.type == "cuda"
+    model, (ids,) = deepseek_style.build(seed=0, dtype=torch.bfloat16 if gpu else torch.float32, tokens=64)
+    model = model.to(device)
+    ids = ids.to(device)
+    steps = 2 if quick else 4
+
+    def stepper(m: Any) -> Callable[[], None]:
+        params = [p for p in m.parameters() if p.requires_grad]
+
+        def step() -> None:
+            logits = m(ids)
+            F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            for p in params:
+                p.grad = None
+
+        return step
+
+    plain = stepper(moecc.compile(copy.deepcopy(model), ep=ep))
+    for _ in range(steps):
+        plain()
+    reference = profile.host_issue_us(plain, 3 if quick else 7)
+    cm = moecc.compile(model, ep=ep, profile_nodes=True)
+    step = stepper(cm)
+    for _ in range(steps):
+        step()
+    costs = profile.profile_step(cm, step, out_dir=None, host_reference_us=reference)["host_costs"]
+    torch._dynamo.reset()
+    return costs
+
+
 def _device_gap_s(tiny: torch.Tensor, n: int = 200) -> float:
     """The device's time per op with nothing to do, queued back to back (`HardwareProfile.op_overhead`):
     behind a 10 ms spin of the device, so that the host has queued them all before the device reaches the
@@ -334,17 +379,21 @@ def _collectives(rank: int, world: int, quick: bool, out: str) -> None:
             worst = [0.0] * world
             dist.all_gather_object(worst, t)  # the slowest rank sets the pace of a collective
             curves[kind].append([float(n * 4), max(worst)])
-    fused_ep, ep_rows = {}, {}
+    fused_ep, ep_rows, host = {}, {}, {}
     if device.type == "cuda":
         fused_ep[world], ep_rows[world] = _fused_ep_rate(device, world, quick)
+        if not quick:
+            host = measure_step_host(device, quick, world)
     if rank == 0:
-        Path(out).write_text(json.dumps({"curves": curves, "fused_ep_gemm_flops": fused_ep, "fused_ep_rows": ep_rows}))
+        Path(out).write_text(
+            json.dumps({"curves": curves, "fused_ep_gemm_flops": fused_ep, "fused_ep_rows": ep_rows, "host": host})
+        )
 
 
 def measure_collectives(world_size: int, quick: bool) -> dict[str, Any]:
     """Over a local world of `world_size` processes: the collectives' curves ("curves") and, on GPUs, the fused
-    ops' rate across the ranks ("fused_ep_gemm_flops", by world size) and the rows per expert it was measured
-    at ("fused_ep_rows")."""
+    ops' rate across the ranks ("fused_ep_gemm_flops", by world size), the rows per expert it was measured
+    at ("fused_ep_rows") and, unless quick, rank 0's host costs in a step at ep = `world_size` ("host")."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "curves.json")
         testing.spawn(_collectives, world_size, quick, out, timeout_s=300)
@@ -361,6 +410,10 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
         raise MoeccError(f"calibrate: --world-size {world_size} needs as many GPUs; this machine has {n}")
     rates = measure_compute(dev, quick)
     across = measure_collectives(world_size, quick) if world_size > 1 else {}
+    host_from = "ops alone on tiny inputs" if dev.type == "cuda" else None
+    if dev.type == "cuda" and not quick:  # a step's host costs replace those of the ops timed alone
+        rates.update(across["host"] if world_size > 1 else measure_step_host(dev, quick))
+        host_from = f"a profiled training step of moecc.examples.deepseek_style at ep = {world_size}"
     curves = across.get("curves", {})
     a2a = curves.get("all_to_all", [])
     builtin = cost.PROFILES["cpu" if dev.type == "cpu" else "h200"]  # for what one process cannot measure
@@ -383,5 +436,7 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
     data = profile.to_json()
     data.pop("source")
     data["measured"] = {"torch": torch.__version__, "world_size": world_size, "quick": quick, "device": key}
+    if host_from:
+        data["measured"]["host_costs_from"] = host_from
     path.write_text(json.dumps(data, indent=1))
     return path

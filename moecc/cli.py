@@ -200,6 +200,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for kind, pts in p.curves:
         row = ", ".join(f"{b / 1024:.0f} KiB {t * 1e6:.0f} us" for b, t in pts)
         print(f"  {kind}: {row}")
+    if p.host_op:
+        src = json.loads(path.read_text()).get("measured", {}).get("host_costs_from", "?")
+        ops = ", ".join(f"{k.removeprefix('moecc.')} {v * 1e6:.0f}" for k, v in p.host_ops)
+        print(f"  host us per node ({src}): op {p.host_op * 1e6:.1f}, view {p.host_view * 1e6:.1f}; {ops}")
     return 0
 
 

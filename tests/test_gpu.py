@@ -207,6 +207,20 @@ def test_calibrate_measures_the_host_cost_of_every_expert_op() -> None:
     assert dict(p.host_ops) == ops and p.host_op == host["host_op"]
 
 
+def test_calibrate_takes_host_costs_from_a_profiled_step_on_the_gpu() -> None:
+    """The step's host costs: the fused ops (the default on a GPU) each cost the host more than an aten op,
+    which costs more than a view, and an aten op in a step costs the host more than the same op issued alone
+    back to back (what calibrate measured before)."""
+    from moecc import calibrate
+
+    host = calibrate.measure_step_host(torch.device("cuda"), quick=True)
+    ops = host["host_ops"]
+    assert {"moecc.ep_dispatch_gemm", "moecc.ep_gemm_combine", "moecc.ep_dispatch_gemm_backward"} <= set(ops), ops
+    assert 0 < host["host_view"] < host["host_op"] < min(ops[k] for k in ops if k.startswith("moecc.ep_gemm")), host
+    alone = calibrate.measure_host(torch.device("cuda"), quick=True)
+    assert host["host_op"] > alone["host_op"], (host["host_op"], alone["host_op"])
+
+
 def test_calibrate_measures_gemm_rates_by_size() -> None:
     """The rate curves: dense GEMMs by FLOPs, the grouped GEMM and the fused ops by rows per expert; real rates,
     the smallest sizes slower than the largest (what the single large-size rates missed), and a profile that

@@ -675,3 +675,20 @@ def test_padded_exchange_costs_every_token_and_no_host_copy() -> None:
     assert so.pipeline_us(h200, n=1, ep=4, padded=True, **layer) > so.pipeline_us(h200, n=1, ep=4, **layer)
     with pytest.raises(MoeccError, match=r"exchange='sometimes' \(or MOECC_EXCHANGE\) is not one of"):
         moecc.compile(mixtral_style.build()[0], exchange="sometimes")
+
+
+def test_calibrate_takes_host_costs_from_a_profiled_step() -> None:
+    """calibrate's host costs on a GPU node come from a profiled training step of a small model (as
+    `moecc profile --host-costs-into`): per aten op, per view and per moecc op, forward and backward ones by
+    their own names, in the form a profile takes. On the CPU the ops' own time is in them; only the form is
+    checked here (tests/test_gpu.py checks the GPU's)."""
+    from moecc import calibrate
+
+    host = calibrate.measure_step_host(torch.device("cpu"), quick=True)
+    assert set(host) == {"host_op", "host_view", "host_ops"}
+    assert host["host_op"] > 0 and host["host_view"] >= 0
+    ops = host["host_ops"]
+    assert {"moecc.grouped_mm", "moecc.grouped_mm_wgrad", "moecc.route_permute"} <= set(ops), ops
+    assert all(t > 0 for t in ops.values()), ops
+    p = cost.HardwareProfile.from_json({**cost.PROFILES["h200"].to_json(), **host}, source="test")
+    assert dict(p.host_ops) == pytest.approx(ops) and p.host_op == host["host_op"]
