@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -234,7 +235,27 @@ def measure_step_host(device: torch.device, quick: bool, ep: int = 1) -> dict[st
     step's host time without the profiler over its time with it and less what a range costs (from a copy
     compiled without ranges). Ops timed alone on tiny inputs (`measure_host`) came out 3-4x short of this on
     an H200 node: in a step the host also runs the graph's wrappers, autograd and the allocator for each
-    node. Runs the device's default backend (on the CPU the ops' own time is in it)."""
+    node. On a GPU the step runs twice, fused across ranks (the default there: its ops, and the per-op and
+    per-view figures) and with fusion off (MOECC_FUSED_EP=0: the all-to-all path's ops). On the CPU the ops'
+    own time is in the figures."""
+    from moecc.passes import fuse_experts
+
+    fused = _step_host(device, quick, ep)
+    if device.type != "cuda":
+        return fused
+    old = os.environ.get(fuse_experts.FUSED_EP_ENV)
+    os.environ[fuse_experts.FUSED_EP_ENV] = "0"
+    try:
+        unfused = _step_host(device, quick, ep)
+    finally:
+        if old is None:
+            del os.environ[fuse_experts.FUSED_EP_ENV]
+        else:
+            os.environ[fuse_experts.FUSED_EP_ENV] = old
+    return {**fused, "host_ops": {**unfused["host_ops"], **fused["host_ops"]}}
+
+
+def _step_host(device: torch.device, quick: bool, ep: int) -> dict[str, Any]:
     import copy
 
     import moecc
@@ -408,12 +429,16 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
     if dev.type == "cuda" and world_size > torch.cuda.device_count():
         n = torch.cuda.device_count()
         raise MoeccError(f"calibrate: --world-size {world_size} needs as many GPUs; this machine has {n}")
-    rates = measure_compute(dev, quick)
+    rates: dict[str, Any] = dict(measure_compute(dev, quick))
     across = measure_collectives(world_size, quick) if world_size > 1 else {}
     host_from = "ops alone on tiny inputs" if dev.type == "cuda" else None
     if dev.type == "cuda" and not quick:  # a step's host costs replace those of the ops timed alone
-        rates.update(across["host"] if world_size > 1 else measure_step_host(dev, quick))
-        host_from = f"a profiled training step of moecc.examples.deepseek_style at ep = {world_size}"
+        step = across["host"] if world_size > 1 else measure_step_host(dev, quick)
+        rates.update({**step, "host_ops": {**rates["host_ops"], **step["host_ops"]}})
+        host_from = (
+            f"profiled training steps of moecc.examples.deepseek_style at ep = {world_size}, fused across ranks "
+            "and not; ops in neither step: timed alone on tiny inputs"
+        )
     curves = across.get("curves", {})
     a2a = curves.get("all_to_all", [])
     builtin = cost.PROFILES["cpu" if dev.type == "cpu" else "h200"]  # for what one process cannot measure
