@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -235,27 +234,17 @@ def measure_step_host(device: torch.device, quick: bool, ep: int = 1) -> dict[st
     step's host time without the profiler over its time with it and less what a range costs (from a copy
     compiled without ranges). Ops timed alone on tiny inputs (`measure_host`) came out 3-4x short of this on
     an H200 node: in a step the host also runs the graph's wrappers, autograd and the allocator for each
-    node. On a GPU the step runs twice, fused across ranks (the default there: its ops, and the per-op and
-    per-view figures) and with fusion off (MOECC_FUSED_EP=0: the all-to-all path's ops). On the CPU the ops'
-    own time is in the figures."""
-    from moecc.passes import fuse_experts
-
+    node. On a GPU the step runs twice, with the fused expert ops (the default there: theirs, and the per-op
+    and per-view figures) and with the fuse pass off (the all-to-all path's ops, and the one-rank plain grouped
+    GEMMs'). On the CPU the ops' own time is in the figures."""
     fused = _step_host(device, quick, ep)
     if device.type != "cuda":
         return fused
-    old = os.environ.get(fuse_experts.FUSED_EP_ENV)
-    os.environ[fuse_experts.FUSED_EP_ENV] = "0"
-    try:
-        unfused = _step_host(device, quick, ep)
-    finally:
-        if old is None:
-            del os.environ[fuse_experts.FUSED_EP_ENV]
-        else:
-            os.environ[fuse_experts.FUSED_EP_ENV] = old
+    unfused = _step_host(device, quick, ep, disable_passes=("fuse",))
     return {**fused, "host_ops": {**unfused["host_ops"], **fused["host_ops"]}}
 
 
-def _step_host(device: torch.device, quick: bool, ep: int) -> dict[str, Any]:
+def _step_host(device: torch.device, quick: bool, ep: int, disable_passes: tuple[str, ...] = ()) -> dict[str, Any]:
     import copy
 
     import moecc
@@ -279,11 +268,11 @@ def _step_host(device: torch.device, quick: bool, ep: int) -> dict[str, Any]:
 
         return step
 
-    plain = stepper(moecc.compile(copy.deepcopy(model), ep=ep))
+    plain = stepper(moecc.compile(copy.deepcopy(model), ep=ep, disable_passes=disable_passes))
     for _ in range(steps):
         plain()
     reference = profile.host_issue_us(plain, 3 if quick else 7)
-    cm = moecc.compile(model, ep=ep, profile_nodes=True)
+    cm = moecc.compile(model, ep=ep, profile_nodes=True, disable_passes=disable_passes)
     step = stepper(cm)
     for _ in range(steps):
         step()
@@ -436,8 +425,8 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
         step = across["host"] if world_size > 1 else measure_step_host(dev, quick)
         rates.update({**step, "host_ops": {**rates["host_ops"], **step["host_ops"]}})
         host_from = (
-            f"profiled training steps of moecc.examples.deepseek_style at ep = {world_size}, fused across ranks "
-            "and not; ops in neither step: timed alone on tiny inputs"
+            f"profiled training steps of moecc.examples.deepseek_style at ep = {world_size}, with the fused "
+            "expert ops and without; ops in neither step: timed alone on tiny inputs"
         )
     curves = across.get("curves", {})
     a2a = curves.get("all_to_all", [])
