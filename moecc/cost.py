@@ -195,8 +195,8 @@ def _interpolate(points: tuple[tuple[float, float], ...], nbytes: float) -> floa
 
 PROFILES = {
     # measured on 4 x H200 (NVLink full mesh), torch 2.11: see shared/DESIGN.md
-    # the fused ops' rate, the device's gap between back-to-back ops and the host's costs: `moecc calibrate` on
-    # one H200 (benchmarks/results/profile_h200_1gpu_2026-11-29c.json)
+    # the fused ops' rate and the device's gap between back-to-back ops: `moecc calibrate` on one H200
+    # (benchmarks/results/profile_h200_1gpu_2026-11-29c.json)
     "h200": HardwareProfile(
         "h200",
         772e12,
@@ -210,8 +210,10 @@ PROFILES = {
         # (benchmarks/results/profile_h200_2gpu_2026-11-29x_hosted.json)
         attention_flops=351e12,
         attention_bwd_flops=329e12,
-        host_op=8.7e-6,
-        host_view=2.1e-6,
+        # the host's time per node: `moecc calibrate` on 2 x H200, from profiled training steps with and without
+        # the fused expert ops (benchmarks/results/profile_h200_2gpu_2026-11-30_stephost2.json)
+        host_op=21.9e-6,
+        host_view=1.0e-6,
         # GEMM rates by size and the fused ops' rate across 2 ranks: `moecc calibrate` on 2 x H200
         # (benchmarks/results/profile_h200_2gpu_2026-11-30_curves.json); dense by FLOPs (m x 4096 x 4096), the
         # grouped GEMM (64 experts, 4096 x 3072) and the fused ops by rows per expert
@@ -245,18 +247,24 @@ PROFILES = {
         fused_ep_gemm_flops=((2, 462e12),),
         fused_ep_rows=((2, 1536.0),),
         host_ops=(
-            ("moecc.ep_dispatch_gemm", 1550e-6),
-            ("moecc.ep_dispatch_gemm_backward", 667e-6),
-            ("moecc.ep_gemm_combine", 495e-6),
-            ("moecc.ep_gemm_combine_backward", 668e-6),
-            ("moecc.ep_glu", 39e-6),
-            ("moecc.ep_glu_backward", 39e-6),
-            ("moecc.glu", 39e-6),
-            ("moecc.glu_backward", 39e-6),
-            ("moecc.grouped_mm", 132e-6),
-            ("moecc.grouped_mm_wgrad", 81e-6),
-            ("moecc.route_permute", 206e-6),
-            ("moecc.unpermute_combine", 119e-6),
+            ("moecc.all_to_all_rows_start", 362e-6),
+            ("moecc.ep_dispatch_gemm", 1560e-6),
+            ("moecc.ep_dispatch_gemm_backward", 721e-6),
+            ("moecc.ep_gemm_combine", 742e-6),
+            ("moecc.ep_gemm_combine_backward", 699e-6),
+            ("moecc.ep_glu", 219e-6),
+            ("moecc.ep_glu_backward", 156e-6),
+            ("moecc.ep_plan", 997e-6),
+            ("moecc.glu", 47e-6),
+            ("moecc.glu_backward", 78e-6),
+            ("moecc.glu_rows", 205e-6),
+            ("moecc.glu_rows_backward", 125e-6),
+            ("moecc.grouped_mm", 377e-6),
+            ("moecc.grouped_mm_wgrad", 236e-6),
+            ("moecc.route_permute", 768e-6),
+            ("moecc.route_permute_backward", 168e-6),
+            ("moecc.unpermute_combine", 305e-6),
+            ("moecc.unpermute_combine_backward", 268e-6),
         ),
     ),
     # a 2-core CPU machine: rough figures good enough to rank choices

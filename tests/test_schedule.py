@@ -274,7 +274,8 @@ def test_predicted_timeline_has_a_host_lane() -> None:
 def test_chunk_count_follows_the_cost_model() -> None:
     from moecc.passes import schedule_overlap as so
 
-    h200 = cost.PROFILES["h200"]
+    # replayed from a CUDA graph (no host lane): each chunk's ops cost the device's gap only
+    h200 = cost.replayed(cost.PROFILES["h200"])
     deepseek = dict(T=8192, H=7168, K=8, elt=2, gemm_flops=2 * 8192 * 8 * 3 * 7168 * 2048, experts=64, nodes=40)
     n, one, best = so.choose_chunks(h200, ep=4, **deepseek)
     assert 1 < n <= so.MAX_CHUNKS and best < one  # a layer whose all-to-alls take as long as its GEMMs
@@ -419,7 +420,7 @@ def test_chunks_weigh_the_grouped_gemm_rate_at_their_rows() -> None:
     model chooses fewer chunks than the single large-size rate would have it choose."""
     from moecc.passes import schedule_overlap as so
 
-    flat = dataclasses.replace(cost.PROFILES["h200"], rate_curves=())
+    flat = dataclasses.replace(cost.replayed(cost.PROFILES["h200"]), rate_curves=())  # no host lane
     # the grouped GEMM's rate halves with every halving of the rows below 768 per expert
     curve = tuple((768.0 / 2**i, flat.grouped_gemm_flops / 2**i) for i in range(4, -1, -1))
     steep = dataclasses.replace(flat, rate_curves=(("grouped", curve),))
