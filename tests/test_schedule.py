@@ -135,7 +135,8 @@ def _chunked_like_unscheduled(rank: int, world: int) -> None:
         variants = {
             "unscheduled": {"disable_passes": ["schedule"]},
             "cost model": {},
-            "3 chunks": {"chunks": 3},
+            "3 chunks": {"chunks": 3},  # top-4 over ep = 2: exchange="auto" pads
+            "3 chunks, counted": {"chunks": 3, "exchange": "counted"},  # row counts through the host
         }
         out = {}
         for name, opts in variants.items():
@@ -144,7 +145,7 @@ def _chunked_like_unscheduled(rank: int, world: int) -> None:
             out[name] = (cm, *_step(cm, batch, repeats=3))
         base_cm, base_loss, base_grads, base_peak = out["unscheduled"]
         assert base_peak >= batch.numel() * 64 * 4, base_peak  # at least the logits the graph returns
-        for name in ("cost model", "3 chunks"):
+        for name in ("cost model", "3 chunks", "3 chunks, counted"):
             cm, loss, grads, peak = out[name]
             msg = f"{routing} routing, {name}"
             torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=0, msg=msg)
@@ -158,8 +159,12 @@ def _chunked_like_unscheduled(rank: int, world: int) -> None:
         # the unscheduled program is the one before this pass; the scheduled one splits every all-to-all
         ops = {name: _op_counts(cm) for name, (cm, *_) in out.items()}
         assert ops["unscheduled"]["moecc.all_to_all_rows"] > 0 and not ops["unscheduled"]["moecc.all_to_all_rows_start"]
-        for name in ("cost model", "3 chunks"):
+        for name in ("cost model", "3 chunks", "3 chunks, counted"):
             assert ops[name]["moecc.all_to_all_rows_start"] > 0 and not ops[name]["moecc.all_to_all_rows"], name
+        exchanges = {
+            name: set(c.plan["exchange"].values()) for name, (cm, *_) in out.items() for c in cm.session.contexts
+        }
+        assert exchanges["3 chunks"] == {"padded"} and exchanges["3 chunks, counted"] == {"counted"}, exchanges
         chunked = out["3 chunks"][0]
         assert chunked.session.counters()["schedule.chunked_regions"] == 2
         # the chunks' expert weight gradients are summed in the dW GEMMs' accumulator, not by adds (two weights
