@@ -87,7 +87,7 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(rp):
         x, idx = em.proxy(x_TH), em.proxy(idx_TK)
-        padded, why = choose_exchange(ctx, ep, int(idx_TK.meta["example_value"].shape[1]))  # type: ignore[union-attr]
+        padded, why = choose_exchange(ctx, ep, cost._size(cost._val(idx_TK).shape[1]))
         ctx.plan.setdefault("exchange", {})[region.path] = "padded" if padded else "counted"
         tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group, padded)
         recv_x = ops.all_to_all_rows(x.index_select(0, tok_R), n_P, m_P, group)
