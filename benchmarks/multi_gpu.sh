@@ -6,6 +6,7 @@
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh layer    # bench_moe_layer.py, the three shapes
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh train    # bench_train_step.py: eager, moecc without / with schedule
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh graphs   # the training step with and without moecc.graph_step
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh unfused  # the all-to-all path: counted, then padded and replayed
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh profile  # calibrate this node, then the training step again
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh kernels  # the layer's kernels with expert parallelism (rank 0's)
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh fused    # one GPU: the fused ops kernel by kernel (bench_fused_ops.py)
@@ -23,6 +24,12 @@ case "${1:-}" in
   graphs) timeout 560 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py --out "$OUT" \
             --tag "_${N}gpu_graphs" --variants moecc_noschedule moecc moecc_noschedule_graphed moecc_graphed \
             --interleave 2 --timeout-s 500 ;;
+  unfused)
+    MOECC_FUSED_EP=0 MOECC_EXCHANGE=counted timeout 280 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py \
+      --out "$OUT" --tag "_${N}gpu_unfused_counted" --variants moecc_noschedule moecc --iters 5 --timeout-s 260
+    MOECC_FUSED_EP=0 MOECC_EXCHANGE=padded timeout 280 torchrun --nproc-per-node "$N" benchmarks/bench_train_step.py \
+      --out "$OUT" --tag "_${N}gpu_unfused_padded" --variants moecc_noschedule moecc moecc_noschedule_graphed moecc_graphed \
+      --iters 5 --timeout-s 260 ;;
   profile)
     timeout 240 python3 -m moecc.cli calibrate --world-size "$N" --out "$OUT/profile_${N}gpu.json"
     MOECC_PROFILE="$OUT/profile_${N}gpu.json" timeout 300 torchrun --nproc-per-node "$N" \
@@ -30,5 +37,5 @@ case "${1:-}" in
   kernels) timeout 300 torchrun --nproc-per-node "$N" benchmarks/profile_moe_layer.py --shapes qwen3 deepseek \
              --backends triton --out "$OUT" ;;
   fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$OUT" --tag "_1gpu" ;;
-  *) echo "usage: $0 tests|layer|train|graphs|profile|kernels|fused" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|layer|train|graphs|unfused|profile|kernels|fused" >&2; exit 2 ;;
 esac
