@@ -246,6 +246,13 @@ def _collective(what: str, fn, *args, **kwargs):
         ) from e
 
 
+def _hits(idx_TK: torch.Tensor, num_experts: int, ep: int) -> torch.Tensor:
+    """[ep, T, K]: whether slot k of token t goes to rank d (an expert id outside [0, E) goes nowhere)."""
+    E_local = num_experts // ep
+    dest_TK = torch.where((idx_TK >= 0) & (idx_TK < num_experts), idx_TK // E_local, -1)
+    return dest_TK.unsqueeze(0) == torch.arange(ep, device=idx_TK.device)[:, None, None]
+
+
 def plan_rows(
     idx_TK: torch.Tensor, num_experts: int, ep: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,10 +262,7 @@ def plan_rows(
     T, K = idx_TK.shape
     R = ep * T
     E_local = num_experts // ep
-    valid_TK = (idx_TK >= 0) & (idx_TK < num_experts)
-    dest_TK = torch.where(valid_TK, idx_TK // E_local, -1)
-    ranks_P = torch.arange(ep, device=idx_TK.device)
-    hit_PTK = dest_TK.unsqueeze(0) == ranks_P[:, None, None]  # [ep, T, K]
+    hit_PTK = _hits(idx_TK, num_experts, ep)
     hit_PT = hit_PTK.any(-1)
     send_counts_P = hit_PT.sum(-1)
     # the hits first (key 0), each group in its original (destination-major) order
@@ -279,8 +283,7 @@ def padded_plan(
     costs the host about 20 us."""
     T, K = idx_TK.shape
     E_local = num_experts // ep
-    dest_TK = torch.where((idx_TK >= 0) & (idx_TK < num_experts), idx_TK // E_local, -1)
-    sel_PTK = dest_TK.unsqueeze(0) == torch.arange(ep, device=idx_TK.device)[:, None, None]
+    sel_PTK = _hits(idx_TK, num_experts, ep)
     idx_PTK = torch.where(sel_PTK, (idx_TK % E_local).unsqueeze(0), -1)
     tok_R = torch.arange(T, device=idx_TK.device).repeat(ep)
     counts_P = torch.full((ep,), T, dtype=torch.int64)  # on the host, known without the device

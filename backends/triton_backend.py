@@ -289,6 +289,16 @@ CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 PROGRAMS_PER_SM: dict[str, int] = {}
 
 
+def set_config(kernel: str, cfg: tuple[int, ...]) -> None:
+    """Override `kernel`'s CONFIGS entry (benchmark sweeps): its six integers, then optionally its programs per SM
+    (absent: one)."""
+    CONFIGS[kernel] = cfg[:6]  # type: ignore[assignment]
+    if len(cfg) > 6:
+        PROGRAMS_PER_SM[kernel] = cfg[6]
+    else:
+        PROGRAMS_PER_SM.pop(kernel, None)
+
+
 # Descriptor loads in the forward / dX grouped GEMM, from this inner dimension K on. On 1 x H200, as a fraction
 # of torch._grouped_mm in the same run: K = 4096..28672 (Mixtral, DeepSeek gemm1 / dx1) went from 0.88-1.02
 # with pointer loads (grouped_gemm_2026-11-28c) to 0.95-1.09 with descriptors (2026-11-29e, f). Short K

@@ -83,9 +83,7 @@ def parse_config(text: str) -> dict[str, tuple[int, ...]]:
 
 def apply_config(text: str) -> None:
     for kernel, cfg in parse_config(text).items():
-        triton_backend.CONFIGS[kernel] = cfg[:6]  # type: ignore[assignment]
-        if len(cfg) > 6:
-            triton_backend.PROGRAMS_PER_SM[kernel] = cfg[6]
+        triton_backend.set_config(kernel, cfg)
 
 
 def bench_shape(name: str, s: bench.Shape, iters: int, cases_wanted: list[str] | None = None,

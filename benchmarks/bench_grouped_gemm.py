@@ -40,11 +40,6 @@ SWEEP = [  # (BM, BN, BK, warps, stages, GROUP_M[, programs per SM]); GROUP_M is
 ]
 
 
-def set_config(kernel: str, cfg: tuple[int, ...]) -> None:
-    triton_backend.CONFIGS[kernel] = cfg[:6]  # type: ignore[assignment]
-    triton_backend.PROGRAMS_PER_SM[kernel] = cfg[6] if len(cfg) > 6 else 1
-
-
 def time_ms(fn, iters: int = 30, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
@@ -90,7 +85,7 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator, only: list[
         best = None
         sweep: dict[str, float] = {}
         for cfg in SWEEP:
-            set_config(kernel, cfg)
+            triton_backend.set_config(kernel, cfg)
             try:
                 got = triton_fn().reshape(-1)[: 1 << 24].float()
             except Exception as e:  # a config the compiler rejects (e.g. shared memory): skip it
@@ -104,7 +99,7 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator, only: list[
         assert best is not None
         ms, cfg, err = best
         # the winner and native once more, interleaved, so that the ratio is not skewed by drift over the sweep
-        set_config(kernel, cfg)
+        triton_backend.set_config(kernel, cfg)
         pairs = [(time_ms(native), time_ms(triton_fn)) for _ in range(3)]
         native_ms = statistics.median(p[0] for p in pairs)
         ms = statistics.median(p[1] for p in pairs)

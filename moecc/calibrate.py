@@ -268,17 +268,13 @@ def _step_host(device: torch.device, quick: bool, ep: int, disable_passes: tuple
 
         return step
 
-    plain = stepper(moecc.compile(copy.deepcopy(model), ep=ep, disable_passes=disable_passes))
-    for _ in range(steps):
-        plain()
-    reference = profile.host_issue_us(plain, 3 if quick else 7)
-    cm = moecc.compile(model, ep=ep, profile_nodes=True, disable_passes=disable_passes)
-    step = stepper(cm)
-    for _ in range(steps):
-        step()
-    costs = profile.profile_step(cm, step, out_dir=None, host_reference_us=reference)["host_costs"]
+    def compile(profile_nodes: bool) -> Any:  # the plain copy on a copy: compile releases other ranks' experts
+        m = model if profile_nodes else copy.deepcopy(model)
+        return moecc.compile(m, ep=ep, profile_nodes=profile_nodes, disable_passes=disable_passes)
+
+    _, res = profile.profile_compiled_step(compile, stepper, steps, reference_calls=3 if quick else 7)
     torch._dynamo.reset()
-    return costs
+    return res["host_costs"]
 
 
 def _device_gap_s(tiny: torch.Tensor, n: int = 200) -> float:

@@ -147,10 +147,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     model, inputs = build_from(args.factory)
     out = Path(args.out)
-    cm = moecc.compile(model, backend=args.backend, dump_dir=out / "dumps", profile_nodes=True)
-    params = [p for p in cm.parameters() if p.requires_grad]
+
+    def compile(profile_nodes: bool) -> Any:
+        dumps = out / "dumps" if profile_nodes else None
+        return moecc.compile(model, backend=args.backend, dump_dir=dumps, profile_nodes=profile_nodes)
 
     def stepper(m: Any) -> Any:
+        params = [p for p in m.parameters() if p.requires_grad]
+
         def step() -> None:
             result = m(*inputs)
             loss = getattr(result, "logits", result)
@@ -161,16 +165,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         return step
 
-    reference = None
-    if args.host_costs_into:  # the host's time for the step without node ranges, which cost time of their own
-        plain = stepper(moecc.compile(model, backend=args.backend))
-        for _ in range(max(args.steps - 1, 1)):
-            plain()
-        reference = profile.host_issue_us(plain)
-    step = stepper(cm)
-    for _ in range(max(args.steps - 1, 1)):
-        step()
-    res = profile.profile_step(cm, step, out, host_reference_us=reference)
+    # with --host-costs-into: the host's time for the step without node ranges, which cost time of their own
+    cm, res = profile.profile_compiled_step(
+        compile, stepper, max(args.steps - 1, 1), out, reference=bool(args.host_costs_into)
+    )
     print(profile.timeline_table(res))
     print(f"wrote {out / 'timeline.md'} and {out / 'measured.json'}; predicted timelines in {cm.dump_root}")
     if args.host_costs_into:

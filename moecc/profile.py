@@ -244,6 +244,32 @@ def profile_step(
     return result
 
 
+def profile_compiled_step(
+    compile: Callable[[bool], Any],
+    make_step: Callable[[Any], Callable[[], Any]],
+    steps: int,
+    out_dir: str | Path | None = None,
+    reference: bool = True,
+    reference_calls: int = 3,
+) -> tuple[Any, dict[str, Any]]:
+    """`profile_step` of a model as `moecc profile` and calibrate run it: `compile(profile_nodes)` returns the
+    compiled model, `make_step(model)` a training step of it. With `reference`, a copy compiled without node
+    ranges first runs `steps` steps and the host's time to issue one is the host reference (see
+    `profile_step`); the profiled model then runs `steps` steps before the profiled one. Returns (the profiled
+    model, `profile_step`'s table)."""
+    host_reference_us = None
+    if reference:
+        plain = make_step(compile(False))
+        for _ in range(steps):
+            plain()
+        host_reference_us = host_issue_us(plain, reference_calls)
+    cm = compile(True)
+    step = make_step(cm)
+    for _ in range(steps):
+        step()
+    return cm, profile_step(cm, step, out_dir, host_reference_us=host_reference_us)
+
+
 def measured_us(events: Any, cuda: bool) -> dict[str, float]:
     """Per node range: the time of the kernels its ops launched (on a GPU), or its CPU time (on the CPU).
 
