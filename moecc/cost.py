@@ -535,9 +535,8 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
     else:
         rate = profile.rate("dense", flops) if flops else profile.gemm_flops
     touched: float = _nbytes(_val(node)) + sum(_nbytes(_val(a)) for a in node.all_input_nodes)
-    if name.startswith(
-        ("moecc.ep_glu", "moecc.ep_act")
-    ):  # the rows received, 1/ep of the worst case's room on average; no plan
+    # the activation between the fused ops: the rows received, 1/ep of the worst case's room on average; no plan
+    if name.startswith(("moecc.ep_glu", "moecc.ep_act")):
         touched = (touched - _nbytes(_val(schema_args(node)["plan"]))) / max(ep, 1)
     t = max(flops / rate, touched / profile.mem_bw)
     fused = _fused(node)

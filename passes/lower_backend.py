@@ -289,7 +289,10 @@ def lower_backend(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     native = sum(c["kernel"] == "native" for c in choices.values())
     timed = {k: c for k, c in choices.items() if "triton_us" in c}
     if timed:
-        ctx.note("grouped GEMMs timed: " + "; ".join(f"{k} {c['kernel']} ({c['why'][6:]})" for k, c in timed.items()))
+        ctx.note(
+            "grouped GEMMs timed: "
+            + "; ".join(f"{k} {c['kernel']} ({c['why'].removeprefix('auto: ')})" for k, c in timed.items())
+        )
     ctx.counters["lower.native_grouped_mm"] += native
     ctx.counters[f"lower.{backend}"] += count
     ctx.counters["lower.glu_rows"] += bounded["glu"]

@@ -132,6 +132,11 @@ def _experts(body: list[fx.Node]) -> int:
     return cost._size(ws[0].shape[0]) if ws else 1
 
 
+def _padded(ctx: CompileContext, region: str | None) -> bool:
+    """Whether shard gave a region's row all-to-alls the padded exchange (`shard_experts.choose_exchange`)."""
+    return ctx.plan.get("exchange", {}).get(region) == "padded"
+
+
 def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tuple[int, str, Any]:
     """(n, why, (x, idx, w, out, body)) for one region."""
     if ctx.mesh.ep == 1:
@@ -163,8 +168,7 @@ def _chunk_count(gm: fx.GraphModule, ctx: CompileContext, r: ir.MoERegion) -> tu
         )
         return n, why, (x, idx, w, out, body)
     shape = dict(ep=ctx.mesh.ep, T=T, H=H, K=K, elt=xv.element_size(), gemm_flops=_gemm_flops(body, T * K),
-                 experts=_experts(body), nodes=len(body),
-                 padded=ctx.plan.get("exchange", {}).get(r.path) == "padded")  # fmt: skip
+                 experts=_experts(body), nodes=len(body), padded=_padded(ctx, r.path))  # fmt: skip
     n, one, best = choose_chunks(ctx.profile, **shape)
     n = min(n, T)
     return n, f"cost model: {one:.0f} us forward + backward in 1 chunk, {best:.0f} us in {n}", (x, idx, w, out, body)
@@ -337,7 +341,7 @@ def _kind(n: fx.Node) -> str:
         return "all_reduce"
     if n.target is _WAIT:
         return "wait"
-    if str(n.target) in BLOCKING and not (n.target is _PLAN and cost.is_padded_plan(n)):
+    if str(n.target) in BLOCKING and cost.collective_kind(n) is not None:  # a padded plan runs no collective
         return "blocking"
     return "compute"
 
@@ -675,8 +679,9 @@ def schedule_overlap(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for n in gm.graph.nodes:
         if n.op == "call_function":
             k = top_k.get(ir.facts(n).get("region"), 2)
-            padded = ctx.plan.get("exchange", {}).get(ir.facts(n).get("region")) == "padded"
-            us = cost.estimate_us(n, ctx.profile, top_k=k, ep=ctx.mesh.ep, padded=padded)
+            us = cost.estimate_us(
+                n, ctx.profile, top_k=k, ep=ctx.mesh.ep, padded=_padded(ctx, ir.facts(n).get("region"))
+            )
             ir.set_facts(n, cost_us=us)
             ir.set_facts(n, host_us=cost.host_us(n, ctx.profile))
             ir.facts(n).setdefault("stream", "comm" if cost.collective_kind(n) is not None else "compute")
