@@ -664,6 +664,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the config's)")
     parser.add_argument("--batch", type=int, default=None, help="sequences per rank (default: the config's)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default: the config's)")
+    parser.add_argument("--experts", type=int, default=None, help="routed experts (default: the config's)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="experts per token (default: the config's); the unfused path's exchange='auto' "
+                             "pads or counts by it")  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"peak per device for MFU (default: {H200_BF16_PEAK_TFLOPS:g} in bf16 on GPU, else "
                         "the matmul rate measured here)")  # fmt: skip
@@ -681,7 +685,14 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 2)
     run = layer_bench.Run(rank, world, device, dtype, iters, warmup, args.dump_dir)
     model_name = "deepseek_small_tiny" if args.tiny else "deepseek_small"
-    sizes = {k: v for k, v in (("layers", args.layers), ("batch", args.batch), ("seq", args.seq)) if v is not None}
+    sizes = {
+        k: v
+        for k, v in (
+            ("layers", args.layers), ("batch", args.batch), ("seq", args.seq), ("experts", args.experts),
+            ("top_k", args.top_k),
+        )
+        if v is not None
+    }  # fmt: skip
     c = dataclasses.replace(CONFIGS[model_name], **sizes)
     variants = [v for v in VARIANTS if v in args.variants and (device.type == "cuda" or not v.endswith("_graphed"))]
     if args.peak_tflops is not None:
