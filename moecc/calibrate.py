@@ -438,6 +438,7 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
             "curves": curves,
             "fused_ep_gemm_flops": across.get("fused_ep_gemm_flops", {}),
             "fused_ep_rows": across.get("fused_ep_rows", {}),
+            "host_sync": builtin.host_sync,  # not measured: see HardwareProfile.host_sync
         },
         source="measured",
     )

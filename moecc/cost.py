@@ -54,6 +54,12 @@ class HardwareProfile:
     host_op: float = 0.0
     host_view: float = 0.0
     host_ops: tuple[tuple[str, float], ...] = ()
+    # what one host synchronisation in a step costs beyond the host waiting for the device (which the timeline
+    # models), s: the counted exchange copies each MoE layer's row counts to the host, after which the device
+    # idles until the host has issued the layer's next ops and NCCL's split-size all-to-alls. Measured as the
+    # step time a counted layer costs over a padded one, less the padding's extra rows (`moecc calibrate`
+    # keeps the built-in figure: its small model's steps leave the device too little to drain). 0: none
+    host_sync: float = 0.0
     # GEMM rates by problem size, measured (`moecc calibrate`): (size, FLOP/s) points per kind, "dense" by a
     # GEMM's FLOPs, "grouped" (the grouped GEMM) and "fused" (the fused ops in one rank) by the rows an expert
     # receives. A kind with points replaces its single rate (gemm_flops, grouped_gemm_flops,
@@ -214,6 +220,10 @@ PROFILES = {
         # the fused expert ops (benchmarks/results/profile_h200_2gpu_2026-11-30_stephost2.json)
         host_op=21.9e-6,
         host_view=1.0e-6,
+        # the 8-layer DeepSeek-style step unfused on 2 x H200, T = 8192, counted against padded at top-1, 2 and
+        # 6: 0.49-2.4 ms a layer, 0.75 ms and up with the padding's extra rows added back; the least of them
+        # (benchmarks/README.md, "Counted or padded: the host synchronisation's cost")
+        host_sync=0.7e-3,
         # GEMM rates by size and the fused ops' rate across 2 ranks: `moecc calibrate` on 2 x H200
         # (benchmarks/results/profile_h200_2gpu_2026-11-30_curves.json); dense by FLOPs (m x 4096 x 4096), the
         # grouped GEMM (64 experts, 4096 x 3072) and the fused ops by rows per expert
@@ -452,11 +462,25 @@ def exchanged_rows(T: float, ep: int, top_k: int, padded: bool) -> float:
     return T * (ep - 1) if padded else T * expected_destinations(ep, top_k) * (ep - 1) / ep
 
 
-# compile's exchange="auto" pads an unfused region's row all-to-alls where that sends at most this many times
-# the rows needed (uniform routing): the counted exchange's host synchronisation a layer cost more than the
-# padding at 1.02x (2 x H200, the 8-layer DeepSeek-style step, top-6 of 64 experts: benchmarks/README.md,
-# "The padded exchange")
-PAD_MAX_TRAFFIC = 1.25
+# the row all-to-alls of one unfused MoE layer, by row width: four of hidden-wide rows (the tokens out and
+# their results back, and both again in the backward), then the routing's K-wide ones: the expert ids (int64),
+# the gates and the gates' gradient (float32)
+def _layer_exchange_widths(row_bytes: float, top_k: int) -> list[float]:
+    return [row_bytes] * 4 + [8.0 * top_k, 4.0 * top_k, 4.0 * top_k]
+
+
+def exchange_costs_us(profile: HardwareProfile, T: float, row_bytes: float, ep: int, top_k: int) -> tuple[float, float]:
+    """(what padding adds, what counting costs) in one unfused MoE layer of T tokens a rank, us: padding sends
+    every token to every other rank in each of the layer's row all-to-alls (`exchanged_rows`); counting sends
+    only the rows needed but first exchanges the counts (one small all-to-all) and copies them to the host
+    (`HardwareProfile.host_sync`). compile's exchange="auto" pads where the first is at most the second."""
+    rows_p, rows_c = exchanged_rows(T, ep, top_k, True), exchanged_rows(T, ep, top_k, False)
+    adds = sum(
+        profile.comm_s("all_to_all", rows_p * w) - profile.comm_s("all_to_all", rows_c * w)
+        for w in _layer_exchange_widths(row_bytes, top_k)
+    )
+    counting = profile.comm_s("all_to_all", 8.0 * ep) + profile.host_sync
+    return 1e6 * adds, 1e6 * counting
 
 
 def padded_traffic_ratio(ep: int, top_k: int) -> float:
@@ -517,7 +541,8 @@ def estimate_us(node: fx.Node, profile: HardwareProfile, top_k: int = 2, ep: int
         return 0.0
     name = str(node.target)
     if (kind := collective_kind(node)) is not None:
-        return 1e6 * profile.comm_s(kind, comm_bytes(node, top_k, padded))
+        sync = profile.host_sync if name == "moecc.ep_plan.default" else 0.0  # the counts' copy to the host
+        return 1e6 * (profile.comm_s(kind, comm_bytes(node, top_k, padded)) + sync)
     if name == "_c10d_functional.wait_tensor.default":
         return 0.0
     f = flops_formula(node)

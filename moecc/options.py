@@ -66,10 +66,13 @@ class CompileOptions:
             "counted" exchanges each step's row counts and copies them to the host (one synchronisation a
             layer; only the rows needed travel), "padded" sends every token to every rank of the ep-group,
             those with no expert there as padding (ep * T rows a rank, no synchronisation, so a CUDA graph
-            can replay it), "auto" (the default) is "padded" with cuda_graph=True or where padding sends at
-            most `cost.PAD_MAX_TRAFFIC` (1.25) times the rows needed under uniform routing (many experts per
-            token over few ranks), else "counted"; the dumps say which and why. `MOECC_EXCHANGE` sets the
-            default. Regions fused across ranks have their own exchange.
+            can replay it; every rank must then hold the same number of tokens every step), "auto" (the
+            default) is "padded" with cuda_graph=True, or where the token count is fixed and the cost model
+            puts the padding's extra rows at no more than the count exchange and host synchronisation they
+            save (`cost.exchange_costs_us`: on one H200 node padding won at every top-k measured, across
+            slower links it loses where tokens have few experts each), else "counted"; the choice is the same
+            on every rank, and the dumps say which and why. `MOECC_EXCHANGE` sets the default. Regions fused
+            across ranks have their own exchange.
     """
 
     ep: int | None = None

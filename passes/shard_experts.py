@@ -54,17 +54,28 @@ def _region_nodes(gm: fx.GraphModule, path: str, target: object) -> list[fx.Node
     return [n for n in gm.graph.nodes if n.target is target and ir.facts(n).get("region") == path]
 
 
-def choose_exchange(ctx: CompileContext, ep: int, top_k: int) -> tuple[bool, str]:
-    """(padded, why) for a region's row all-to-alls (compile's `exchange` option)."""
+def choose_exchange(ctx: CompileContext, ep: int, top_k: int, T: Any, row_bytes: int) -> tuple[bool, str]:
+    """(padded, why) for a region's row all-to-alls (compile's `exchange` option) of T tokens a rank (an int,
+    or a symbolic size under dynamic shapes), rows of row_bytes: "auto" pads where the cost model puts the
+    padding's extra rows at no more than the count exchange and host synchronisation it saves
+    (`cost.exchange_costs_us`), and only where T is fixed: a padded exchange receives T rows from every rank."""
     opt = ctx.options.exchange
     if opt != "auto":
         return opt == "padded", f"exchange={opt!r}"
     if ctx.options.cuda_graph:
         return True, "cuda_graph=True (a replay cannot read row counts from the host)"
-    ratio = cost.padded_traffic_ratio(ep, top_k)
-    if ratio <= cost.PAD_MAX_TRAFFIC:
-        return True, f"padding sends {ratio:.2f}x the rows needed (top-{top_k} over ep={ep}), no host synchronisation"
-    return False, f"padding would send {ratio:.2f}x the rows needed (top-{top_k} over ep={ep})"
+    if not isinstance(T, int):
+        return (
+            False,
+            f"the tokens a rank ({T}) may change from step to step, and padding needs them equal on every rank",
+        )
+    adds, saves = cost.exchange_costs_us(ctx.profile, T, row_bytes, ep, top_k)
+    what = (
+        f"padding sends {cost.padded_traffic_ratio(ep, top_k):.2f}x the rows needed (top-{top_k} over ep={ep}, "
+        f"{T} tokens a rank): {adds:.0f} us more all-to-all a layer, against {saves:.0f} us for the count "
+        f"exchange and host synchronisation ({ctx.profile.name})"
+    )
+    return adds <= saves, what
 
 
 def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) -> None:
@@ -87,7 +98,10 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(rp):
         x, idx = em.proxy(x_TH), em.proxy(idx_TK)
-        padded, why = choose_exchange(ctx, ep, cost._size(cost._val(idx_TK).shape[1]))
+        x_val, T = cost._val(x_TH), cost._val(x_TH).shape[0]
+        padded, why = choose_exchange(
+            ctx, ep, cost._size(cost._val(idx_TK).shape[1]), T, cost._size(x_val.shape[1]) * x_val.element_size()
+        )
         ctx.plan.setdefault("exchange", {})[region.path] = "padded" if padded else "counted"
         tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group, padded)
         recv_x = ops.all_to_all_rows(x.index_select(0, tok_R), n_P, m_P, group)

@@ -683,6 +683,42 @@ def test_padded_exchange_costs_every_token_and_no_host_copy() -> None:
         moecc.compile(mixtral_style.build()[0], exchange="sometimes")
 
 
+def test_auto_exchange_pads_where_padding_costs_less_than_counting() -> None:
+    """exchange="auto" weighs the rows padding adds to a layer's all-to-alls (four hidden-wide, three of the
+    routing's) against what counting costs (the count exchange and the host synchronisation): on the H200
+    profile padding wins over 2 ranks of 8192 tokens at top-1, 2 and 6, as measured on 2 x H200; over a slow
+    link with few experts a token over 8 ranks counting wins; a token count that may change counts."""
+    import types
+
+    from moecc.options import CompileOptions
+    from moecc.passes.shard_experts import choose_exchange
+
+    h200, row = cost.PROFILES["h200"], 2048 * 2
+    for k in (1, 2, 6):
+        adds, saves = cost.exchange_costs_us(h200, 8192, row, 2, k)
+        assert 0 < adds <= saves, (k, adds, saves)
+    # what padding adds is what it sends over the needed rows: 4 x 4096 extra rows of 4 KiB at top-1
+    adds1 = cost.exchange_costs_us(h200, 8192, row, 2, 1)[0]
+    assert adds1 == pytest.approx(1e6 * 4 * 4096 * row / h200.a2a_bw, rel=0.01)
+    assert cost.exchange_costs_us(h200, 8192, row, 2, 8)[0] < adds1 / 50  # top-8: 1 in 256 tokens pads
+    nosync = dataclasses.replace(h200, host_sync=0.0)
+    assert cost.exchange_costs_us(nosync, 8192, row, 2, 1)[1] == pytest.approx(1e6 * h200.comm_s("all_to_all", 16))
+    slow = dataclasses.replace(h200, a2a_bw=25e9)  # 200 Gb/s a rank, across hosts
+    adds, saves = cost.exchange_costs_us(slow, 8192, row, 8, 2)
+    assert adds > saves, (adds, saves)
+    ctx = types.SimpleNamespace(options=CompileOptions(exchange="auto"), profile=h200)
+    assert choose_exchange(ctx, 2, 2, 8192, row)[0] is True
+    ctx.profile = slow
+    padded, why = choose_exchange(ctx, 8, 2, 8192, row)
+    assert not padded and "4.27x the rows needed" in why, why
+    ctx.options = CompileOptions(exchange="auto", cuda_graph=True)
+    assert choose_exchange(ctx, 8, 2, 8192, row)[0] is True  # a replay needs it, whatever it costs
+    ctx.options, ctx.profile = CompileOptions(exchange="auto"), h200
+    T = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
+    padded, why = choose_exchange(ctx, 2, 2, T, row)
+    assert not padded and "may change from step to step" in why, why
+
+
 def test_calibrate_takes_host_costs_from_a_profiled_step() -> None:
     """calibrate's host costs on a GPU node come from a profiled training step of a small model (as
     `moecc profile --host-costs-into`): per aten op, per view and per moecc op, forward and backward ones by
