@@ -221,8 +221,9 @@ PROFILES = {
         host_op=21.9e-6,
         host_view=1.0e-6,
         # the 8-layer DeepSeek-style step unfused on 2 x H200, T = 8192, counted against padded at top-1, 2 and
-        # 6: 0.49-2.4 ms a layer, 0.75 ms and up with the padding's extra rows added back; the least of them
-        # (benchmarks/README.md, "Counted or padded: the host synchronisation's cost")
+        # 6, with the padding's extra rows added back: 0.7-2.4 ms a layer (an A/B/A/B at top-2 on another node,
+        # about 0.4); the spread is wide, and at ep = 2 over NVLink the choice is the same anywhere in it
+        # (benchmarks/README.md, "Counted or padded by cost")
         host_sync=0.7e-3,
         # GEMM rates by size and the fused ops' rate across 2 ranks: `moecc calibrate` on 2 x H200
         # (benchmarks/results/profile_h200_2gpu_2026-11-30_curves.json); dense by FLOPs (m x 4096 x 4096), the
