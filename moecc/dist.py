@@ -185,7 +185,7 @@ def check_same_on_all_ranks(what: str, value: Any) -> None:
         detail = "; ".join(f"rank {r}: {gathered[r][1]}" for r in [0, *differ[:3]])
         raise MoeccError(
             f"{what} differs across ranks: rank(s) {differ} differ from rank 0 ({detail}); every rank "
-            "must compile the same model with the same options"
+            "must compile the same model with the same options and call it with inputs of the same shapes"
         )
 
 
