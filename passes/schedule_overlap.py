@@ -595,7 +595,7 @@ def collective_order(gm: fx.GraphModule, mesh: Any) -> list[str]:
             groups = [roles[a] for a in n.args if isinstance(a, str) and a in roles]
             v = cost._val(n.args[0]) if n.args else None
             shape = list(v.shape) if isinstance(v, torch.Tensor) else []
-            padded = "padded" if name == "moecc.ep_plan.default" and cost.is_padded_plan(n) else ""
+            padded = "padded" if n.target is _PLAN and cost.is_padded_plan(n) else ""
             out.append(f"{ir.op_name(n)}{groups}{shape}{padded}")
     return out
 

@@ -98,9 +98,13 @@ def shard_region(gm: fx.GraphModule, ctx: CompileContext, region: ir.MoERegion) 
     em = _GraphEmitter(gm.graph)
     with gm.graph.inserting_before(rp):
         x, idx = em.proxy(x_TH), em.proxy(idx_TK)
-        x_val, T = cost._val(x_TH), cost._val(x_TH).shape[0]
+        x_val = cost._val(x_TH)
         padded, why = choose_exchange(
-            ctx, ep, cost._size(cost._val(idx_TK).shape[1]), T, cost._size(x_val.shape[1]) * x_val.element_size()
+            ctx,
+            ep,
+            cost._size(cost._val(idx_TK).shape[1]),
+            x_val.shape[0],
+            cost._size(x_val.shape[1]) * x_val.element_size(),
         )
         ctx.plan.setdefault("exchange", {})[region.path] = "padded" if padded else "counted"
         tok_R, idx_RK, sel_RK, n_P, m_P = ops.ep_plan(idx, E, ep, group, padded)
