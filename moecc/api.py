@@ -20,11 +20,6 @@ from moecc.pass_manager import PassCheckError
 # Dynamo settings moecc traces under: data-dependent routing (torch.where on expert masks) must not break
 # the graph inside an MoE region, and a recompile storm must fail loudly rather than drop to eager.
 _DYNAMO_CONFIG: dict[str, Any] = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
-# what gloo and NCCL say when a peer went away or stopped answering: a collective the schedule pass issued early
-# fails at its wait, outside the moecc op that issued it (which names the failure itself)
-_PEER_FAILURE = re.compile(
-    r"connection (reset|closed) by peer|broken pipe|timed out|timeout|communicator was aborted", re.I
-)
 for _flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
     if hasattr(torch._dynamo.config, _flag):
         _DYNAMO_CONFIG[_flag] = True
@@ -248,6 +243,8 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if self.options.check_inputs and self.session.mesh.world > 1:
+                dist.check_step_inputs(f"moecc.compile({type(self._original).__name__})", args, kwargs)
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -260,13 +257,10 @@ class CompiledModule(nn.Module):
                 "the recompile limit allows; pad inputs to a few fixed shapes"
             ) from e
         except RuntimeError as e:
-            rank, world = dist.world()
-            if world == 1 or "moecc: rank" in str(e) or not _PEER_FAILURE.search(str(e)):
+            named = dist.named_peer_failure(e, f"a collective of {type(self._original).__name__}'s step")
+            if named is None:
                 raise
-            raise RuntimeError(
-                f"moecc: rank {rank}: a collective of {type(self._original).__name__}'s step failed ({e}); a peer "
-                "rank may have died or stalled (the process group's timeout bounds the wait)"
-            ) from e
+            raise named from e
         if not self._checked:
             self._checked = True
             self._after_first_call()

@@ -28,6 +28,7 @@ from torch._functorch.partitioners import default_partition
 from torch.utils.checkpoint import CheckpointPolicy
 
 from moecc import cost, dump, ir, ops
+from moecc import dist as moecc_dist
 from moecc.backends import torch_backend
 from moecc.options import CompileOptions, MoeccError
 from moecc.pass_manager import CompileContext, Mesh, run_stage
@@ -375,9 +376,10 @@ class Session:
                     ctx.dumper.write_index(ctx)
                 from moecc.profile import NodeTimer, measured
 
-                if ctx.options.profile_nodes:
-                    return make_boxed_func(measured(NodeTimer(out, ctx.graph_id, kind)))
-                return make_boxed_func(measured(out))
+                run = measured(NodeTimer(out, ctx.graph_id, kind) if ctx.options.profile_nodes else out)
+                if kind == "backward" and self.mesh.world > 1:
+                    run = _naming_peer_failures(run, f"a collective of {self.model_name}'s backward")
+                return make_boxed_func(run)
 
             return compiler
 
@@ -463,6 +465,22 @@ def absolute_paths(gm: fx.GraphModule, param_names: dict[int, str]) -> None:
             if m:
                 rest = f"{prefix}{m.group(2)}" if m.group(2) else prefix.rstrip(".")
                 stack[key] = (f"{m.group(1)}.{rest}", cls)
+
+
+def _naming_peer_failures(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """fn, with a transport's peer failure re-raised as moecc's (`dist.named_peer_failure`): the forward's are
+    named by the compiled module's call, a backward runs from the autograd engine."""
+
+    def run(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            named = moecc_dist.named_peer_failure(e, where)
+            if named is None:
+                raise
+            raise named from e
+
+    return run
 
 
 def _top_k_from_graph(gm: fx.GraphModule, path: str) -> int:

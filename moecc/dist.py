@@ -8,6 +8,7 @@ hold the same experts (their "expert data-parallel" group).
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 from typing import Any
 
@@ -18,6 +19,10 @@ from moecc.options import MoeccError
 from moecc.pass_manager import Mesh
 
 _GROUPS: dict[tuple[int, int], tuple[str, str, int, bool]] = {}
+# what gloo and NCCL say when a peer went away or stopped answering
+_PEER_FAILURE = re.compile(
+    r"connection (reset|closed) by peer|broken pipe|timed out|timeout|communicator was aborted", re.I
+)
 
 
 def world() -> tuple[int, int]:
@@ -71,6 +76,7 @@ def make_mesh(ep: int) -> Mesh:
                 g = dist.new_group(ranks, timeout=_world_timeout())
                 if rank in ranks:
                     mine[kind] = g.group_name
+        host_group()  # created here, where every rank creates groups in the same order
         places = _places(world_size)
         my_group = next(ranks for ranks in ep_groups if rank in ranks)
         _GROUPS[key] = (
@@ -169,6 +175,19 @@ def _world_timeout() -> Any:
     return None
 
 
+def named_peer_failure(e: BaseException, where: str) -> RuntimeError | None:
+    """moecc's error for a transport's failure that says a peer went away or stopped answering (None for any
+    other error, or one moecc already worded). A collective the schedule pass issued early fails at its wait,
+    outside the moecc op that issued it (which names such failures itself), in the forward or the backward."""
+    rank, world_size = world()
+    if world_size == 1 or "moecc: rank" in str(e) or not _PEER_FAILURE.search(str(e)):
+        return None
+    return RuntimeError(
+        f"moecc: rank {rank}: {where} failed ({e}); a peer rank may have died or stalled (the process group's "
+        "timeout bounds the wait)"
+    )
+
+
 def check_same_on_all_ranks(what: str, value: Any) -> None:
     """All ranks must agree on `value` (options, model fingerprint, plan); say which rank differs."""
     rank, world_size = world()
@@ -187,6 +206,83 @@ def check_same_on_all_ranks(what: str, value: Any) -> None:
             f"{what} differs across ranks: rank(s) {differ} differ from rank 0 ({detail}); every rank "
             "must compile the same model with the same options and call it with inputs of the same shapes"
         )
+
+
+_HOST_GROUP: list[Any] = []
+
+
+def host_group() -> Any:
+    """A group of the whole world whose collectives take CPU tensors and never touch a device: the default
+    group where it has a CPU backend (gloo), else a gloo group made once (a collective: every rank calls this
+    first at the same point, `make_mesh`)."""
+    if not _HOST_GROUP:
+        world_pg = dist.group.WORLD
+        try:
+            world_pg._get_backend(torch.device("cpu"))  # type: ignore[union-attr]
+            _HOST_GROUP.append(world_pg)
+        except (RuntimeError, AttributeError):
+            _HOST_GROUP.append(dist.new_group(backend="gloo", timeout=_world_timeout()))
+    return _HOST_GROUP[0]
+
+
+def input_signature(args: tuple, kwargs: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(where, shape, dtype) of every tensor among a call's arguments, in argument order."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    leaves, _ = tree_flatten_with_path((args, kwargs))
+    return [
+        (keystr(path), tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch."))
+        for path, t in leaves
+        if isinstance(t, torch.Tensor)
+    ]
+
+
+def _describe(path: str) -> str:
+    """`[0][1]` -> `args[1]`, `[1]['ids']` -> `kwargs['ids']` (a pytree path into (args, kwargs))."""
+    return ("args" if path.startswith("[0]") else "kwargs") + path[3:]
+
+
+def check_step_inputs(where: str, args: tuple, kwargs: dict) -> None:
+    """Every rank of the world calls a compiled step with inputs of the same shapes and dtypes, or every
+    rank raises, naming the input and the ranks that differ. A rank whose inputs differ would otherwise
+    recompile alone (and wait in the compile-time checks while its peers wait in the step's collectives) or
+    exchange rows its peers did not size their buffers for: a hang until the process group's timeout, or
+    worse. Host work only: a 16-byte all-reduce (the largest and smallest digest) over `host_group()` per
+    call, cheaper than an all-gather on gloo; an all-gather of the signatures only to word the error."""
+    rank, world_size = world()
+    if world_size == 1 or is_fake():
+        return
+    sig = input_signature(args, kwargs)
+    digest = int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:7], "little")  # < 2^56: negates
+    extremes = torch.tensor([digest, -digest], dtype=torch.int64)
+    group = host_group()
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    if int(extremes[0]) == -int(extremes[1]):  # largest == smallest: every rank's digest is the same
+        return
+    sigs: list[Any] = [None] * world_size
+    dist.all_gather_object(sigs, sig, group=group)
+
+    def shown(s: list, i: int) -> str:
+        return f"{s[i][2]}{list(s[i][1])}" if i < len(s) else "absent"
+
+    detail = ""
+    for i in range(max(len(s) for s in sigs)):
+        seen: dict[str, list[int]] = {}
+        for r, s in enumerate(sigs):
+            seen.setdefault(shown(s, i), []).append(r)
+        if len(seen) > 1:
+            name = _describe(next(s[i][0] for s in sigs if i < len(s)))
+            detail = f"{name} is " + ", ".join(f"{v} on rank(s) {rs}" for v, rs in seen.items())
+            break
+    if not detail:  # the same shapes in a different argument structure
+        detail = "; ".join(f"rank {r}: {[_describe(p) for p, _, _ in s]}" for r, s in enumerate(sigs[:4]))
+    raise MoeccError(
+        f"{where}: the ranks' inputs differ in this call: {detail}. Every rank runs the same collectives "
+        "each step (the expert all-to-alls need the same token count on every rank, with dynamic=True too), "
+        "so every rank must call the compiled model with inputs of the same shapes and dtypes: pad each "
+        "rank's batch to one length (or bucket lengths the same way on every rank). check_inputs=False skips "
+        "this check"
+    )
 
 
 def standin(t: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,11 @@ class CompileOptions:
             slower links it loses where tokens have few experts each), else "counted"; the choice is the same
             on every rank, and the dumps say which and why. `MOECC_EXCHANGE` sets the default. Regions fused
             across ranks have their own exchange.
+        check_inputs: with more than one rank, every call first compares the shapes and dtypes of its
+            tensor arguments across the world (an 8-byte all-gather over a gloo group: host work, no device
+            synchronisation) and raises on every rank, naming the input, where they differ. False skips it:
+            a rank called with other shapes then recompiles alone or exchanges rows its peers did not size
+            buffers for, which hangs the ranks until the process group's timeout.
     """
 
     ep: int | None = None
@@ -91,6 +96,7 @@ class CompileOptions:
     cuda_graph: bool = False
     grouped_gemm: str = "triton"
     exchange: str = "auto"
+    check_inputs: bool = True
 
     @staticmethod
     def make(
@@ -111,6 +117,7 @@ class CompileOptions:
         cuda_graph: bool = False,
         grouped_gemm: str | None = None,
         exchange: str | None = None,
+        check_inputs: bool = True,
     ) -> CompileOptions:
         """Build options from keyword arguments and the MOECC_* environment variables."""
         from moecc.passes import PASS_NAMES  # the pipeline owns the pass names
@@ -169,6 +176,7 @@ class CompileOptions:
             cuda_graph=bool(cuda_graph),
             grouped_gemm=grouped_gemm,
             exchange=exchange,
+            check_inputs=bool(check_inputs),
         )
 
     def enabled(self, pass_name: str) -> bool:

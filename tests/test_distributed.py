@@ -244,24 +244,53 @@ def test_options_that_differ_across_ranks_are_named() -> None:
     testing.spawn(options_differ, 2, timeout_s=60)
 
 
+def inputs_differ(rank: int, world: int) -> None:
+    from moecc.examples import switch_style
+
+    # a rank that alone sees a new shape would recompile alone (dp only, static shapes), or send rows its
+    # peers sized no buffer for (an expert all-to-all, dynamic shapes): both waited out the timeout before
+    for ep, dynamic in ((1, False), (2, True)):
+        model, (ids,) = switch_style.build()
+        cm = moecc.compile(model, ep=ep, dynamic=dynamic, exchange="padded")
+        testing.lm_loss(cm(ids), ids).backward()
+        mine = ids[:, : ids.shape[1] - 2 * rank]  # rank 1 holds fewer tokens
+        t0 = time.time()
+        want = r"args\[0\] is int64\[2, 16\] on rank\(s\) \[0\], int64\[2, 14\] on rank\(s\) \[1\]"
+        with pytest.raises(
+            moecc.MoeccError, match=rf"moecc.compile\(SwitchStyleLM\): the ranks' inputs differ.*{want}"
+        ):
+            cm(mine)
+        assert time.time() - t0 < 5, "refused at once, not after the process group's timeout"
+        testing.lm_loss(cm(ids[:, :-2]), ids[:, :-2]).backward()  # the same new shape everywhere still runs
+
+
+def test_inputs_of_different_shapes_across_ranks_are_refused_at_once() -> None:
+    testing.spawn(inputs_differ, 2, timeout_s=30)
+
+
 def peer_dies_or_stalls(rank: int, world: int, mode: str) -> None:
     from moecc.examples import switch_style
 
     model, (ids,) = switch_style.build()
     cm = moecc.compile(model, ep=2)
     testing.lm_loss(cm(ids), ids).backward()  # compiled and working on both ranks
+    loss = testing.lm_loss(cm(ids), ids) if mode == "dies_before_backward" else None
     if rank == 1:
-        if mode == "dies":
+        if mode.startswith("dies"):
             os._exit(0)
         time.sleep(14)  # stalls past rank 0's timeout
         return
     t0 = time.time()
-    with pytest.raises(RuntimeError, match="a peer rank may have died or stalled"):
-        cm(ids)
+    where = "backward" if loss is not None else "step"
+    with pytest.raises(RuntimeError, match=f"rank 0: a collective of SwitchStyleLM's {where} failed .*a peer rank may"):
+        if loss is None:
+            cm(ids)
+        else:
+            loss.backward()  # run by the autograd engine, outside the compiled module's call
     assert time.time() - t0 < 12, "the failure must come from the timeout (8 s), not from rank 1 leaving"
 
 
-@pytest.mark.parametrize("mode", ["dies", "stalls"])
+@pytest.mark.parametrize("mode", ["dies", "stalls", "dies_before_backward"])
 def test_dead_or_stalled_rank_fails_with_a_clear_error(mode: str) -> None:
     testing.spawn(peer_dies_or_stalls, 2, mode, timeout_s=8)
 
