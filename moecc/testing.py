@@ -23,24 +23,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, timeout_s: float, args: tuple) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world: int, port: int, timeout_s: float, args: tuple, backend: str | None
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    if use_cuda:
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+    if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0) -> None:
-    """Run fn(rank, world, *args) on `world` local processes; a failure in any of them raises here."""
-    mp.spawn(_entry, args=(fn, world, free_port(), timeout_s, args), nprocs=world, join=True)
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120.0, backend: str | None = None) -> None:
+    """Run fn(rank, world, *args) on `world` local processes; a failure in any of them raises here. backend:
+    the process group's ("gloo" for models on the CPU, whatever the machine); None: NCCL, one GPU a rank,
+    where there are `world` GPUs, else gloo."""
+    mp.spawn(_entry, args=(fn, world, free_port(), timeout_s, args, backend), nprocs=world, join=True)
 
 
 def lm_loss(logits: Any, ids: torch.Tensor) -> torch.Tensor:

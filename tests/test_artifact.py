@@ -73,7 +73,7 @@ def _train_from_artifact(rank: int, world: int, root: str) -> None:
 
 
 def test_two_rank_artifact_trains_like_eager(mixtral_w2: Path) -> None:
-    testing.spawn(_train_from_artifact, 2, str(mixtral_w2))
+    testing.spawn(_train_from_artifact, 2, str(mixtral_w2), backend="gloo")
 
 
 def test_other_world_size_is_refused(mixtral_w2: Path) -> None:

@@ -109,14 +109,14 @@ CONFIGS = [  # (world, ep): ep x dp = world
 
 @pytest.mark.parametrize("world,ep,names", CONFIGS)
 def test_ep_training_matches_eager(world: int, ep: int, names: list[str]) -> None:
-    testing.spawn(train_matches_eager, world, names, ep, 3)
+    testing.spawn(train_matches_eager, world, names, ep, 3, backend="gloo")
 
 
 def test_padded_exchange_training_matches_eager() -> None:
     """exchange="padded": every token travels to every rank of its ep-group (those with no expert there as
     padding, dropped by the receiver), with split sizes known without the device. ep = 2 within dp = 2:
     the same losses, gradients and parameters as eager, as the counted exchange gives."""
-    testing.spawn(train_matches_eager, 4, ["mixtral", "deepseek"], 2, 2, "auto", "padded")
+    testing.spawn(train_matches_eager, 4, ["mixtral", "deepseek"], 2, 2, "auto", "padded", backend="gloo")
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
@@ -125,8 +125,8 @@ def test_ep_training_on_the_triton_backend_matches_eager() -> None:
     """ep = 2 with backend="triton" on the CPU, where fusion across ranks is refused (no symmetric memory; a
     multi-GPU run gets this path with MOECC_FUSED_EP=0): row all-to-alls over the process group, the Triton
     grouped GEMMs and GLU kernels on the padded rows a rank receives. Two steps against the eager global batch."""
-    testing.spawn(train_matches_eager, 2, ["mixtral", "deepseek"], 2, 2, "triton")
-    testing.spawn(train_matches_eager, 2, ["mixtral"], 2, 1, "triton", "padded")
+    testing.spawn(train_matches_eager, 2, ["mixtral", "deepseek"], 2, 2, "triton", backend="gloo")
+    testing.spawn(train_matches_eager, 2, ["mixtral"], 2, 1, "triton", "padded", backend="gloo")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def skewed_matches_eager(rank: int, world: int, k: int, favourite: int, exchange
 @pytest.mark.parametrize("k,favourite", [(1, 0), (2, 3)], ids=["all-to-expert-0", "top2-favour-3"])
 def test_skewed_routing_and_empty_experts(k: int, favourite: int, exchange: str) -> None:
     """Every token to one expert leaves a rank with nothing to receive (padded: padding rows only)."""
-    testing.spawn(skewed_matches_eager, 2, k, favourite, exchange)
+    testing.spawn(skewed_matches_eager, 2, k, favourite, exchange, backend="gloo")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def dispatch_traffic_is_deduplicated(rank: int, world: int) -> None:
 
 
 def test_dispatch_traffic_matches_dedup_bound() -> None:
-    testing.spawn(dispatch_traffic_is_deduplicated, 4)
+    testing.spawn(dispatch_traffic_is_deduplicated, 4, backend="gloo")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def options_differ(rank: int, world: int) -> None:
 
 
 def test_options_that_differ_across_ranks_are_named() -> None:
-    testing.spawn(options_differ, 2, timeout_s=60)
+    testing.spawn(options_differ, 2, timeout_s=60, backend="gloo")
 
 
 def inputs_differ(rank: int, world: int) -> None:
@@ -265,7 +265,7 @@ def inputs_differ(rank: int, world: int) -> None:
 
 
 def test_inputs_of_different_shapes_across_ranks_are_refused_at_once() -> None:
-    testing.spawn(inputs_differ, 2, timeout_s=30)
+    testing.spawn(inputs_differ, 2, timeout_s=30, backend="gloo")
 
 
 def peer_dies_or_stalls(rank: int, world: int, mode: str) -> None:
@@ -292,7 +292,7 @@ def peer_dies_or_stalls(rank: int, world: int, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["dies", "stalls", "dies_before_backward"])
 def test_dead_or_stalled_rank_fails_with_a_clear_error(mode: str) -> None:
-    testing.spawn(peer_dies_or_stalls, 2, mode, timeout_s=8)
+    testing.spawn(peer_dies_or_stalls, 2, mode, timeout_s=8, backend="gloo")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,11 +327,11 @@ def graph_break_params_sync(rank: int, world: int) -> None:
 
 
 def test_parameters_outside_graphs_are_synchronised() -> None:
-    testing.spawn(graph_break_params_sync, 2)
+    testing.spawn(graph_break_params_sync, 2, backend="gloo")
 
 
 def test_ep_that_does_not_divide_is_a_clear_error() -> None:
-    testing.spawn(_ep_does_not_divide, 2, timeout_s=60)
+    testing.spawn(_ep_does_not_divide, 2, timeout_s=60, backend="gloo")
 
 
 def _ep_does_not_divide(rank: int, world: int) -> None:
@@ -365,7 +365,7 @@ def test_ep_groups_across_hosts_are_counted_alike_on_every_rank() -> None:
     assert hosts_per_group(["a", "a", "b", "b"], [[0, 1], [2, 3]]) == 1
     assert hosts_per_group(["a", "a", "b", "b"], [[0, 2], [1, 3]]) == 2
     assert hosts_per_group(["a", "b", "b", "b"], [[0, 1], [2, 3]]) == 2  # the widest group counts
-    testing.spawn(_mesh_hosts, 4, timeout_s=120)
+    testing.spawn(_mesh_hosts, 4, timeout_s=120, backend="gloo")
 
 
 def test_gpus_without_peer_access_are_found() -> None:
@@ -440,7 +440,7 @@ def test_capacity_factor_drops_like_one_process_on_the_global_batch(tmp_path) ->
         },
         tmp_path / "ref.pt",
     )
-    testing.spawn(capacity_matches_single_process, world, str(tmp_path / "ref.pt"), cf)
+    testing.spawn(capacity_matches_single_process, world, str(tmp_path / "ref.pt"), cf, backend="gloo")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_full_checkpoints_in_and_out_of_an_expert_sharded_model() -> None:
     """full_state_dict() gathers the experts of every rank into the eager model's state_dict (ModuleList
     experts and transformers' 3-D expert weights alike), and load_state_dict takes such a whole-model state
     (skipping other ranks' experts, cutting 3-D weights to this rank's), so pretrained checkpoints load."""
-    testing.spawn(checkpoints_round_trip, 2, ["mixtral", "hf_mixtral"], timeout_s=300)
+    testing.spawn(checkpoints_round_trip, 2, ["mixtral", "hf_mixtral"], timeout_s=300, backend="gloo")
 
 
 def clipping_matches_eager(rank: int, world: int, names: list[str]) -> None:
@@ -510,4 +510,4 @@ def test_clip_grad_norm_is_the_whole_models_on_every_rank() -> None:
     """clip_grad_norm_ with expert parallelism: the eager model's total norm (replicated gradients once,
     expert gradients summed over the ranks holding them) and the same clipped gradients, for the 2-norm and
     the max-norm, ModuleList and transformers experts."""
-    testing.spawn(clipping_matches_eager, 2, ["mixtral", "hf_mixtral"], timeout_s=300)
+    testing.spawn(clipping_matches_eager, 2, ["mixtral", "hf_mixtral"], timeout_s=300, backend="gloo")

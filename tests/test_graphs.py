@@ -107,7 +107,7 @@ def test_cuda_graph_option_refuses_regions_whose_exchange_sizes_come_from_the_ho
     MOECC_FUSED_EP=0 or an ep-group across hosts) with exchange="counted" is an error at compile time that
     names the regions and why they were not fused, instead of a capture that fails later; the default exchange
     is then padded (no row counts on the host) and gives the counted exchange's loss."""
-    testing.spawn(_unfused_with_cuda_graph, 2)
+    testing.spawn(_unfused_with_cuda_graph, 2, backend="gloo")
 
 
 def test_cuda_graph_check_names_unfused_regions_only() -> None:

@@ -82,4 +82,4 @@ def _dynamic_expert_parallel(rank: int, world: int) -> None:
 def test_dynamic_token_count_with_expert_parallelism_one_graph() -> None:
     """dynamic=True across 2 ranks (experts sharded, all-to-all dispatch): training steps at three sequence
     lengths match the eager global-batch reference, all from one compiled program."""
-    testing.spawn(_dynamic_expert_parallel, 2, timeout_s=200)
+    testing.spawn(_dynamic_expert_parallel, 2, timeout_s=200, backend="gloo")

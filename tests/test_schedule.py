@@ -82,7 +82,7 @@ def _bucketed_like_unscheduled(rank: int, world: int) -> None:
 
 
 def test_gradient_buckets_give_the_unscheduled_gradients() -> None:
-    testing.spawn(_bucketed_like_unscheduled, 2)
+    testing.spawn(_bucketed_like_unscheduled, 2, backend="gloo")
 
 
 def _step(cm, ids: torch.Tensor, repeats: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
@@ -207,7 +207,7 @@ def _chunked_like_unscheduled(rank: int, world: int) -> None:
 
 
 def test_token_chunks_and_overlap_keep_gradients_and_memory() -> None:
-    testing.spawn(_chunked_like_unscheduled, 2, timeout_s=300)
+    testing.spawn(_chunked_like_unscheduled, 2, timeout_s=300, backend="gloo")
 
 
 def test_reorder_overlaps_waits_and_keeps_mutations_in_place() -> None:
@@ -580,7 +580,7 @@ def _order_differs(rank: int, world: int) -> None:
 
 
 def test_a_rank_with_another_collective_order_is_named() -> None:
-    testing.spawn(_order_differs, 2)
+    testing.spawn(_order_differs, 2, backend="gloo")
 
 
 def _profile_differs(rank: int, world: int, folder: str) -> None:
@@ -597,7 +597,7 @@ def _profile_differs(rank: int, world: int, folder: str) -> None:
 
 
 def test_a_rank_with_another_hardware_profile_is_named(tmp_path: Path) -> None:
-    testing.spawn(_profile_differs, 2, str(tmp_path))
+    testing.spawn(_profile_differs, 2, str(tmp_path), backend="gloo")
 
 
 def _wgrad_sum_graph(fn, *inputs):
