@@ -396,13 +396,15 @@ def _collectives(rank: int, world: int, quick: bool, out: str) -> None:
         )
 
 
-def measure_collectives(world_size: int, quick: bool) -> dict[str, Any]:
+def measure_collectives(world_size: int, quick: bool, device_type: str = "cuda") -> dict[str, Any]:
     """Over a local world of `world_size` processes: the collectives' curves ("curves") and, on GPUs, the fused
     ops' rate across the ranks ("fused_ep_gemm_flops", by world size), the rows per expert it was measured
-    at ("fused_ep_rows") and, unless quick, rank 0's host costs in a step at ep = `world_size` ("host")."""
+    at ("fused_ep_rows") and, unless quick, rank 0's host costs in a step at ep = `world_size` ("host").
+    device_type "cpu": gloo on the CPU, whatever GPUs the machine has."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "curves.json")
-        testing.spawn(_collectives, world_size, quick, out, timeout_s=300)
+        backend = "gloo" if device_type == "cpu" else None
+        testing.spawn(_collectives, world_size, quick, out, timeout_s=300, backend=backend)
         return json.loads(Path(out).read_text())
 
 
@@ -415,7 +417,7 @@ def calibrate(out: str | Path | None, world_size: int = 2, device: str = "auto",
         n = torch.cuda.device_count()
         raise MoeccError(f"calibrate: --world-size {world_size} needs as many GPUs; this machine has {n}")
     rates: dict[str, Any] = dict(measure_compute(dev, quick))
-    across = measure_collectives(world_size, quick) if world_size > 1 else {}
+    across = measure_collectives(world_size, quick, dev.type) if world_size > 1 else {}
     host_from = "ops alone on tiny inputs" if dev.type == "cuda" else None
     if dev.type == "cuda" and not quick:  # a step's host costs replace those of the ops timed alone
         step = across["host"] if world_size > 1 else measure_step_host(dev, quick)

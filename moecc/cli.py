@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = artifact._check_files(Path(args.dir))
     nproc = args.nproc or manifest["world_size"]
     try:
-        demo.run_artifact(args.dir, manifest["factory"], nproc, args.steps, args.lr)
+        demo.run_artifact(args.dir, manifest["factory"], nproc, args.steps, args.lr, artifact.artifact_device(manifest))
     except Exception as e:  # a rank's failure (already printed by that rank) ends the run
         print(f"moecc run failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1

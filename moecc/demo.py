@@ -154,5 +154,7 @@ def run(
     testing.spawn(worker, world, MODELS[model], ep, steps, tokens, lr, dump_dir, timeout_s=300)
 
 
-def run_artifact(artifact: str, factory: str, world: int, steps: int, lr: float) -> None:
-    testing.spawn(worker, world, factory, None, steps, None, lr, None, artifact, timeout_s=300)
+def run_artifact(artifact: str, factory: str, world: int, steps: int, lr: float, device: str = "cpu") -> None:
+    """Train `artifact` next to eager on `world` local processes, on the device type it was compiled for."""
+    backend = "gloo" if device == "cpu" else None
+    testing.spawn(worker, world, factory, None, steps, None, lr, None, artifact, timeout_s=300, backend=backend)

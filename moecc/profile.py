@@ -162,9 +162,14 @@ def host_costs(cm: Any, events: Any, scale: float = 1.0, less_us: float = 0.0) -
     }
 
 
-def _timed_step(step: Callable[[], Any]) -> tuple[float, float]:
+def _on_cuda(cm: Any) -> bool:
+    """Whether the compiled model runs on a GPU (its parameters' device; not whether the machine has one)."""
+    p = next(iter(cm.parameters()), None)
+    return p.is_cuda if p is not None else torch.cuda.is_available()
+
+
+def _timed_step(step: Callable[[], Any], cuda: bool) -> tuple[float, float]:
     """One call of `step` on an idle device: (us until the host has issued it, us until the device has run it)."""
-    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -175,9 +180,11 @@ def _timed_step(step: Callable[[], Any]) -> tuple[float, float]:
     return host, (time.perf_counter() - t0) * 1e6
 
 
-def host_issue_us(step: Callable[[], Any], calls: int = 3) -> float:
-    """The host's time to issue `step` (us, median of `calls`), each call starting on an idle device."""
-    return statistics.median(_timed_step(step)[0] for _ in range(calls))
+def host_issue_us(step: Callable[[], Any], calls: int = 3, cuda: bool | None = None) -> float:
+    """The host's time to issue `step` (us, median of `calls`), each call starting on an idle device (cuda:
+    whether the step runs on a GPU; None: whether the machine has one)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return statistics.median(_timed_step(step, cuda)[0] for _ in range(calls))
 
 
 def profile_step(
@@ -194,13 +201,13 @@ def profile_step(
         raise ValueError("moecc.profile_step: compile the model with profile_nodes=True first")
     if not cm.session.contexts:
         raise ValueError("moecc.profile_step: run the step once before profiling it (nothing is compiled yet)")
-    cuda = torch.cuda.is_available()
+    cuda = _on_cuda(cm)
     # the step's time without the profiler, which adds its own to every op: on an H200 node it doubled the
     # host's time to issue a training step (130 against 66 ms) and made the step 35 % slower
-    host_us, wall_us = _timed_step(step)
+    host_us, wall_us = _timed_step(step, cuda)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
-        profiled_host_us, profiled_wall_us = _timed_step(step)
+        profiled_host_us, profiled_wall_us = _timed_step(step, cuda)
     predicted = _predicted(cm)
     events = prof.events()
     ranges = sum(1 for _ in _range_events(events))
@@ -259,10 +266,11 @@ def profile_compiled_step(
     model, `profile_step`'s table)."""
     host_reference_us = None
     if reference:
-        plain = make_step(compile(False))
+        plain_cm = compile(False)
+        plain = make_step(plain_cm)
         for _ in range(steps):
             plain()
-        host_reference_us = host_issue_us(plain, reference_calls)
+        host_reference_us = host_issue_us(plain, reference_calls, _on_cuda(plain_cm))
     cm = compile(True)
     step = make_step(cm)
     for _ in range(steps):

@@ -88,6 +88,15 @@ def test_other_model_is_refused(switch_w1: Path) -> None:
         moecc.load(switch_w1, model)
 
 
+def test_model_on_another_device_is_refused(switch_w1: Path) -> None:
+    """An artifact's programs are lowered for the device it was traced on (the manifest says which): a model
+    elsewhere (here the meta device; a GPU on a GPU node) is refused before anything runs."""
+    assert json.loads((switch_w1 / "manifest.json").read_text())["device"] == "cpu"
+    model, _ = switch_style.build()
+    with pytest.raises(moecc.MoeccError, match=r"compiled for the cpu .* SwitchStyleLM is on the meta: move it"):
+        moecc.load(switch_w1, model.to("meta"))
+
+
 def test_other_input_signature_is_refused(switch_w1: Path) -> None:
     model, _ = switch_style.build()
     run = moecc.load(switch_w1, model)
