@@ -67,7 +67,9 @@ class CompileOptions:
             layer; only the rows needed travel), "padded" sends every token to every rank of the ep-group,
             those with no expert there as padding (ep * T rows a rank, no synchronisation, so a CUDA graph
             can replay it; every rank must then hold the same number of tokens every step), "auto" (the
-            default) is "padded" with cuda_graph=True, or where the token count is fixed and the cost model
+            default) is "padded" with cuda_graph=True, or where every rank holds the same token count (a fixed
+            one, or under dynamic shapes one from the input shapes, which check_inputs compares across ranks
+            every call; priced at its traced value) and the cost model
             puts the padding's extra rows at no more than the count exchange and host synchronisation they
             save (`cost.exchange_costs_us`: on one H200 node padding won at every top-k measured, across
             slower links it loses where tokens have few experts each), else "counted"; the choice is the same

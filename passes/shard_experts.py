@@ -58,22 +58,37 @@ def choose_exchange(ctx: CompileContext, ep: int, top_k: int, T: Any, row_bytes:
     """(padded, why) for a region's row all-to-alls (compile's `exchange` option) of T tokens a rank (an int,
     or a symbolic size under dynamic shapes), rows of row_bytes: "auto" pads where the cost model puts the
     padding's extra rows at no more than the count exchange and host synchronisation it saves
-    (`cost.exchange_costs_us`), and only where T is fixed: a padded exchange receives T rows from every rank."""
+    (`cost.exchange_costs_us`), and only where T is the same on every rank in a step (a padded exchange
+    receives T rows from every rank): an int, or a symbolic T derived from the input shapes, which every call
+    compares across ranks (compile's check_inputs), priced at its traced value."""
     opt = ctx.options.exchange
     if opt != "auto":
         return opt == "padded", f"exchange={opt!r}"
     if ctx.options.cuda_graph:
         return True, "cuda_graph=True (a replay cannot read row counts from the host)"
+    varying = ""
     if not isinstance(T, int):
-        return (
-            False,
-            f"the tokens a rank ({T}) may change from step to step, and padding needs them equal on every rank",
+        # a symbolic token count: padding needs it equal on every rank in each step, which the per-call check
+        # of the ranks' input shapes guarantees for a count derived from them (one with a hint); a
+        # data-dependent one, or no check, counts
+        hint = T.node.hint if isinstance(T, torch.SymInt) else None
+        if hint is None or not ctx.options.check_inputs:
+            why = "it is data-dependent" if hint is None else "check_inputs=False leaves that unchecked"
+            return (
+                False,
+                f"the tokens a rank ({T}) may change from step to step and padding needs them equal on every "
+                f"rank: {why}",
+            )
+        varying = (
+            f" (the tokens a rank, {T}, may change from step to step: decided at the traced {hint}; every call "
+            "checks that the ranks' inputs have the same shapes)"
         )
+        T = int(hint)
     adds, saves = cost.exchange_costs_us(ctx.profile, T, row_bytes, ep, top_k)
     what = (
         f"padding sends {cost.padded_traffic_ratio(ep, top_k):.2f}x the rows needed (top-{top_k} over ep={ep}, "
         f"{T} tokens a rank): {adds:.0f} us more all-to-all a layer, against {saves:.0f} us for the count "
-        f"exchange and host synchronisation ({ctx.profile.name})"
+        f"exchange and host synchronisation ({ctx.profile.name}){varying}"
     )
     return adds <= saves, what
 

@@ -66,20 +66,24 @@ def test_dynamic_token_count_with_capacity_is_refused_clearly() -> None:
 
 
 def _dynamic_expert_parallel(rank: int, world: int) -> None:
-    torch.manual_seed(0)
-    model, (ids,) = mixtral_style.build(tokens=64)
-    ref = copy.deepcopy(model)
-    cm = moecc.compile(model, ep=world, dynamic=True)
-    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
-    for T in (16, 24, 40):
-        gen = torch.Generator().manual_seed(T)
-        batches = [torch.randint(0, int(ids.max()) + 1, (2, T), generator=gen) for _ in range(world)]
-        testing.step_against_eager(cm, ref, (opt, ref_opt), batches, rank, rank, f"T={T}")
-    assert len(cm.session.graphs) == 1, "a new token count must not recompile the expert-parallel program"
+    # both exchanges: a padded one sizes its all-to-alls from each call's token count, equal on every rank
+    for exchange in ("counted", "padded"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, (ids,) = mixtral_style.build(tokens=64)
+        ref = copy.deepcopy(model)
+        cm = moecc.compile(model, ep=world, dynamic=True, exchange=exchange)
+        opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        for T in (16, 24, 40):
+            gen = torch.Generator().manual_seed(T)
+            batches = [torch.randint(0, int(ids.max()) + 1, (2, T), generator=gen) for _ in range(world)]
+            testing.step_against_eager(cm, ref, (opt, ref_opt), batches, rank, rank, f"{exchange}, T={T}")
+        assert len(cm.session.graphs) == 1, "a new token count must not recompile the expert-parallel program"
+        assert {x for c in cm.session.contexts for x in c.plan["exchange"].values()} == {exchange}
 
 
 def test_dynamic_token_count_with_expert_parallelism_one_graph() -> None:
-    """dynamic=True across 2 ranks (experts sharded, all-to-all dispatch): training steps at three sequence
-    lengths match the eager global-batch reference, all from one compiled program."""
+    """dynamic=True across 2 ranks (experts sharded, all-to-all dispatch, counted and padded): training steps at
+    three sequence lengths match the eager global-batch reference, all from one compiled program."""
     testing.spawn(_dynamic_expert_parallel, 2, timeout_s=200, backend="gloo")

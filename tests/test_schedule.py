@@ -714,9 +714,20 @@ def test_auto_exchange_pads_where_padding_costs_less_than_counting() -> None:
     ctx.options = CompileOptions(exchange="auto", cuda_graph=True)
     assert choose_exchange(ctx, 8, 2, 8192, row)[0] is True  # a replay needs it, whatever it costs
     ctx.options, ctx.profile = CompileOptions(exchange="auto"), h200
-    T = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
+    env = torch.fx.experimental.symbolic_shapes.ShapeEnv()
+    padded, why = choose_exchange(ctx, 2, 2, env.create_unbacked_symint(), row)
+    assert not padded and "may change from step to step" in why and "data-dependent" in why, why
+    # a token count from the input shapes (dynamic=True): equal on every rank by the per-call input check, and
+    # priced at its traced value
+    from torch._dynamo.source import ConstantSource
+
+    T = env.create_symintnode(env.create_symbol(8192, ConstantSource("T")), hint=8192)
     padded, why = choose_exchange(ctx, 2, 2, T, row)
-    assert not padded and "may change from step to step" in why, why
+    assert padded and "decided at the traced 8192" in why, why
+    assert choose_exchange(ctx, 8, 2, T, row)[1] == choose_exchange(ctx, 8, 2, 8192, row)[1] + why[why.index(" (the") :]
+    ctx.options = CompileOptions(exchange="auto", check_inputs=False)
+    padded, why = choose_exchange(ctx, 2, 2, T, row)
+    assert not padded and "check_inputs=False" in why, why
 
 
 def test_calibrate_takes_host_costs_from_a_profiled_step() -> None:
