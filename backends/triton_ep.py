@@ -44,6 +44,7 @@ after another, never waits on a peer that has not run yet.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +109,9 @@ class EPBuffers:
     claim: torch.Tensor  # int32 [NSIG]: the next GEMM tile of a call (zeroed before each launch that claims)
     chain: torch.Tensor  # int64 [ep * CHAIN_PROGRAMS]: the routing scan's running counts (`_route_scan_kernel`)
     simulated: bool
-    keep: Any = None  # the allocation (symmetric memory handle or tensor) that owns the memory
+    # what owns the memory: {"raw": the allocation, "bases": every rank's address of it, "handle": the symmetric
+    # memory handle}, or for a view of a larger allocation, that allocation's buffers (`group_buffers`)
+    keep: Any = None
 
     @staticmethod
     def from_bases(raw: torch.Tensor, bases: list[int], me: int, shape: tuple, simulated: bool, keep: Any = None):
@@ -176,27 +179,56 @@ def run_flow(flow: Flow) -> Any:
         return stop.value
 
 
-_SYMMETRIC: dict[tuple, EPBuffers] = {}
+_SYMMETRIC: dict[tuple, EPBuffers] = {}  # (group, T, K, H, E_l, dtype, device) -> the buffers' view for T tokens
+# (group, K, H, E_l, dtype, device) -> the largest allocation so far: the view it was made for (T tokens) holds
+# the memory and the device-side call counters that every view of it shares
+_ALLOCATED: dict[tuple, EPBuffers] = {}
 
 
 def group_buffers(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torch.dtype, device: torch.device):
     """The symmetric buffers of a process group for one layer shape (shared by every layer of that shape).
 
-    The first call allocates and exchanges addresses, a collective over the group; it must happen outside a
-    CUDA graph capture (the first, eager step of training does it)."""
+    One allocation serves every token count up to the largest seen (`_layout` puts the signals first, so they
+    stay in place whatever T is, and the views share the device's call counters that the signals are compared
+    with). A larger T than any before allocates anew, twice the old room at least, so that token counts that
+    grow step by step (dynamic shapes) allocate a few times, not once each; the old allocation is kept, since
+    a captured CUDA graph may still use it. An allocation is a collective over the group (an address
+    exchange); the ranks make it at the same call because every call's inputs have the same shapes on every
+    rank (compile's check_inputs). It must happen outside a CUDA graph capture (the first, eager step of
+    training does it)."""
+    key = (group_name, T, K, H, E_l, dtype, str(device))
+    if key in _SYMMETRIC:
+        return _SYMMETRIC[key]
+    akey = (group_name, K, H, E_l, dtype, str(device))
+    room = _ALLOCATED.get(akey)
+    if room is None or room.T < T:
+        room = _allocate(group_name, T if room is None else max(T, 2 * room.T), K, H, E_l, dtype, device)
+        _ALLOCATED[akey] = room
+    if room.T == T:
+        bufs = room
+    else:
+        raw, bases = room.keep["raw"], room.keep["bases"]
+        assert buffer_bytes(room.ep, T, K, H, E_l, dtype) <= raw.numel()
+        view = EPBuffers.from_bases(raw, bases, room.me, (room.ep, T, K, H, E_l, dtype), simulated=False, keep=room)
+        bufs = dataclasses.replace(view, epoch=room.epoch, done=room.done, claim=room.claim, chain=room.chain)
+    _SYMMETRIC[key] = bufs
+    return bufs
+
+
+def _allocate(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torch.dtype, device: torch.device):
+    """A new allocation of the group's buffers with room for T tokens, its view for T (see `group_buffers`)."""
     import torch.distributed as dist
 
     from moecc.backends.torch_backend import _group
 
-    key = (group_name, T, K, H, E_l, dtype, str(device))
-    if key in _SYMMETRIC:
-        return _SYMMETRIC[key]
     group = _group(group_name) if group_name else None  # "": no process group, one rank
     ep = dist.get_world_size(group) if group is not None else 1
     n = buffer_bytes(ep, T, K, H, E_l, dtype)
     if ep == 1:
         raw = torch.zeros(n, dtype=torch.uint8, device=device)
-        bufs = EPBuffers.from_bases(raw, [raw.data_ptr()], 0, (1, T, K, H, E_l, dtype), simulated=False, keep=raw)
+        bases = [raw.data_ptr()]
+        keep: dict[str, Any] = {"raw": raw, "bases": bases}
+        bufs = EPBuffers.from_bases(raw, bases, 0, (1, T, K, H, E_l, dtype), simulated=False, keep=keep)
     else:
         if device.type != "cuda":
             raise RuntimeError(
@@ -209,14 +241,13 @@ def group_buffers(group_name: str, T: int, K: int, H: int, E_l: int, dtype: torc
             symm_mem.enable_symm_mem_for_group(group_name)  # type: ignore[arg-type]
         raw = symm_mem.empty(n, dtype=torch.uint8, device=device)
         hdl = symm_mem.rendezvous(raw, group)  # type: ignore[arg-type]  # a real group here (ep > 1)
-        bufs = EPBuffers.from_bases(
-            raw, list(hdl.buffer_ptrs), hdl.rank, (ep, T, K, H, E_l, dtype), simulated=False, keep=(raw, hdl)
-        )
+        bases = list(hdl.buffer_ptrs)
+        keep = {"raw": raw, "bases": bases, "handle": hdl}
+        bufs = EPBuffers.from_bases(raw, bases, hdl.rank, (ep, T, K, H, E_l, dtype), simulated=False, keep=keep)
     bufs.local["sig"].zero_()
     if ep > 1:
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # no peer may signal us before our signals are zeroed
-    _SYMMETRIC[key] = bufs
     COUNTERS["symmetric.allocations"] += 1
     COUNTERS["symmetric.bytes"] += n
     return bufs

@@ -27,7 +27,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float = 2e-3) 
     assert err <= rel * scale + 1e-6, f"{what}: max error {err:.3g} vs scale {scale:.3g}"
 
 
-def _train(rank: int, world: int, build_name: str) -> None:
+def _train(rank: int, world: int, build_name: str, lengths: tuple[int, ...] = ()) -> None:
+    """lengths: one sequence length a step, under dynamic shapes (default: 3 steps of the example's)."""
     os.environ.pop("MOECC_FUSED_EP", None)  # the default, fused across ranks, is what this test validates
     build = {"mixtral": mixtral_style.build, "deepseek": deepseek_style.build}[build_name]
     torch.manual_seed(0)
@@ -35,10 +36,12 @@ def _train(rank: int, world: int, build_name: str) -> None:
     model = model.cuda()
     ref = build(tokens=64)[0].cuda()
     ref.load_state_dict(model.state_dict())
-    cm = moecc.compile(model, ep=world, backend="triton")
+    cm = moecc.compile(model, ep=world, backend="triton", dynamic=bool(lengths))
     gen = torch.Generator().manual_seed(1)
-    for step in range(3):
-        batches = [torch.randint(0, int(ids.max()) + 1, ids.shape, generator=gen).cuda() for _ in range(world)]
+    allocations = triton_ep.COUNTERS["symmetric.allocations"]
+    for step, n in enumerate(lengths or (ids.shape[1],) * 3):
+        shape = (ids.shape[0], n)
+        batches = [torch.randint(0, int(ids.max()) + 1, shape, generator=gen).cuda() for _ in range(world)]
         loss = testing.lm_loss(cm(batches[rank]), batches[rank])
         ref_losses = [testing.lm_loss(ref(b), b) for b in batches]
         _close(loss, ref_losses[rank], f"rank {rank} step {step} loss")
@@ -55,12 +58,23 @@ def _train(rank: int, world: int, build_name: str) -> None:
                 _close(grads[name], testing.local_slice(r, p, rank), f"rank {rank} step {step} grad {name}")
     counters = cm.session.counters()
     assert counters.get("fuse.fused", 0) == len(cm.regions) > 0, counters
-    assert triton_ep.COUNTERS["dispatch_gemm.backward"] == 3 * len(cm.regions)
+    steps = len(lengths) or 3
+    assert triton_ep.COUNTERS["dispatch_gemm.backward"] == steps * len(cm.regions)
+    if lengths:  # one program; token counts up to the largest share an allocation, which grows by doubling
+        assert len(cm.session.graphs) == 1, cm.session.graphs
+        assert triton_ep.COUNTERS["symmetric.allocations"] - allocations == 2
 
 
 @pytest.mark.parametrize("build_name", ["mixtral", "deepseek"])
 def test_fused_expert_parallel_training_matches_eager(build_name: str) -> None:
     testing.spawn(_train, 2, build_name, timeout_s=300)
+
+
+def test_fused_expert_parallel_training_with_changing_token_counts() -> None:
+    """dynamic=True: sequence lengths 32, 24, 40, 32, 16 (64, 48, 80, 64, 32 tokens a rank) through one program;
+    the symmetric buffers are allocated for 64 tokens, then for 128 (at 80), and every other count runs in a
+    view of one of them, the ranks' signals compared with the allocation's shared call counters."""
+    testing.spawn(_train, 2, "mixtral", (32, 24, 40, 32, 16), timeout_s=300)
 
 
 def _capture(rank: int, world: int) -> None:

@@ -315,6 +315,45 @@ def test_fused_ops_opcheck():
     assert dw1.transpose(1, 2).is_contiguous(), "the weight gradient is laid out like the [E, F, H] parameter"
 
 
+def test_buffers_serve_every_token_count_up_to_the_largest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token counts that change from call to call (dynamic shapes) share one allocation up to the largest seen,
+    views of it with their own layout and the allocation's call counters, and a larger count allocates twice
+    the room at least: layers of 12, 8, 20, 16, 12 and 8 tokens make two allocations (12, then 24), and every
+    call's outputs and gradients match the eager definition."""
+    from moecc import ops
+
+    monkeypatch.setattr(triton_ep, "_SYMMETRIC", {})
+    monkeypatch.setattr(triton_ep, "_ALLOCATED", {})
+    K, H, Fd, E = 2, 16, 24, 4
+    gen = torch.Generator().manual_seed(0)
+    w1 = (torch.randn(E, Fd, H, generator=gen) / 4).transpose(1, 2).requires_grad_()
+    w2 = (torch.randn(E, Fd, H, generator=gen) / 4).requires_grad_()
+    allocations = []
+    for T in (12, 8, 20, 16, 12, 8):
+        x = torch.randn(T, H, generator=gen).requires_grad_()
+        idx = routing("uniform", T, K, E, gen)
+        w = torch.rand(T, K, generator=gen).requires_grad_()
+        before = triton_ep.COUNTERS["symmetric.allocations"]
+        h, _, plan = ops.ep_dispatch_gemm(x.to(DEV), idx.to(DEV), w1.to(DEV), 1, "")
+        out, _ = ops.ep_gemm_combine(F.silu(h), w2.to(DEV), w.to(DEV), plan, 1, "")
+        allocations.append(triton_ep.COUNTERS["symmetric.allocations"] - before)
+        dout = torch.randn(T, H, generator=gen)
+        got = torch.autograd.grad(out, (x, w, w1, w2), dout.to(DEV))
+        xd, wd, w1d, w2d = (t.detach().double().requires_grad_() for t in (x, w, w1, w2))
+        rows = [sum(wd[t, k] * (F.silu(xd[t] @ w1d[idx[t, k]]) @ w2d[idx[t, k]]) for k in range(K)) for t in range(T)]
+        want_out = torch.stack(rows)
+        want = torch.autograd.grad(want_out, (xd, wd, w1d, w2d), dout.double())
+        torch.testing.assert_close(out.double().cpu(), want_out, rtol=1e-4, atol=1e-4, msg=f"T={T}: output")
+        for name, g, r in zip(("x", "w", "w1", "w2"), got, want, strict=True):
+            torch.testing.assert_close(g.double().cpu(), r, rtol=1e-4, atol=1e-4, msg=f"T={T}: grad of {name}")
+    assert allocations == [1, 0, 1, 0, 0, 0], allocations
+    (room,) = triton_ep._ALLOCATED.values()
+    assert room.T == 24 and room.keep["raw"].numel() == triton_ep.buffer_bytes(1, 24, K, H, E, torch.float32)
+    views = {k[1]: b for k, b in triton_ep._SYMMETRIC.items()}
+    assert views[16].epoch is views[20].epoch is room.epoch  # views of the 24-token allocation
+    assert views[8].epoch is views[12].epoch and views[8].epoch is not room.epoch  # of the first, kept
+
+
 def test_fusion_refusal_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     from moecc.passes.fuse_experts import FUSED_EP_ENV, fusion_refusal
 
