@@ -374,7 +374,9 @@ def _fused(node: fx.Node) -> tuple[int, int, Any] | None:
         T, K = (_size(s) for s in _val(a[3]).shape)
         return T, K, _val(a[2])
     if name == "moecc.ep_dispatch_gemm_backward":
-        return int(a[4]), int(a[5]), _val(a[2])  # type: ignore[arg-type]
+        # T and K are graph values (sym_size nodes) under dynamic shapes
+        T, K = (_size(_val(v)) if isinstance(v, fx.Node) else int(v) for v in a[4:6])  # type: ignore[arg-type]
+        return T, K, _val(a[2])
     return None
 
 

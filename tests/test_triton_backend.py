@@ -206,6 +206,33 @@ def test_native_grouped_mm_on_operands_it_cannot_take_runs_the_triton_kernel_and
     assert triton_backend.COUNTERS["native_grouped_mm.refused"] == before + 1
 
 
+def test_fused_ops_under_dynamic_shapes_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dynamic=True with the fused ops (one rank): one program for every sequence length, the symmetric buffers
+    allocated for the largest count so far (twice the old room when it grows), each step's output and
+    gradients equal to eager's."""
+    monkeypatch.setattr(triton_ep, "_SYMMETRIC", {})
+    monkeypatch.setattr(triton_ep, "_ALLOCATED", {})
+    torch._dynamo.reset()
+    model, (ids,) = mixtral_style.build(tokens=16)
+    model = model.to(_device())
+    cm = moecc.compile(model, backend="triton", grouped_gemm="triton", dynamic=True)
+    before = triton_ep.COUNTERS["symmetric.allocations"]
+    gen = torch.Generator().manual_seed(3)
+    for n in (8, 6, 12, 4):
+        x = torch.randint(0, int(ids.max()) + 1, (2, n), generator=gen).to(_device())
+        out, ref = cm(x), model(x)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4, msg=f"length {n}")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, list(cm.parameters()), g, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, list(model.parameters()), g, allow_unused=True)
+        for a, b in zip(grads, ref_grads, strict=True):
+            if b is not None:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"length {n}")
+    assert cm.session.counters().get("fuse.fused") == len(cm.regions) > 0
+    assert len(cm.session.graphs) == 1
+    assert triton_ep.COUNTERS["symmetric.allocations"] - before == 2  # 16 tokens, then 32 (at 24)
+
+
 def _unfused(grouped_gemm: str, **kw) -> tuple[torch.nn.Module, moecc.CompiledModule, torch.Tensor]:
     model, (ids,) = mixtral_style.build(tokens=16)
     model, ids = model.to(_device(), _native_dtype()), ids.to(_device())
