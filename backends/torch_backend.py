@@ -353,7 +353,10 @@ def _start_rows(
     n_in, n_out = sum(ins), sum(outs)
     if n_in > x_R.shape[0] or n_out > x_R.shape[0]:
         raise RuntimeError(
-            f"moecc: all_to_all_rows: {n_in} rows to send / {n_out} to receive exceed the buffer of {x_R.shape[0]} rows"
+            f"moecc: all_to_all_rows: {n_in} rows to send / {n_out} to receive exceed the buffer of "
+            f"{x_R.shape[0]} rows (ep times this rank's tokens): the ranks of the ep-group hold different "
+            "token counts in this step; call the compiled model with inputs of the same shapes on every rank "
+            "(compile's check_inputs, on by default, refuses such a call before it runs)"
         )
     work = _collective(
         "an all-to-all of token rows",

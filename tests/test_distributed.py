@@ -268,6 +268,29 @@ def test_inputs_of_different_shapes_across_ranks_are_refused_at_once() -> None:
     testing.spawn(inputs_differ, 2, timeout_s=30, backend="gloo")
 
 
+def unchecked_inputs_differ(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    cm = moecc.compile(_Skewed(k=1, favourite=0), ep=2, dynamic=True, exchange="counted", check_inputs=False)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    testing.lm_loss(cm(ids), ids).backward()
+    # every token goes to expert 0, on rank 0: 16 of its own and 32 of rank 1's rows, room for ep * 16
+    mine = torch.zeros(2, 8 * (1 + rank), dtype=torch.long)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match=r"48 to receive exceed the buffer of 32 rows .*different token counts"):
+            cm(mine)
+    else:  # what the rank that fits sees is not defined (a timeout, or rows it never got): check_inputs' job
+        try:
+            cm(mine)
+        except RuntimeError:
+            pass
+
+
+def test_check_inputs_off_leaves_the_exchange_to_name_different_token_counts() -> None:
+    """check_inputs=False: ranks with different token counts reach the counted exchange, where the rank that
+    would receive more rows than its buffer holds refuses and says why."""
+    testing.spawn(unchecked_inputs_differ, 2, timeout_s=8, backend="gloo")
+
+
 def peer_dies_or_stalls(rank: int, world: int, mode: str) -> None:
     from moecc.examples import switch_style
 
