@@ -244,7 +244,8 @@ class CompiledModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         try:
             if self.options.check_inputs and self.session.mesh.world > 1:
-                dist.check_step_inputs(f"moecc.compile({type(self._original).__name__})", args, kwargs)
+                modes = {"grad mode": torch.is_grad_enabled(), "training": self.module.training}
+                dist.check_step_inputs(f"moecc.compile({type(self._original).__name__})", args, kwargs, modes)
             with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:

@@ -238,21 +238,25 @@ def input_signature(args: tuple, kwargs: dict) -> list[tuple[str, tuple[int, ...
 
 
 def _describe(path: str) -> str:
-    """`[0][1]` -> `args[1]`, `[1]['ids']` -> `kwargs['ids']` (a pytree path into (args, kwargs))."""
+    """`[0][1]` -> `args[1]`, `[1]['ids']` -> `kwargs['ids']` (a pytree path into (args, kwargs)); a mode's
+    name as it is."""
+    if not path.startswith("["):
+        return path
     return ("args" if path.startswith("[0]") else "kwargs") + path[3:]
 
 
-def check_step_inputs(where: str, args: tuple, kwargs: dict) -> None:
-    """Every rank of the world calls a compiled step with inputs of the same shapes and dtypes, or every
-    rank raises, naming the input and the ranks that differ. A rank whose inputs differ would otherwise
-    recompile alone (and wait in the compile-time checks while its peers wait in the step's collectives) or
-    exchange rows its peers did not size their buffers for: a hang until the process group's timeout, or
-    worse. Host work only: a 16-byte all-reduce (the largest and smallest digest) over `host_group()` per
-    call, cheaper than an all-gather on gloo; an all-gather of the signatures only to word the error."""
+def check_step_inputs(where: str, args: tuple, kwargs: dict, modes: dict[str, Any] | None = None) -> None:
+    """Every rank of the world calls a compiled step with inputs of the same shapes and dtypes, and in the
+    same `modes` (name -> value: grad mode, train / eval), or every rank raises, naming the input or mode
+    and the ranks that differ. A rank whose call differs would otherwise recompile alone (and wait in the
+    compile-time checks while its peers wait in the step's collectives) or exchange rows its peers did not
+    size their buffers for: a hang until the process group's timeout, or worse. Host work only: a 16-byte
+    all-reduce (the largest and smallest digest) over `host_group()` per call, cheaper than an all-gather
+    on gloo; an all-gather of the signatures only to word the error."""
     rank, world_size = world()
     if world_size == 1 or is_fake():
         return
-    sig = input_signature(args, kwargs)
+    sig = input_signature(args, kwargs) + [(name, (), repr(v)) for name, v in (modes or {}).items()]
     digest = int.from_bytes(hashlib.sha256(repr(sig).encode()).digest()[:7], "little")  # < 2^56: negates
     extremes = torch.tensor([digest, -digest], dtype=torch.int64)
     group = host_group()
@@ -263,7 +267,9 @@ def check_step_inputs(where: str, args: tuple, kwargs: dict) -> None:
     dist.all_gather_object(sigs, sig, group=group)
 
     def shown(s: list, i: int) -> str:
-        return f"{s[i][2]}{list(s[i][1])}" if i < len(s) else "absent"
+        if i >= len(s):
+            return "absent"
+        return s[i][2] if not s[i][0].startswith("[") else f"{s[i][2]}{list(s[i][1])}"  # a mode: its value
 
     detail = ""
     for i in range(max(len(s) for s in sigs)):
@@ -277,11 +283,11 @@ def check_step_inputs(where: str, args: tuple, kwargs: dict) -> None:
     if not detail:  # the same shapes in a different argument structure
         detail = "; ".join(f"rank {r}: {[_describe(p) for p, _, _ in s]}" for r, s in enumerate(sigs[:4]))
     raise MoeccError(
-        f"{where}: the ranks' inputs differ in this call: {detail}. Every rank runs the same collectives "
-        "each step (the expert all-to-alls need the same token count on every rank, with dynamic=True too), "
-        "so every rank must call the compiled model with inputs of the same shapes and dtypes: pad each "
-        "rank's batch to one length (or bucket lengths the same way on every rank). check_inputs=False skips "
-        "this check"
+        f"{where}: the ranks' calls differ: {detail}. Every rank runs the same collectives each step (the "
+        "expert all-to-alls need the same token count on every rank, with dynamic=True too), so every rank "
+        "must call the compiled model with inputs of the same shapes and dtypes, in the same grad mode and "
+        "train/eval mode: pad each rank's batch to one length (or bucket lengths the same way on every rank). "
+        "check_inputs=False skips this check"
     )
 
 

@@ -256,12 +256,14 @@ def inputs_differ(rank: int, world: int) -> None:
         mine = ids[:, : ids.shape[1] - 2 * rank]  # rank 1 holds fewer tokens
         t0 = time.time()
         want = r"args\[0\] is int64\[2, 16\] on rank\(s\) \[0\], int64\[2, 14\] on rank\(s\) \[1\]"
-        with pytest.raises(
-            moecc.MoeccError, match=rf"moecc.compile\(SwitchStyleLM\): the ranks' inputs differ.*{want}"
-        ):
+        with pytest.raises(moecc.MoeccError, match=rf"moecc.compile\(SwitchStyleLM\): the ranks' calls differ: {want}"):
             cm(mine)
         assert time.time() - t0 < 5, "refused at once, not after the process group's timeout"
         testing.lm_loss(cm(ids[:, :-2]), ids[:, :-2]).backward()  # the same new shape everywhere still runs
+    # the same shapes, but rank 1 without autograd (it would compile an inference graph alone)
+    modes = r"grad mode is True on rank\(s\) \[0\], False on rank\(s\) \[1\]"
+    with torch.set_grad_enabled(rank == 0), pytest.raises(moecc.MoeccError, match=modes):
+        cm(ids)
 
 
 def test_inputs_of_different_shapes_across_ranks_are_refused_at_once() -> None:
