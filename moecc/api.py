@@ -258,10 +258,8 @@ class CompiledModule(nn.Module):
                 "the recompile limit allows; pad inputs to a few fixed shapes"
             ) from e
         except RuntimeError as e:
-            named = dist.named_peer_failure(e, f"a collective of {type(self._original).__name__}'s step")
-            if named is None:
-                raise
-            raise named from e
+            dist.raise_named_peer_failure(e, f"a collective of {type(self._original).__name__}'s step")
+            raise
         if not self._checked:
             self._checked = True
             self._after_first_call()

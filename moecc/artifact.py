@@ -75,12 +75,6 @@ def _role_names(graph: fx.Graph, names: dict[str, str]) -> None:
         n.args = tuple(names.get(a, a) if isinstance(a, str) else a for a in n.args)
 
 
-def _device_type(model: nn.Module) -> str:
-    """The device type of a model's parameters ("cpu" for a model without any)."""
-    p = next(iter(model.parameters()), None)
-    return p.device.type if p is not None else "cpu"
-
-
 def artifact_device(manifest: dict[str, Any]) -> str:
     """The device type an artifact was compiled for (artifacts written before the field existed: the CPU)."""
     return str(manifest.get("device", "cpu"))
@@ -98,7 +92,7 @@ def compile_artifact(factory: str, out: Path, world_size: int, ep: int | None, *
         with fake_world(rank, world_size):
             model, inputs = build_from(factory)
             fingerprint, signature = mdist.model_fingerprint(model), input_signature(inputs)
-            device = _device_type(model)
+            device = mdist.device_type(model)
             opts = CompileOptions.make(ep=ep, dump_dir=out / "dumps", **options)
             cm = api.CompiledModule(model, opts)
             cm.session.compile_only = True
@@ -196,7 +190,7 @@ class ArtifactModule(nn.Module):
                 f"{root}: compiled for world size {manifest['world_size']}, this run has {world_size}; "
                 f"recompile with `moecc compile ... --world-size {world_size}`"
             )
-        compiled_for, here = artifact_device(manifest), _device_type(model)
+        compiled_for, here = artifact_device(manifest), mdist.device_type(model)
         if here != compiled_for:
             raise MoeccError(
                 f"{root}: compiled for the {compiled_for} (its programs hold {compiled_for} tensors and the kernels "

@@ -396,11 +396,12 @@ def _collectives(rank: int, world: int, quick: bool, out: str) -> None:
         )
 
 
-def measure_collectives(world_size: int, quick: bool, device_type: str = "cuda") -> dict[str, Any]:
+def measure_collectives(world_size: int, quick: bool, device_type: str = "auto") -> dict[str, Any]:
     """Over a local world of `world_size` processes: the collectives' curves ("curves") and, on GPUs, the fused
     ops' rate across the ranks ("fused_ep_gemm_flops", by world size), the rows per expert it was measured
     at ("fused_ep_rows") and, unless quick, rank 0's host costs in a step at ep = `world_size` ("host").
-    device_type "cpu": gloo on the CPU, whatever GPUs the machine has."""
+    device_type "cpu": gloo on the CPU, whatever GPUs the machine has; "auto": NCCL where there are
+    `world_size` GPUs, else gloo."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "curves.json")
         backend = "gloo" if device_type == "cpu" else None

@@ -468,17 +468,15 @@ def absolute_paths(gm: fx.GraphModule, param_names: dict[int, str]) -> None:
 
 
 def _naming_peer_failures(fn: Callable[..., Any], where: str) -> Callable[..., Any]:
-    """fn, with a transport's peer failure re-raised as moecc's (`dist.named_peer_failure`): the forward's are
+    """fn, with a transport's peer failure re-raised as moecc's (`dist.raise_named_peer_failure`): the forward's are
     named by the compiled module's call, a backward runs from the autograd engine."""
 
     def run(*args: Any) -> Any:
         try:
             return fn(*args)
         except RuntimeError as e:
-            named = moecc_dist.named_peer_failure(e, where)
-            if named is None:
-                raise
-            raise named from e
+            moecc_dist.raise_named_peer_failure(e, where)
+            raise
 
     return run
 

@@ -175,17 +175,18 @@ def _world_timeout() -> Any:
     return None
 
 
-def named_peer_failure(e: BaseException, where: str) -> RuntimeError | None:
-    """moecc's error for a transport's failure that says a peer went away or stopped answering (None for any
-    other error, or one moecc already worded). A collective the schedule pass issued early fails at its wait,
-    outside the moecc op that issued it (which names such failures itself), in the forward or the backward."""
+def raise_named_peer_failure(e: BaseException, where: str) -> None:
+    """Raise moecc's error, chained to `e`, where `e` is a transport's failure that says a peer went away or
+    stopped answering; return for any other error, or one moecc already worded (the caller re-raises it). A
+    collective the schedule pass issued early fails at its wait, outside the moecc op that issued it (which
+    names such failures itself), in the forward or the backward."""
     rank, world_size = world()
     if world_size == 1 or "moecc: rank" in str(e) or not _PEER_FAILURE.search(str(e)):
-        return None
-    return RuntimeError(
+        return
+    raise RuntimeError(
         f"moecc: rank {rank}: {where} failed ({e}); a peer rank may have died or stalled (the process group's "
         "timeout bounds the wait)"
-    )
+    ) from e
 
 
 def check_same_on_all_ranks(what: str, value: Any) -> None:
@@ -295,6 +296,13 @@ def standin(t: torch.Tensor) -> torch.Tensor:
     """A tensor with t's shape, dtype and device that owns one element: what a released expert weight
     becomes, so that tracing still sees the model's full structure."""
     return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def device_type(model: torch.nn.Module, default: str = "cpu") -> str:
+    """The device type of a model's parameters (`default` for a model without any): where it runs, which
+    need not be where the machine could run it."""
+    p = next(iter(model.parameters()), None)
+    return p.device.type if p is not None else default
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.utils._python_dispatch
 import torch.utils._pytree
 
-from moecc import cost, ir
+from moecc import cost, dist, ir
 
 PREFIX = "moecc/"
 
@@ -164,8 +164,7 @@ def host_costs(cm: Any, events: Any, scale: float = 1.0, less_us: float = 0.0) -
 
 def _on_cuda(cm: Any) -> bool:
     """Whether the compiled model runs on a GPU (its parameters' device; not whether the machine has one)."""
-    p = next(iter(cm.parameters()), None)
-    return p.is_cuda if p is not None else torch.cuda.is_available()
+    return dist.device_type(cm, "cuda" if torch.cuda.is_available() else "cpu") == "cuda"
 
 
 def _timed_step(step: Callable[[], Any], cuda: bool) -> tuple[float, float]:
