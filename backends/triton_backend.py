@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor  # host-side descriptors: TMA loads on Hopper
 
+from . import gluon_wgrad
+
 NAME = "triton"
 COUNTERS: collections.Counter[str] = collections.Counter()
 
@@ -414,6 +416,11 @@ def grouped_mm_wgrad(
     return dw if acc is None else dw.add_(acc)
 
 
+# On Hopper, the dW products run in the warp-specialised Gluon kernel (`gluon_wgrad`) where it takes the operands
+# (counted as grouped_mm_wgrad.gluon), else in the Triton kernel below; MOECC_GLUON=0 keeps the Triton one.
+GLUON_WGRAD = True
+
+
 def grouped_mm_wgrad_segments(
     x_SK: torch.Tensor, dy_SN: torch.Tensor, offs: torch.Tensor, nsrc: int, E: int, scale: float = 1.0
 ) -> torch.Tensor:
@@ -422,11 +429,17 @@ def grouped_mm_wgrad_segments(
     over the weight gradient of its own."""
     K = x_SK.shape[1]
     N = dy_SN.shape[1]
+    long = _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
+    if GLUON_WGRAD and gluon_wgrad.supported(x_SK, dy_SN, E, long) is None:
+        banded = _wgrad_banded(x_SK, dy_SN, E, nsrc)
+        dw = gluon_wgrad.wgrad_segments(x_SK, dy_SN, offs, nsrc, E, scale, long, banded, _num_programs(x_SK.device))
+        COUNTERS["grouped_mm_wgrad.gluon"] += 1
+        COUNTERS["grouped_mm_wgrad"] += 1
+        return dw
     dw_EKN = torch.empty(E, K, N, device=x_SK.device, dtype=x_SK.dtype)
     if E == 0:
         return dw_EKN
     desc = _descriptor_ok(x_SK) and _descriptor_ok(dy_SN)  # else strides a descriptor cannot express
-    long = _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
     kernel = ("grouped_mm_wgrad_long" if long else "grouped_mm_wgrad") if desc else "grouped_mm_wgrad_pointer"
     P = _num_programs(x_SK.device, kernel)
     BK, BN, BS, warps, stages, group_n = _config(kernel, x_SK.device, x_SK.dtype)

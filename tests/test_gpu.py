@@ -314,3 +314,50 @@ def test_plan_rows_do_not_wait_for_the_device() -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert int(counts.sum()) == int(sel.any(-1).sum())
     assert torch.equal(sel_idx >= 0, sel)
+
+
+def _wgrad_reference(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, nsrc: int, E: int, scale: float):
+    ends = offs.tolist()
+    dw = torch.zeros(E, x.shape[1], dy.shape[1], device=x.device, dtype=torch.float32)
+    for seg, hi in enumerate(ends):
+        lo = ends[seg - 1] if seg else 0
+        dw[seg % E] += x[lo:hi].float().t() @ dy[lo:hi].float()
+    return dw * scale
+
+
+@pytest.mark.parametrize(("K", "N", "nsrc"), [(512, 384, 1), (256, 200, 2), (768, 128, 3)])
+def test_gluon_wgrad_matches_a_float32_reference_with_tails_empty_experts_and_nan_room(K, N, nsrc) -> None:
+    """The warp-specialised Gluon dW kernel (Hopper): random segment lengths (empty ones, and tails shorter
+    than a row block), several sources a expert, a scale, and NaN in the rows past the last segment (the fused
+    path's receive room), which must not reach the result."""
+    from moecc.backends import gluon_wgrad
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cpu").manual_seed(K + N + nsrc)
+    E = 5
+    counts = torch.randint(0, 150, (nsrc * E,), generator=gen)
+    counts[1] = 0  # an expert with no rows from the first source
+    counts[0] = 5  # a segment shorter than one MMA's 16 rows
+    counts[2] = 64 + 17  # one whole row block, then a tail past a 16-row slice
+    if nsrc == 1:
+        counts[3] = 0  # and one with no rows at all
+    offs = torch.cumsum(counts, 0).to(torch.int32).to(dev)
+    rows = int(counts.sum()) + 70
+    x = torch.randn(rows, K, generator=gen).to(dev, torch.bfloat16)
+    dy = torch.randn(rows, N, generator=gen).to(dev, torch.bfloat16)
+    x[int(counts.sum()) :] = float("nan")
+    dy[int(counts.sum()) :] = float("nan")
+    ref = _wgrad_reference(x, dy, offs, nsrc, E, 0.5)
+    for long, banded in ((False, True), (True, False)):  # both tiles, both tile orders
+        if (why := gluon_wgrad.supported(x, dy, E, long)) is not None:
+            pytest.skip(why)
+        dw = gluon_wgrad.wgrad_segments(x, dy, offs, nsrc, E, 0.5, long, banded, programs=7)
+        assert torch.isfinite(dw).all()
+        torch.testing.assert_close(dw.float(), ref, atol=0.05, rtol=1e-2)
+        if nsrc == 1:
+            assert (dw[3] == 0).all()
+    # the same through the backend's entry point, which picks the Gluon kernel on this GPU
+    before = triton_backend.COUNTERS["grouped_mm_wgrad.gluon"]
+    dw2 = triton_backend.grouped_mm_wgrad_segments(x, dy, offs, nsrc, E, 0.5)
+    assert triton_backend.COUNTERS["grouped_mm_wgrad.gluon"] == before + 1
+    torch.testing.assert_close(dw2.float(), ref, atol=0.05, rtol=1e-2)
