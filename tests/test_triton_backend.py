@@ -43,6 +43,27 @@ def test_wgrad_tiles_follow_the_rows_an_expert_has() -> None:
         assert triton_backend.COUNTERS["grouped_mm_wgrad.long_tiles"] == before + int(long), rows
 
 
+def test_gluon_wgrad_says_why_it_does_not_run_and_the_triton_kernel_runs_instead(monkeypatch) -> None:
+    """Off a Hopper GPU the warp-specialised dW kernel is not taken, for a stated reason, and the Triton dW
+    kernel computes the product (counted as such); MOECC_GLUON=0 turns it off on a Hopper GPU too."""
+    from moecc.backends import gluon_wgrad
+
+    x, dy = torch.randn(40, 16), torch.randn(40, 32)
+    offs = torch.tensor([17, 40], dtype=torch.int32)
+    why = gluon_wgrad.supported(x, dy, 2, long=False)
+    assert why is not None and ("Hopper" in why or "Gluon" in why), why
+    monkeypatch.setenv("MOECC_GLUON", "0")
+    assert gluon_wgrad.supported(x, dy, 2, long=False) == "MOECC_GLUON=0"
+    monkeypatch.delenv("MOECC_GLUON")
+    if not triton_backend.available(x.device):
+        pytest.skip("the Triton kernels need TRITON_INTERPRET=1 on the CPU")
+    before = dict(triton_backend.COUNTERS)
+    got = triton_backend.grouped_mm_wgrad(x, dy, offs)
+    torch.testing.assert_close(got, torch_backend.grouped_mm_wgrad(x, dy, offs), rtol=1e-4, atol=1e-4)
+    assert triton_backend.COUNTERS["grouped_mm_wgrad.gluon"] == before.get("grouped_mm_wgrad.gluon", 0)
+    assert triton_backend.COUNTERS["grouped_mm_wgrad.descriptor"] == before.get("grouped_mm_wgrad.descriptor", 0) + 1
+
+
 @pytest.mark.parametrize(
     "counts,S",
     [([10, 0, 17, 3, 12], 50), ([40, 0, 0, 0], 40), ([0, 0, 0], 8), ([1, 2, 33, 5, 0, 7, 16, 9], 73)],

@@ -125,6 +125,35 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
     return out
 
 
+def _gluon_variants() -> list[str]:
+    """The Gluon kernels (`gluon_wgrad`), one per tile configuration: compiled where this Triton has Gluon."""
+    from moecc.backends import gluon_wgrad
+
+    return [f"gluon_wgrad-{key}" for key in gluon_wgrad.CONFIGS] if gluon_wgrad._IMPORT_ERROR is None else []
+
+
+def _compile_gluon(key: str) -> dict[str, Any]:
+    """Compile the warp-specialised dW kernel with configuration `key` for sm_90: its PTX must hold wgmma, TMA
+    copies and the register hand-over between the loader warp and the compute warps."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from moecc.backends import gluon_wgrad
+
+    BK, BN, BS, stages = gluon_wgrad.CONFIGS[key]
+    la, lb, lc = gluon_wgrad._layouts(torch.bfloat16, BK, BN, BS)
+    descs = {"x_desc": ([BS, BK], la), "dy_desc": ([BS, BN], lb), "dw_desc": ([BK, BN], lc)}
+    sig = {a: f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for a, (b, lay) in descs.items()}
+    sig.update({"offs_ptr": "*i32", **dict.fromkeys(("K", "N", "E", "NSRC", "GROUP_N"), "i32"), "scale": "fp32"})
+    consts = {"STAGES": stages, "LOADER_REGS": gluon_wgrad.LOADER_REGS, "num_warps": gluon_wgrad.NUM_WARPS}
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    src = GluonASTSource(gluon_wgrad._wgrad_ws_kernel, sig, constexprs=consts)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    missing = [i for i in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg") if i not in ptx]
+    return {"error": f"no {missing} in the PTX" if missing else "", "scalar_stores": 0}
+
+
 # arguments the launcher specialises as they are on the GPU: unit strides become the constant 1, and data
 # pointers and these sizes are multiples of 16 (the sizes and strides of every shape the benchmarks run)
 UNIT_STRIDES = ("sxk", "sak", "syn", "swk")
@@ -175,6 +204,11 @@ def _compile_all() -> dict[str, dict[str, Any]]:
             results[name] = {"error": "", "scalar_stores": len(re.findall(r"\bst\.global\.b16\b", ptx))}
         except Exception:  # noqa: BLE001 - reported per variant to the test
             results[name] = {"error": traceback.format_exc(limit=-3), "scalar_stores": -1}
+    for name in _gluon_variants():
+        try:
+            results[name] = _compile_gluon(name.split("-", 1)[1])
+        except Exception:  # noqa: BLE001 - reported per variant to the test
+            results[name] = {"error": traceback.format_exc(limit=-3), "scalar_stores": -1}
     return results
 
 
@@ -186,7 +220,7 @@ def compiled() -> dict[str, dict[str, Any]]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", list(_variants()))
+@pytest.mark.parametrize("name", list(_variants()) + _gluon_variants())
 def test_kernel_compiles_for_hopper(compiled: dict[str, dict[str, Any]], name: str) -> None:
     assert compiled[name]["error"] == "", f"{name} does not compile for sm_90:\n{compiled[name]['error']}"
 
