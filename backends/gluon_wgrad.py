@@ -40,6 +40,7 @@ try:  # Gluon: Triton 3.5 and later
     # Triton 3.6's names for the TMA copies; later versions renamed them (and keep the old names as errors)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # (renamed after 3.6)
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # pragma: no cover - depends on the installed Triton
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -60,22 +61,36 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def supported(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, long: bool) -> str | None:
-    """None where the Gluon dW kernel can take these operands, else why not (for the dumps and counters)."""
+def _common_refusal(t: torch.Tensor) -> str | None:
+    """Why no Gluon kernel can run on t's device and dtype (None: they can)."""
     if os.environ.get("MOECC_GLUON", "1") == "0":
         return "MOECC_GLUON=0"
     if _IMPORT_ERROR is not None:
         return f"this Triton has no Gluon ({_IMPORT_ERROR})"
-    if x_SK.device.type != "cuda" or not _hopper(torch.cuda._get_device_index(x_SK.device, optional=True)):
+    if t.device.type != "cuda" or not _hopper(torch.cuda._get_device_index(t.device, optional=True)):
         return "not a Hopper GPU"
-    if x_SK.dtype not in (torch.bfloat16, torch.float16) or dy_SN.dtype != x_SK.dtype:
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {t.dtype}"
+    return None
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether a 2-d TMA descriptor can address t: unit last stride, 16-byte aligned base and row stride."""
+    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
+def supported(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, long: bool) -> str | None:
+    """None where the Gluon dW kernel can take these operands, else why not (for the dumps and counters)."""
+    if (why := _common_refusal(x_SK)) is not None:
+        return why
+    if dy_SN.dtype != x_SK.dtype:
         return f"dtype {x_SK.dtype}/{dy_SN.dtype}"
     BK = CONFIGS["long" if long else "short"][0]
     K, N = x_SK.shape[1], dy_SN.shape[1]
     if K % BK:
         return f"K={K} not a multiple of {BK} (a tile's store would reach the next expert)"
     for t in (x_SK, dy_SN):
-        if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+        if not _tma_ok(t):
             return f"strides {tuple(t.stride())} a TMA descriptor cannot address"
     if (N * x_SK.element_size()) % 16:
         return f"N={N}: rows of dw not 16-byte aligned"

@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moecc.backends import torch_backend, triton_backend
+from moecc.backends import gluon_gemm, torch_backend, triton_backend
 
 COUNTERS: collections.Counter[str] = collections.Counter()
 # one count per layer call of each fused flow
@@ -940,6 +940,11 @@ def _dispatch_gemm(
     return y_SN, (save if save_a else None)
 
 
+# On Hopper the scattering GEMM runs as the warp-specialised Gluon kernel (`gluon_gemm`) where it takes the
+# operands (counted as fused_gemm.gluon), else as `_gemm_scatter_kernel`; MOECC_GLUON=0 keeps the Triton one.
+GLUON_SCATTER = True
+
+
 def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan: Plan, slot: int) -> Flow:
     """Result rows a[r] @ w[e(r)] go to comb[slot of r] on their source rank; returns this rank's comb rows
     [T, K, N] once every rank has delivered (not a copy: valid until the next call reuses the buffer)."""
@@ -949,6 +954,16 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     assert BM == plan.bm, (BM, plan.bm)
     NP, _ = _programs(buf.device, "ep_gemm_scatter")
     nseg = plan.offs.shape[0]
+    if GLUON_SCATTER and gluon_gemm.supported(a_SK, w_EKN, plan.bm) is None:
+        tables = (plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0)
+        gluon_gemm.gemm_scatter(
+            a_SK.contiguous(), w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,
+            tables, me, T * K, nseg, slot, ep, _group_m(w_EKN, "ep_gemm_scatter"), NP,
+        )  # fmt: skip
+        COUNTERS["fused_gemm.gluon"] += 1
+        yield
+        _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)  # and the tick
+        return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
     descs = triton_backend._grouped_mm_descriptors(a_SK, w_EKN, BM, BN, BK)
     COUNTERS["fused_gemm.descriptor" if descs else "fused_gemm.pointer"] += 1
     _gemm_scatter_kernel[(NP,)](

@@ -78,16 +78,24 @@ def test_moe_layer_forward_and_backward_capture_in_a_cuda_graph() -> None:
     torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("desc", [False, True], ids=["pointer", "descriptor"])
-def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(desc: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("way", ["pointer", "descriptor", "gluon"])
+def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(way: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused dispatch/combine kernels compiled for the GPU (not interpreted), 4 simulated ranks on one
     device, bf16, skewed routing with empty experts, forward and backward against float32 torch; with the
-    weights (and the scattering GEMM's rows) read through pointers, and through tensor descriptors (TMA), as
-    from K = 4096 on."""
+    weights (and the scattering GEMM's rows) read through pointers, through tensor descriptors (TMA), as
+    from K = 4096 on, and with the scattering GEMMs as the warp-specialised Gluon kernel (Hopper: both weight
+    layouts, nn.Linear's in the dX of GEMM 1)."""
     import torch.nn.functional as F
 
+    from moecc.backends import gluon_wgrad
+
+    desc = way != "pointer"
     monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", 0 if desc else 1 << 30)
+    monkeypatch.setattr(triton_ep, "GLUON_SCATTER", way == "gluon")
+    if way == "gluon" and (why := gluon_wgrad._common_refusal(torch.empty(1, device="cuda", dtype=torch.bfloat16))):
+        pytest.skip(why)
     before = triton_ep.COUNTERS["fused_gemm.descriptor"]
+    before_gluon = triton_ep.COUNTERS["fused_gemm.gluon"]
 
     ep, T, K, H, Fd, E_l = 4, 256, 4, 256, 384, 4
     E = ep * E_l
@@ -153,7 +161,9 @@ def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(desc: bool, monke
         close(bwd2[r][2], leaves[ep + r].grad, f"rank {r} dgate")
         close(bwd1[r][1], w1r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw1")
         close(bwd2[r][1], w2r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw2")
-    assert triton_ep.COUNTERS["fused_gemm.descriptor"] - before == (4 * ep if desc else 0)
+    gluon = 2 * ep if way == "gluon" else 0  # the scattering GEMMs: forward GEMM 2 and the dX of GEMM 1
+    assert triton_ep.COUNTERS["fused_gemm.gluon"] - before_gluon == gluon
+    assert triton_ep.COUNTERS["fused_gemm.descriptor"] - before == (4 * ep - gluon if desc else 0)
     assert not bwd1[2][1].any() and not bwd2[2][1].any(), "rank 2's experts got no tokens: zero weight gradients"
 
 

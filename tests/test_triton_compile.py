@@ -126,32 +126,62 @@ def _variants() -> dict[str, tuple[str, dict[str, Any], dict[str, list[int]]]]:
 
 
 def _gluon_variants() -> list[str]:
-    """The Gluon kernels (`gluon_wgrad`), one per tile configuration: compiled where this Triton has Gluon."""
+    """The Gluon kernels (`gluon_wgrad`, `gluon_gemm`), one per tile configuration or weight layout: compiled
+    where this Triton has Gluon."""
     from moecc.backends import gluon_wgrad
 
-    return [f"gluon_wgrad-{key}" for key in gluon_wgrad.CONFIGS] if gluon_wgrad._IMPORT_ERROR is None else []
+    if gluon_wgrad._IMPORT_ERROR is not None:
+        return []
+    return [f"gluon_wgrad-{key}" for key in gluon_wgrad.CONFIGS] + ["gluon_scatter-kmajor", "gluon_scatter-nmajor"]
 
 
-def _compile_gluon(key: str) -> dict[str, Any]:
-    """Compile the warp-specialised dW kernel with configuration `key` for sm_90: its PTX must hold wgmma, TMA
-    copies and the register hand-over between the loader warp and the compute warps."""
+def _compile_gluon(name: str) -> dict[str, Any]:
+    """Compile a warp-specialised Gluon kernel for sm_90: its PTX must hold wgmma, TMA copies and the register
+    hand-over between the loader warp and the compute warps (and the scattering GEMM's rows leave in 16-byte
+    stores)."""
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from moecc.backends import gluon_wgrad
+    from moecc.backends import gluon_gemm, gluon_wgrad
 
-    BK, BN, BS, stages = gluon_wgrad.CONFIGS[key]
-    la, lb, lc = gluon_wgrad._layouts(torch.bfloat16, BK, BN, BS)
-    descs = {"x_desc": ([BS, BK], la), "dy_desc": ([BS, BN], lb), "dw_desc": ([BK, BN], lc)}
-    sig = {a: f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for a, (b, lay) in descs.items()}
-    sig.update({"offs_ptr": "*i32", **dict.fromkeys(("K", "N", "E", "NSRC", "GROUP_N"), "i32"), "scale": "fp32"})
-    consts = {"STAGES": stages, "LOADER_REGS": gluon_wgrad.LOADER_REGS, "num_warps": gluon_wgrad.NUM_WARPS}
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    src = GluonASTSource(gluon_wgrad._wgrad_ws_kernel, sig, constexprs=consts)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    def ptx_of(fn, sig: dict[str, str], consts: dict[str, Any], num_warps: int) -> str:
+        sig = {**{a: sig.get(a, "constexpr") for a in fn.arg_names}}
+        attrs = {
+            (i,): [["tt.divisibility", 16]]
+            for i, a in enumerate(fn.arg_names)
+            if sig[a].startswith("*") or (sig[a] == "i32" and a in DIVISIBLE)
+        }
+        src = GluonASTSource(fn, sig, constexprs=consts, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+
+    kind, key = name.split("-", 1)
+    if kind == "gluon_scatter":
+        BM, BN, BK, stages = gluon_gemm.CONFIG
+        km = key == "kmajor"
+        la, lw = gluon_gemm._layouts(torch.bfloat16, BM, BN, BK, km)
+        wb = [BN, BK] if km else [BK, BN]
+        fn = gluon_gemm._scatter_ws_kernel
+        consts = {"EP": 4, "GROUP_M": 8, "STAGES": stages, "W_KMAJOR": km, "LOADER_REGS": gluon_wgrad.LOADER_REGS,
+                  "num_warps": gluon_gemm.NUM_WARPS}  # fmt: skip
+        sig = {"a_desc": f"tensordesc<bf16[{BM}, {BK}],{la!r}>", "w_desc": f"tensordesc<bf16[{wb[0]}, {wb[1]}],{lw!r}>"}
+        for a in fn.arg_names:
+            if a not in sig and a not in consts:
+                sig[a] = "*i64" if a.endswith("_tab") or a in COUNTERS_I64 else "*i32" if a.endswith("_ptr") else "i32"
+        ptx = ptx_of(fn, sig, consts, gluon_gemm.NUM_WARPS)
+    else:
+        BK, BN, BS, stages = gluon_wgrad.CONFIGS[key]
+        la, lb, lc = gluon_wgrad._layouts(torch.bfloat16, BK, BN, BS)
+        descs = {"x_desc": ([BS, BK], la), "dy_desc": ([BS, BN], lb), "dw_desc": ([BK, BN], lc)}
+        sig = {a: f"tensordesc<bf16[{b[0]}, {b[1]}],{lay!r}>" for a, (b, lay) in descs.items()}
+        sig.update({"offs_ptr": "*i32", **dict.fromkeys(("K", "N", "E", "NSRC", "GROUP_N"), "i32"), "scale": "fp32"})
+        consts = {"STAGES": stages, "LOADER_REGS": gluon_wgrad.LOADER_REGS, "num_warps": gluon_wgrad.NUM_WARPS}
+        ptx = ptx_of(gluon_wgrad._wgrad_ws_kernel, sig, consts, gluon_wgrad.NUM_WARPS)
     missing = [i for i in ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg") if i not in ptx]
-    return {"error": f"no {missing} in the PTX" if missing else "", "scalar_stores": 0}
+    return {"error": f"no {missing} in the PTX" if missing else "",
+            "scalar_stores": len(re.findall(r"\bst\.global\.b16\b", ptx))}  # fmt: skip
 
 
 # arguments the launcher specialises as they are on the GPU: unit strides become the constant 1, and data
@@ -159,7 +189,7 @@ def _compile_gluon(key: str) -> dict[str, Any]:
 UNIT_STRIDES = ("sxk", "sak", "syn", "swk")
 DIVISIBLE = ("H", "N", "K", "Kd", "TK", "T", "F", "swe", "swn", "sxm", "sym", "sam")
 # the GEMM kernels, whose result tiles must leave in 16-byte vector stores (not one store per element)
-VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-", "act-")
+VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-", "act-", "gluon_scatter-")
 
 
 def _compile_all() -> dict[str, dict[str, Any]]:
@@ -206,7 +236,7 @@ def _compile_all() -> dict[str, dict[str, Any]]:
             results[name] = {"error": traceback.format_exc(limit=-3), "scalar_stores": -1}
     for name in _gluon_variants():
         try:
-            results[name] = _compile_gluon(name.split("-", 1)[1])
+            results[name] = _compile_gluon(name)
         except Exception:  # noqa: BLE001 - reported per variant to the test
             results[name] = {"error": traceback.format_exc(limit=-3), "scalar_stores": -1}
     return results
@@ -225,7 +255,7 @@ def test_kernel_compiles_for_hopper(compiled: dict[str, dict[str, Any]], name: s
     assert compiled[name]["error"] == "", f"{name} does not compile for sm_90:\n{compiled[name]['error']}"
 
 
-@pytest.mark.parametrize("name", [n for n in _variants() if n.startswith(VECTOR_STORES)])
+@pytest.mark.parametrize("name", [n for n in [*_variants(), *_gluon_variants()] if n.startswith(VECTOR_STORES)])
 def test_gemm_kernels_store_16_byte_vectors(compiled: dict[str, dict[str, Any]], name: str) -> None:
     """The result tiles (to this rank's rows, or scattered to peers' through an address table) and the pushed
     rows leave in 16-byte stores. Without the table addresses' alignment, the scattering GEMM stored every
