@@ -957,7 +957,7 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     if GLUON_SCATTER and gluon_gemm.supported(a_SK, w_EKN, plan.bm) is None:
         tables = (plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0)
         gluon_gemm.gemm_scatter(
-            a_SK.contiguous(), w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,
+            a_SK, w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,
             tables, me, T * K, nseg, slot, ep, _group_m(w_EKN, "ep_gemm_scatter"), NP,
         )  # fmt: skip
         COUNTERS["fused_gemm.gluon"] += 1
