@@ -218,10 +218,10 @@ def gemm_scatter(
     a_desc = TensorDescriptor.from_tensor(a_SK, [BM, BK], la)
     w_desc = TensorDescriptor.from_tensor(w2, [BN, BK] if k_major else [BK, BN], lw)
     offs, cum, mt_seg, seg_src, seg_exp, seg_q0 = plan_tables
-    _scatter_ws_kernel[(programs,)](
+    gluon_wgrad.launch("gluon_gemm._scatter_ws_kernel", lambda: _scatter_ws_kernel[(programs,)](
         a_desc, w_desc, rowmap, comb_tab, sig_tab, done, epoch,
         cum, mt_seg, offs, seg_src, seg_exp, seg_q0,
         me, TK, a_SK.shape[1], w_EKN.shape[2], nseg, slot,
         EP=ep, GROUP_M=group_m, STAGES=stages, W_KMAJOR=k_major, LOADER_REGS=gluon_wgrad.LOADER_REGS,
         num_warps=NUM_WARPS,
-    )  # fmt: skip
+    ))  # fmt: skip

@@ -235,6 +235,23 @@ if _IMPORT_ERROR is None:
         )  # fmt: skip
 
 
+def launch(kernel: str, run) -> None:
+    """Run a Gluon kernel's launch; an error of Triton's while compiling or fitting it (this Triton's Gluon may
+    differ from the versions moecc was measured with) becomes moecc's, which names the kernel, the Triton
+    version and the way back to the Triton kernels."""
+    try:
+        run()
+    except Exception as e:
+        if not type(e).__module__.startswith("triton"):
+            raise
+        from moecc.options import MoeccError  # (not at import: moecc imports the backends)
+
+        raise MoeccError(
+            f"moecc: the Gluon kernel {kernel} failed with Triton {triton.__version__} ({type(e).__name__}: "
+            f"{str(e)[:400]}). Set MOECC_GLUON=0 to run the Triton kernels instead, and report the error."
+        ) from e
+
+
 @functools.cache
 def _layouts(dtype: torch.dtype, BK: int, BN: int, BS: int):
     gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
@@ -261,8 +278,8 @@ def wgrad_segments(
     dy_desc = TensorDescriptor.from_tensor(dy_SN, [BS, BN], lb)
     dw_desc = TensorDescriptor.from_tensor(dw_EKN.view(E * K, N), [BK, BN], lc)
     total = E * triton.cdiv(K, BK) * triton.cdiv(N, BN)
-    _wgrad_ws_kernel[(min(programs, total),)](
+    launch("gluon_wgrad._wgrad_ws_kernel", lambda: _wgrad_ws_kernel[(min(programs, total),)](
         x_desc, dy_desc, dw_desc, offs, K, N, E, nsrc, group_n, float(scale),
         STAGES=stages, LOADER_REGS=LOADER_REGS, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    ))  # fmt: skip
     return dw_EKN

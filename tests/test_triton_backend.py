@@ -64,6 +64,27 @@ def test_gluon_wgrad_says_why_it_does_not_run_and_the_triton_kernel_runs_instead
     assert triton_backend.COUNTERS["grouped_mm_wgrad.descriptor"] == before.get("grouped_mm_wgrad.descriptor", 0) + 1
 
 
+def test_a_gluon_kernel_that_triton_cannot_build_is_named_with_the_way_back() -> None:
+    """A Triton error while compiling or fitting a Gluon kernel (another Triton's Gluon) becomes moecc's error,
+    naming the kernel, the Triton version and MOECC_GLUON=0; other errors pass through unchanged."""
+    from triton.runtime.errors import OutOfResources
+
+    from moecc.backends import gluon_wgrad
+    from moecc.options import MoeccError
+
+    def too_big() -> None:
+        raise OutOfResources(260000, 232448, "shared memory")
+
+    with pytest.raises(MoeccError, match=r"gluon_wgrad._wgrad_ws_kernel failed with Triton .*MOECC_GLUON=0"):
+        gluon_wgrad.launch("gluon_wgrad._wgrad_ws_kernel", too_big)
+
+    def other() -> None:
+        raise ValueError("not Triton's")
+
+    with pytest.raises(ValueError, match="not Triton's"):
+        gluon_wgrad.launch("gluon_wgrad._wgrad_ws_kernel", other)
+
+
 @pytest.mark.parametrize(
     "counts,S",
     [([10, 0, 17, 3, 12], 50), ([40, 0, 0, 0], 40), ([0, 0, 0], 8), ([1, 2, 33, 5, 0, 7, 16, 9], 73)],
