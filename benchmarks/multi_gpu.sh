@@ -10,6 +10,9 @@
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh profile  # calibrate this node, then the training step again
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh kernels  # the layer's kernels with expert parallelism (rank 0's)
 #   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh fused    # one GPU: the fused ops kernel by kernel (bench_fused_ops.py)
+#   MOECC_COMMIT=<hash> benchmarks/multi_gpu.sh wgrad    # one GPU: dW, Gluon / Triton / torch._grouped_mm (bench_wgrad.py)
+#
+# Pass MOECC_COMMIT from the machine the tree came from: the node's copy may carry an older .git.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -37,5 +40,6 @@ case "${1:-}" in
   kernels) timeout 300 torchrun --nproc-per-node "$N" benchmarks/profile_moe_layer.py --shapes qwen3 deepseek \
              --backends triton --out "$OUT" ;;
   fused) timeout 300 python3 benchmarks/bench_fused_ops.py --out "$OUT" --tag "_1gpu" ;;
-  *) echo "usage: $0 tests|layer|train|graphs|unfused|profile|kernels|fused" >&2; exit 2 ;;
+  wgrad) timeout 300 python3 benchmarks/bench_wgrad.py --out "$OUT" --tag "_1gpu" ;;
+  *) echo "usage: $0 tests|layer|train|graphs|unfused|profile|kernels|fused|wgrad" >&2; exit 2 ;;
 esac
