@@ -4,14 +4,15 @@ s of x[rows of segment s*E + e]^T @ dy[same rows], the contract of `triton_backe
 Why a second kernel for the same product: the stock Triton dW kernel runs one 8-warp program per SM whose
 loads for a tile start only after the previous tile's result is stored, so each tile's epilogue (a 64 KB store)
 and its pipeline's fill are exposed. With few rows an expert (256 at the DeepSeek-like shape in one rank: 4 row
-blocks a tile) that is most of the time; it ran at 0.78-0.84 of `torch._grouped_mm` (benchmarks/README.md).
+blocks a tile) that is most of the time; it ran at 0.72-0.89 of `torch._grouped_mm`, this kernel at 0.97-1.07
+with one segment an expert and 0.93-1.02 with two (results/wgrad_gluon_2026-11-30_1gpu_c.json).
 Here one loader warp walks the same tile list as the compute warps and keeps a ring of shared-memory stages
 full through TMA loads, across tile boundaries, while the compute warps run the wgmma chain, store the finished
 tile through shared memory with an asynchronous TMA store and go on to the next tile without waiting for it.
 
 Rows past a segment's end inside its last row block are other experts' rows (or, in the fused path's
-buffers, anything, NaN included): the compute warps zero them in both operands' shared-memory tiles before the
-MMA, so that they add nothing.
+buffers, anything, NaN included): the compute warps zero them, in both operands' shared-memory tiles, within
+the 16-row slice the segment ends in, and multiply only the slices up to there.
 
 Hopper only, bf16/fp16, and shapes a TMA store can write without crossing into the next expert (K a multiple of
 the tile's BK, N*2 bytes a multiple of 16): `supported` says which; the caller picks the kernel and counts it.
