@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from . import gluon_wgrad
+from . import gluon_wgrad, triton_backend
 
 if gluon_wgrad._IMPORT_ERROR is None:
     from triton.experimental import gluon
@@ -52,24 +52,11 @@ def supported(a_SK: torch.Tensor, w_EKN: torch.Tensor, bm: int) -> str | None:
         return f"the plan's m-tiles are {bm} rows, this kernel's {CONFIG[0]}"
     if w_EKN.dtype != a_SK.dtype:
         return f"dtype {a_SK.dtype}/{w_EKN.dtype}"
-    if not gluon_wgrad._tma_ok(a_SK):
+    if not triton_backend._descriptor_ok(a_SK):
         return f"a's strides {tuple(a_SK.stride())} a TMA descriptor cannot address"
-    if _weight_2d(w_EKN) is None:
+    if triton_backend.weight_2d(w_EKN) is None:
         return f"weight strides {tuple(w_EKN.stride())} a TMA descriptor cannot address"
     return None
-
-
-def _weight_2d(w_EKN: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """The experts' weights [E, K, N] as one 2-d tensor, [E*N, K] where K is contiguous (nn.Linear's layout,
-    transposed: K-major) else [E*K, N], and whether it is K-major; None where neither is TMA-addressable."""
-    E, K, N = w_EKN.shape
-    if w_EKN.transpose(1, 2).is_contiguous():
-        w2, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), True
-    elif w_EKN.is_contiguous():
-        w2, k_major = w_EKN.reshape(E * K, N), False
-    else:
-        return None
-    return (w2, k_major) if gluon_wgrad._tma_ok(w2) else None
 
 
 if gluon_wgrad._IMPORT_ERROR is None:
@@ -213,7 +200,7 @@ def gemm_scatter(
     (offs, cum, mt_seg, seg_src, seg_exp, seg_q0) of the fused plan; programs: the persistent programs, which
     the signal counts (`done`)."""
     BM, BN, BK, stages = CONFIG
-    w2, k_major = _weight_2d(w_EKN)  # type: ignore[misc]
+    w2, k_major = triton_backend.weight_2d(w_EKN)  # type: ignore[misc]
     la, lw = _layouts(a_SK.dtype, BM, BN, BK, k_major)
     a_desc = TensorDescriptor.from_tensor(a_SK, [BM, BK], la)
     w_desc = TensorDescriptor.from_tensor(w2, [BN, BK] if k_major else [BK, BN], lw)

@@ -26,6 +26,9 @@ import os
 import torch
 import triton
 
+# (triton_backend imports this module; each uses the other's names at call time only)
+from . import triton_backend
+
 try:  # Gluon: Triton 3.5 and later
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -75,11 +78,6 @@ def _common_refusal(t: torch.Tensor) -> str | None:
     return None
 
 
-def _tma_ok(t: torch.Tensor) -> bool:
-    """Whether a 2-d TMA descriptor can address t: unit last stride, 16-byte aligned base and row stride."""
-    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-
-
 def supported(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, long: bool) -> str | None:
     """None where the Gluon dW kernel can take these operands, else why not (for the dumps and counters)."""
     if (why := _common_refusal(x_SK)) is not None:
@@ -91,7 +89,7 @@ def supported(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, long: bool) -> st
     if K % BK:
         return f"K={K} not a multiple of {BK} (a tile's store would reach the next expert)"
     for t in (x_SK, dy_SN):
-        if not _tma_ok(t):
+        if not triton_backend._descriptor_ok(t):
             return f"strides {tuple(t.stride())} a TMA descriptor cannot address"
     if (N * x_SK.element_size()) % 16:
         return f"N={N}: rows of dw not 16-byte aligned"

@@ -372,18 +372,24 @@ def weight_descriptor(w_EKN: torch.Tensor, BN: int, BK: int) -> tuple[TensorDesc
     """A tensor descriptor over the experts' weights [E, K, N] as one 2-d tensor, [E*N, K] if K is contiguous
     (nn.Linear's layout, transposed) else [E*K, N], and whether it is the K-major one; None below
     DESCRIPTOR_MIN_K or where the strides do not allow it. `_weight_tile` reads it."""
-    E, K, N = w_EKN.shape
-    if K < DESCRIPTOR_MIN_K:
+    if w_EKN.shape[1] < DESCRIPTOR_MIN_K or (w2k := weight_2d(w_EKN)) is None:
         return None
+    w2, k_major = w2k
+    return TensorDescriptor.from_tensor(w2, [BN, BK] if k_major else [BK, BN]), k_major
+
+
+def weight_2d(w_EKN: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """The experts' weights [E, K, N] as one 2-d tensor, [E*N, K] where K is contiguous (nn.Linear's layout,
+    transposed: K-major) else [E*K, N], and whether it is K-major; None where neither is a view a tensor
+    descriptor can address (`weight_descriptor`, and the Gluon kernels' TMA descriptors)."""
+    E, K, N = w_EKN.shape
     if w_EKN.transpose(1, 2).is_contiguous():
-        w2, block, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), [BN, BK], True
+        w2, k_major = w_EKN.transpose(1, 2).reshape(E * N, K), True
     elif w_EKN.is_contiguous():
-        w2, block, k_major = w_EKN.reshape(E * K, N), [BK, BN], False
+        w2, k_major = w_EKN.reshape(E * K, N), False
     else:
         return None
-    if not _descriptor_ok(w2):
-        return None
-    return TensorDescriptor.from_tensor(w2, block), k_major
+    return (w2, k_major) if _descriptor_ok(w2) else None
 
 
 # dW tiles 128 x 256 rather than 256 x 128 where an expert has this many rows on average. On 1 x H200, as a

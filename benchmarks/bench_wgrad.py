@@ -19,30 +19,17 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from moecc.backends import gluon_wgrad, triton_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_grouped_gemm import SHAPES, time_ms  # noqa: E402  (the same shapes, the same timer)
+
+from moecc.backends import gluon_wgrad, triton_backend  # noqa: E402
 
 DEFAULTS = dict(gluon_wgrad.CONFIGS)
-SHAPES = {  # hidden, expert ffn, experts, top-k, tokens
-    "mixtral": (4096, 14336, 8, 2, 8192),
-    "deepseek": (7168, 2048, 256, 8, 8192),
-    "qwen3": (2048, 768, 128, 8, 16384),
-}
-
-
-def time_ms(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,7 +116,7 @@ def bench(shape: str, configs: list[tuple[int, ...]], rounds: int, iters: int, d
             times: dict[str, list[float]] = {k: [] for k in kernels}
             for _ in range(rounds):
                 for k, fn in kernels.items():
-                    times[k].append(time_ms(fn, iters))
+                    times[k].append(time_ms(fn, iters, warmup=0))  # each ran once above
             med = {k: statistics.median(v) for k, v in times.items()}
             rec = {"shape": shape, "product": name, "nsrc": nsrc, "K": a.shape[1], "N": b.shape[1],
                    "median_ms": med, "rounds_ms": times, "max_rel_err": errs,
