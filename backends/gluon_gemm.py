@@ -1,17 +1,27 @@
-"""The fused expert-parallel scattering GEMM as a warp-specialised Gluon kernel for Hopper (sm_90): result rows
-a[r] @ w[e(r)] of the (source, expert) segments go to comb[slot of r] on their source rank, the contract of
-`triton_ep._gemm_scatter_kernel` (forward GEMM 2 with the combine's send, and the dX of GEMM 1).
+"""The fused expert-parallel GEMMs as warp-specialised Gluon kernels for Hopper (sm_90).
 
-As in `gluon_wgrad`: one loader warp walks the tile list and keeps a ring of shared-memory stages full through
-TMA loads (a's rows and the expert's weight tile), across tile boundaries, while the compute warps run the
-wgmma chain and scatter the finished tile's rows in 16-byte stores; the Triton kernel's next tile started its
-loads only after the last tile's stores. A tile's rows past its segment read the next segment's rows (or the
-receive room, which may hold anything): an output row depends on its own input row only, and those rows are
-masked off in the scatter. When every program is done, the last one signals every rank (release), as the
-Triton kernel does.
+The scattering GEMM (`_scatter_ws_kernel`): result rows a[r] @ w[e(r)] of the (source, expert) segments go to
+comb[slot of r] on their source rank, the contract of `triton_ep._gemm_scatter_kernel` (forward GEMM 2 with the
+combine's send, and the dX of GEMM 1). As in `gluon_wgrad`: one loader warp walks the tile list and keeps a
+ring of shared-memory stages full through TMA loads (a's rows and the expert's weight tile), across tile
+boundaries, while the compute warps run the wgmma chain and scatter the finished tile's rows in 16-byte stores;
+the Triton kernel's next tile started its loads only after the last tile's stores. A tile's rows past its
+segment read the next segment's rows (or the receive room, which may hold anything): an output row depends on
+its own input row only, and those rows are masked off in the scatter. When every program is done, the last one
+signals every rank (release), as the Triton kernel does.
 
-Hopper only, bf16/fp16, operands a TMA descriptor can address (`supported`); the caller picks the kernel and
-counts it. Not run by the CPU interpreter; tests/test_gpu.py and tests/test_gpu_ep.py check it on GPUs."""
+The gathering GEMM (`_dispatch_ws_kernel`): the contract of `triton_ep._dispatch_gemm_kernel` (forward GEMM 1
+with the dispatch's send, and the gated dX of GEMM 2). Its A rows are gathered through the rowmap, which TMA
+cannot do on Hopper, so its loader partition is four warps of cp.async copies (16 bytes a copy, rows past the
+segment zero-filled) beside the weight tile's TMA load, each loader thread arriving on the stage's barrier when
+its copies land. The loader also claims the tiles from the per-call counter, in order (local sources first),
+hands each to the compute warps through a two-slot ring in shared memory, and waits for a peer source's signal
+before gathering its rows; the senders (the first NSEND programs) push this rank's rows with all their warps
+before they join. The rows kept for the weight gradient are written by the loader, from the stages it filled.
+
+Hopper only, bf16/fp16, operands a TMA descriptor can address (`supported`, `dispatch_supported`); the caller
+picks the kernel and counts it. Not run by the CPU interpreter; tests/test_gpu.py and tests/test_gpu_ep.py check
+them on GPUs."""
 
 from __future__ import annotations
 
@@ -24,10 +34,20 @@ from . import gluon_wgrad, triton_backend
 if gluon_wgrad._IMPORT_ERROR is None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .gluon_wgrad import _cta_barrier, _segment, _tma_load
+
+    # Triton 3.6's name for the cp.async copy; later versions renamed it
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _cp_async_arrive = async_copy.mbarrier_arrive
 
 # (BM, BN, BK, stages): BM is the fused plan's m-tile (`triton_ep._gemm_config`). Shared memory: stages *
 # (BM + BN) * BK * 2 bytes, and BM * BN * 2 for the accumulator's way to the 16-byte store layout (208 KB).
@@ -183,6 +203,295 @@ if gluon_wgrad._IMPORT_ERROR is None:
                 peer = gl.load(sig_tab + d).to(gl.pointer_type(gl.int64))
                 gl.atomic_xchg(peer + SLOT * EP + me, target, sem="release", scope="sys")
 
+    # ------------------------------------------------------------------------------------------------------
+    # the gathering (dispatch) GEMM
+
+    @gluon.jit
+    def _wait_signal(sig_ptr, target):
+        while gl.atomic_add(sig_ptr, 0, sem="acquire", scope="sys") < target:
+            pass
+
+    @gluon.jit
+    def _push_rows(src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, slot_ptr, gsrc_ptr, gates_tab, me, T, H, TK,
+                   EP: gl.constexpr, NSEND, HAS_GATES: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """`triton_ep._push_rows` (the send programs' part): token t's row to every other rank d with
+        pos[d, t] >= 0, into d's recv[me, pos]; with HAS_GATES the gates of the slots to their destinations."""
+        pid = gl.program_id(0)
+        BT: gl.constexpr = 32
+        BH: gl.constexpr = 256
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        n_tb = gl.cdiv(T, BT)
+        for w in range(n_tb + pid, EP * n_tb, NSEND):  # w // n_tb == 0 is this rank
+            d = (me + w // n_tb) % EP
+            ts = (w % n_tb) * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, layout))
+            pos = gl.load(pos_ptr + d * T + ts, mask=ts < T, other=-1)
+            ok = pos >= 0
+            dst = gl.multiple_of(gl.load(recv_tab + d).to(gl.pointer_type(src_ptr.dtype.element_ty)), 16)
+            rows = (me * T + pos).to(gl.int64)
+            for h0 in range(0, H, BH):
+                hs = h0 + gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
+                m = ok[:, None] & (hs < H)[None, :]
+                v = gl.load(src_ptr + ts[:, None].to(gl.int64) * H + hs[None, :], mask=m)
+                gl.store(dst + rows[:, None] * H + hs[None, :], v, mask=m)
+        if HAS_GATES:
+            one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+            for j0 in range(pid * 256, TK, NSEND * 256):
+                js = j0 + gl.arange(0, 256, layout=one)
+                d = gl.load(dest_ptr + js, mask=js < TK, other=-1)
+                ok = (d >= 0) & (d != me)
+                q = gl.load(q_ptr + js, mask=ok, other=0)
+                sl = gl.load(slot_ptr + js, mask=ok, other=0)
+                g = gl.load(gsrc_ptr + sl, mask=ok, other=0.0).to(gl.float32)
+                base = gl.load(gates_tab + gl.maximum(d, 0), mask=ok, other=0).to(gl.pointer_type(gl.float32))
+                gl.store(base + me * TK + q, g, mask=ok)
+
+    @gluon.jit
+    def _signal_all(done_ptr, sig_tab, epoch_ptr, slot, me, EP: gl.constexpr, NP):
+        """`triton_ep._arrive_and_signal`, after a barrier of the program: count it as done with `slot`; the
+        last of NP resets the count and signals every rank (release at system scope)."""
+        _cta_barrier()
+        target = gl.load(epoch_ptr + slot) + 1
+        old = gl.atomic_add(done_ptr + slot, 1, sem="acq_rel", scope="sys")
+        if old == NP - 1:
+            gl.atomic_xchg(done_ptr + slot, 0, sem="relaxed", scope="gpu")
+            for d in gl.static_range(EP):
+                peer = gl.load(sig_tab + d).to(gl.pointer_type(gl.int64))
+                gl.atomic_xchg(peer + slot * EP + me, target, sem="release", scope="sys")
+
+    @gluon.jit
+    def _put_tile(tiles, tile_ready, tile_empty, j, t, num_warps: gl.constexpr):
+        """Hand tile id t (the j-th this program claimed) to the compute warps through a 2-slot ring."""
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        ts = j % 2
+        mbarrier.wait(tile_empty.index(ts), ((j // 2) & 1) ^ 1)
+        tiles.index(ts).store(gl.full([1], t, gl.int32, layout=one))
+        mbarrier.arrive(tile_ready.index(ts), count=1)
+
+    @gluon.jit
+    def _take_tile(tiles, tile_ready, tile_empty, j, num_warps: gl.constexpr):
+        one: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        ts = j % 2
+        mbarrier.wait(tile_ready.index(ts), (j // 2) & 1)
+        t = gl.max(tiles.index(ts).load(one), axis=0)
+        mbarrier.arrive(tile_empty.index(ts), count=1)
+        return t
+
+    @gluon.jit
+    def _tile_source(seg_src_ptr, seg_q0_ptr, seg):
+        return gl.load(seg_src_ptr + seg), gl.load(seg_q0_ptr + seg)
+
+    @gluon.jit
+    def _gather_loader(src_ptr, recv_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, save_ptr, w_desc, cum_ptr, mtseg_ptr,
+                       offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr, tiles,
+                       tile_ready, tile_empty, a_bufs, b_bufs, ready, empty, me, TK, H, N, NSEG, SLOT,
+                       EP: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                       BK: gl.constexpr, STAGES: gl.constexpr, W_KMAJOR: gl.constexpr, HAS_GATES: gl.constexpr,
+                       SAVE_A: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        """Claims tiles in order (local sources first) from the per-call counter, hands each to the compute
+        warps, waits for a peer source's signal, and fills the ring: the tile's A rows gathered through the
+        rowmap by cp.async (rows past the segment zero-filled), the expert's weight tile by TMA. With SAVE_A,
+        an m-tile's first n-tile also writes its gathered (and scaled) rows out for the weight gradient: each
+        thread reads back the pieces it copied once they landed, LAG stages behind its copies, so that the
+        compute warps' main loop does not carry those stores."""
+        n_tiles_n = gl.cdiv(N, BN)
+        total = gl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment: no rows there
+        target = gl.load(epoch_ptr + SLOT) + 1
+        # the saved stage trails the copies by LAG stages: waiting for the last one's cost the ring its depth
+        # (the loader fell behind the MMAs); the stage LAG back is rewritten STAGES - LAG stages later
+        LAG: gl.constexpr = STAGES - 2
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BK, BK // 8], [num_warps, 1], [1, 0])
+        r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        c = gl.arange(0, BK, layout=gl.SliceLayout(0, layout))
+        it = 0
+        j = 0
+        t = gl.atomic_add(claim_ptr + SLOT, 1)
+        _put_tile(tiles, tile_ready, tile_empty, j, t, num_warps)
+        while t < total:
+            seg, lo, row0, nt, e = _tile(cum_ptr, mtseg_ptr, offs_ptr, seg_exp_ptr, t, n_tiles_n, GROUP_M, BM)
+            _, hi = _segment(offs_ptr, seg)
+            s, q0 = _tile_source(seg_src_ptr, seg_q0_ptr, seg)
+            # this rank's own rows are read in place (their rowmap rows are token rows of src): no wait
+            if s != me:
+                _wait_signal(sig_ptr + SLOT * EP + s, target)
+            rows = row0 + r
+            row_ok = rows < hi
+            mi = (s * TK + q0 + (rows - lo)).to(gl.int64)
+            rr = gl.load(rowmap_ptr + mi * 2, mask=row_ok, other=0).to(gl.int64)
+            if s == me:
+                a_rows = src_ptr + rr * H
+            else:
+                a_rows = recv_ptr + rr * H
+            if HAS_GATES:  # a local slot's gate from the gates themselves (by its slot id), a peer's as sent
+                if s == me:
+                    sl = gl.load(rowmap_ptr + mi * 2 + 1, mask=row_ok, other=0)
+                    g = gl.load(gsrc_ptr + sl, mask=row_ok, other=0.0).to(gl.float32)
+                else:
+                    g = gl.load(gates_ptr + mi, mask=row_ok, other=0.0)
+            else:
+                g = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, layout))
+            for k0 in range(0, H, BK):
+                slot = it % STAGES
+                mbarrier.wait(empty.index(slot), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(slot), BK * BN * 2)
+                if W_KMAJOR:
+                    _tma_load(w_desc, [e * N + nt * BN, k0], ready.index(slot), b_bufs.index(slot))
+                else:
+                    _tma_load(w_desc, [e * H + k0, nt * BN], ready.index(slot), b_bufs.index(slot))
+                _cp_async(a_bufs.index(slot), a_rows[:, None] + (k0 + c)[None, :], row_ok[:, None])
+                _cp_async_arrive(ready.index(slot), increment_count=False)  # each thread, its copies landed
+                if SAVE_A:
+                    if nt == 0:
+                        async_copy.commit_group()
+                        if k0 >= LAG * BK:
+                            async_copy.wait_group(LAG)  # this thread's copies of the stage LAG back landed
+                            _save_rows(a_bufs.index((it - LAG) % STAGES), save_ptr, rows, c + (k0 - LAG * BK),
+                                       row_ok[:, None], g, H, layout, HAS_GATES)  # fmt: skip
+                it += 1
+            if SAVE_A:
+                if nt == 0:
+                    async_copy.wait_group(0)
+                    for d in gl.static_range(LAG):  # the last LAG stages (those there are)
+                        if H >= (LAG - d) * BK:
+                            _save_rows(a_bufs.index((it - LAG + d) % STAGES), save_ptr, rows, c + (H - (LAG - d) * BK),
+                                       row_ok[:, None], g, H, layout, HAS_GATES)  # fmt: skip
+            j += 1
+            t = gl.atomic_add(claim_ptr + SLOT, 1)
+            _put_tile(tiles, tile_ready, tile_empty, j, t, num_warps)
+
+    @gluon.jit
+    def _gather_compute(y_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, cum_ptr, mtseg_ptr, offs_ptr,
+                        seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, tiles, tile_ready, tile_empty,
+                        a_bufs, b_bufs, ready, empty, me, TK, H, N, NSEG, SLOT,
+                        EP: gl.constexpr, GROUP_M: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                        BK: gl.constexpr, STAGES: gl.constexpr, W_KMAJOR: gl.constexpr, HAS_GATES: gl.constexpr,
+                        num_warps: gl.constexpr):  # fmt: skip
+        """The wgmma chain over the ring, a tile at a time as the loader hands them over; the result rows (scaled by
+        their gates in float32 where HAS_GATES) leave in 16-byte stores."""
+        n_tiles_n = gl.cdiv(N, BN)
+        total = gl.load(cum_ptr + NSEG - 2) * n_tiles_n
+        target = gl.load(epoch_ptr + SLOT) + 1
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16]
+        )
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [num_warps, 1], [1, 0])
+        it = 0
+        j = 0
+        t = _take_tile(tiles, tile_ready, tile_empty, j, num_warps)
+        while t < total:
+            seg, lo, row0, nt, _ = _tile(cum_ptr, mtseg_ptr, offs_ptr, seg_exp_ptr, t, n_tiles_n, GROUP_M, BM)
+            _, hi = _segment(offs_ptr, seg)
+            s, q0 = _tile_source(seg_src_ptr, seg_q0_ptr, seg)
+            if HAS_GATES:
+                # a local slot's gate from the gates themselves (by its slot id), a peer's as it sent it (after
+                # its signal, which the loader waited for too)
+                rows_g = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
+                ok_g = rows_g < hi
+                mi_g = (s * TK + q0 + (rows_g - lo)).to(gl.int64)
+                if s == me:
+                    sl = gl.load(rowmap_ptr + mi_g * 2 + 1, mask=ok_g, other=0)
+                    g = gl.load(gsrc_ptr + sl, mask=ok_g, other=0.0).to(gl.float32)
+                else:
+                    _wait_signal(sig_ptr + SLOT * EP + s, target)
+                    g = gl.load(gates_ptr + mi_g, mask=ok_g, other=0.0)
+            acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
+            prev = -1
+            for _k0 in range(0, H, BK):
+                slot = it % STAGES
+                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+                fence_async_shared()  # the cp.async rows (generic proxy) before the wgmma reads them
+                if W_KMAJOR:
+                    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                if prev >= 0:
+                    mbarrier.arrive(empty.index(prev), count=1)
+                prev = slot
+                it += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if prev >= 0:
+                mbarrier.arrive(empty.index(prev), count=1)
+            if HAS_GATES:  # (g a) w = g (a w), in float32
+                acc = acc * g[:, None]
+            out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out_layout)
+            rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
+            cols = nt * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, out_layout))
+            gl.store(y_ptr + rows.to(gl.int64)[:, None] * N + cols[None, :], out,
+                     mask=(rows < hi)[:, None] & (cols < N)[None, :])  # fmt: skip
+            j += 1
+            t = _take_tile(tiles, tile_ready, tile_empty, j, num_warps)
+
+    @gluon.jit
+    def _save_rows(a_smem, save_ptr, rows, cols, ok, g, H, layout: gl.constexpr, HAS_GATES: gl.constexpr):
+        a = a_smem.load(layout)
+        if HAS_GATES:
+            a = (a.to(gl.float32) * g[:, None]).to(a.dtype)
+        gl.store(save_ptr + rows.to(gl.int64)[:, None] * H + cols[None, :], a, mask=ok)
+
+    @gluon.jit
+    def _dispatch_ws_kernel(
+        src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, slot_ptr, gsrc_ptr, gates_tab, sig_tab, done_ptr,
+        recv_ptr, rowmap_ptr, gates_ptr, w_desc, y_ptr, save_ptr,
+        offs_ptr, cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
+        me, T, H, TK, N, NSEG, SLOT,
+        EP: gl.constexpr, NSEND, HAS_GATES: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+        GROUP_M: gl.constexpr, STAGES: gl.constexpr, SAVE_A: gl.constexpr, W_KMAJOR: gl.constexpr,
+        ROLE: gl.constexpr, LOADER_WARPS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        # The first NSEND programs push this rank's rows with all their warps first (ROLE & 1), then every
+        # program takes GEMM tiles from the claim counter (ROLE & 2; the senders join once their rows are out),
+        # as `triton_ep._dispatch_gemm_kernel` does; a simulated world launches the two roles one by one
+        BN: gl.constexpr = w_desc.block_type.shape[0] if W_KMAJOR else w_desc.block_type.shape[1]
+        if ROLE & 1:
+            if gl.program_id(0) < NSEND:
+                _push_rows(src_ptr, pos_ptr, recv_tab, dest_ptr, q_ptr, slot_ptr, gsrc_ptr, gates_tab, me, T, H, TK,
+                           EP, NSEND, HAS_GATES, num_warps)  # fmt: skip
+                _signal_all(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, NSEND)
+        if ROLE & 2:
+            _dispatch_gemm_part(src_ptr, recv_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, w_desc, y_ptr, save_ptr, offs_ptr,
+                                cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
+                                me, TK, H, N, NSEG, SLOT, EP, HAS_GATES, BM, BN, BK, GROUP_M, STAGES, SAVE_A, W_KMAJOR,
+                                LOADER_WARPS, LOADER_REGS, num_warps)  # fmt: skip
+
+    @gluon.jit
+    def _dispatch_gemm_part(src_ptr, recv_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, w_desc, y_ptr, save_ptr, offs_ptr,
+                            cum_ptr, mtseg_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, claim_ptr,
+                            me, TK, H, N, NSEG, SLOT, EP: gl.constexpr, HAS_GATES: gl.constexpr, BM: gl.constexpr,
+                            BN: gl.constexpr, BK: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                            SAVE_A: gl.constexpr, W_KMAJOR: gl.constexpr, LOADER_WARPS: gl.constexpr,
+                            LOADER_REGS: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        dtype: gl.constexpr = w_desc.dtype
+        a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], a_layout)
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        tiles = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            # a stage is ready after the weight tile's expect-arrive and every loader thread's cp.async arrive
+            mbarrier.init(ready.index(i), count=1 + LOADER_WARPS * 32)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(tile_ready.index(i), count=1)
+            mbarrier.init(tile_empty.index(i), count=1)
+        gl.warp_specialize(
+            [
+                (_gather_compute, (y_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, cum_ptr, mtseg_ptr, offs_ptr,
+                                   seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr, tiles, tile_ready,
+                                   tile_empty, a_bufs, b_bufs, ready, empty, me, TK, H, N, NSEG, SLOT, EP, GROUP_M,
+                                   BM, BN, BK, STAGES, W_KMAJOR, HAS_GATES, num_warps)),
+                (_gather_loader, (src_ptr, recv_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, save_ptr, w_desc, cum_ptr,
+                                  mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr, seg_q0_ptr, sig_ptr, epoch_ptr,
+                                  claim_ptr, tiles, tile_ready, tile_empty, a_bufs, b_bufs, ready, empty, me, TK, H, N,
+                                  NSEG, SLOT, EP, GROUP_M, BM, BN, BK, STAGES, W_KMAJOR, HAS_GATES, SAVE_A,
+                                  LOADER_WARPS)),
+            ],
+            [LOADER_WARPS],
+            [LOADER_REGS],
+        )  # fmt: skip
+
 
 @functools.cache
 def _layouts(dtype: torch.dtype, BM: int, BN: int, BK: int, k_major: bool):
@@ -210,5 +519,56 @@ def gemm_scatter(
         cum, mt_seg, offs, seg_src, seg_exp, seg_q0,
         me, TK, a_SK.shape[1], w_EKN.shape[2], nseg, slot,
         EP=ep, GROUP_M=group_m, STAGES=stages, W_KMAJOR=k_major, LOADER_REGS=gluon_wgrad.LOADER_REGS,
+        num_warps=NUM_WARPS,
+    ))  # fmt: skip
+
+
+# The gathering GEMM: (BM, BN, BK, stages), BM the plan's m-tile as in CONFIG. Its loader partition:
+# DISPATCH_LOADER_WARPS warps gather a stage's BM x BK rows by cp.async (8 16-byte copies a thread with 4
+# warps), with DISPATCH_LOADER_REGS registers a thread (the compute warps get the rest).
+DISPATCH_CONFIG = (128, 256, 64, 4)
+DISPATCH_LOADER_WARPS = 4
+DISPATCH_LOADER_REGS = 96
+
+
+def dispatch_supported(src_TH: torch.Tensor, w_EKN: torch.Tensor, bm: int) -> str | None:
+    """None where the Gluon gathering GEMM can take these operands, else why not."""
+    if (why := gluon_wgrad._common_refusal(src_TH)) is not None:
+        return why
+    BM, _, BK, _ = DISPATCH_CONFIG
+    if bm != BM:
+        return f"the plan's m-tiles are {bm} rows, this kernel's {BM}"
+    if w_EKN.dtype != src_TH.dtype:
+        return f"dtype {src_TH.dtype}/{w_EKN.dtype}"
+    if src_TH.shape[1] % BK:
+        return f"K={src_TH.shape[1]} not a multiple of {BK} (the gathered rows go in {BK}-column pieces)"
+    if triton_backend.weight_2d(w_EKN) is None:
+        return f"weight strides {tuple(w_EKN.stride())} a TMA descriptor cannot address"
+    return None
+
+
+def dispatch_gemm(
+    role: int, send: tuple[torch.Tensor, ...], gemm: tuple[torch.Tensor, ...], w_EKN: torch.Tensor,
+    plan_tables: tuple[torch.Tensor, ...], me: int, T: int, TK: int, nseg: int, slot: int, ep: int, nsend: int,
+    has_gates: bool, save_a: bool, group_m: int, programs: int,
+) -> None:  # fmt: skip
+    """Launch the gathering GEMM (`triton_ep._dispatch_gemm`'s contract); the caller checked
+    `dispatch_supported`, zeroed the claim counter and ticks the slot. send: (src, pos, recv_tab, dest, q,
+    slot ids, gate source, gates_tab, sig_tab, done); gemm: (recv, rowmap, gates, y, save, sig, epoch, claim);
+    plan_tables: (offs, cum, mt_seg, seg_src, seg_exp, seg_q0); role: `triton_ep.ROLE_*`."""
+    BM, BN, BK, stages = DISPATCH_CONFIG
+    w2, k_major = triton_backend.weight_2d(w_EKN)  # type: ignore[misc]
+    _, lw = _layouts(w_EKN.dtype, BM, BN, BK, k_major)
+    w_desc = TensorDescriptor.from_tensor(w2, [BN, BK] if k_major else [BK, BN], lw)
+    src, pos, recv_tab, dest, q, slot_ids, gsrc, gates_tab, sig_tab, done = send
+    recv, rowmap, gates, y, save, sig, epoch, claim = gemm
+    offs, cum, mt_seg, seg_src, seg_exp, seg_q0 = plan_tables
+    gluon_wgrad.launch("gluon_gemm._dispatch_ws_kernel", lambda: _dispatch_ws_kernel[(programs,)](
+        src, pos, recv_tab, dest, q, slot_ids, gsrc, gates_tab, sig_tab, done,
+        recv, rowmap, gates, w_desc, y, save,
+        offs, cum, mt_seg, seg_src, seg_exp, seg_q0, sig, epoch, claim,
+        me, T, src.shape[1], TK, w_EKN.shape[2], nseg, slot,
+        EP=ep, NSEND=nsend, HAS_GATES=has_gates, BM=BM, BK=BK, GROUP_M=group_m, STAGES=stages, SAVE_A=save_a,
+        W_KMAJOR=k_major, ROLE=role, LOADER_WARPS=DISPATCH_LOADER_WARPS, LOADER_REGS=DISPATCH_LOADER_REGS,
         num_warps=NUM_WARPS,
     ))  # fmt: skip

@@ -881,6 +881,13 @@ def _wide(*operands: torch.Tensor) -> bool:
     return any(t.numel() >= 2**31 for t in operands)
 
 
+# On Hopper the gathering and the scattering GEMM run as the warp-specialised Gluon kernels (`gluon_gemm`)
+# where they take the operands (each counted as fused_gemm.gluon), else as `_dispatch_gemm_kernel` and
+# `_gemm_scatter_kernel`; MOECC_GLUON=0 keeps the Triton ones.
+GLUON_DISPATCH = True
+GLUON_SCATTER = True
+
+
 def _dispatch_gemm(
     buf: EPBuffers,
     src_TH: torch.Tensor,
@@ -902,13 +909,27 @@ def _dispatch_gemm(
     nseg = plan.offs.shape[0]
     gsrc = gates_TK.contiguous() if gates_TK is not None else plan.q_J  # unused without gates
     src_TH = src_TH.contiguous()
-    # the weights through a descriptor where the plain grouped GEMM reads them so (the gathered rows cannot be)
-    wd = triton_backend.weight_descriptor(w_EKN, BN, BK)
-    COUNTERS["fused_gemm.descriptor" if wd else "fused_gemm.pointer"] += 1
+    gluon = GLUON_DISPATCH and gluon_gemm.dispatch_supported(src_TH, w_EKN, plan.bm) is None
+    # else the weights through a descriptor where the plain grouped GEMM reads them so (the gathered rows
+    # cannot be)
+    wd = None if gluon else triton_backend.weight_descriptor(w_EKN, BN, BK)
+    COUNTERS["fused_gemm.gluon" if gluon else "fused_gemm.descriptor" if wd else "fused_gemm.pointer"] += 1
 
     def launch(role: int) -> None:
         if role & ROLE_GEMM:
             buf.claim[slot : slot + 1].zero_()
+        if gluon:
+            gluon_gemm.dispatch_gemm(
+                role,
+                (src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, plan.slot_J, gsrc,
+                 buf.tables["gates"], buf.tables["sig"], buf.done),
+                (buf.local["recv"], plan.rowmap, buf.local["gates"], y_SN, save, buf.local["sig"], buf.epoch,
+                 buf.claim),
+                w_EKN, (plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0),
+                me, T, TK, nseg, slot, ep, NSEND, gates_TK is not None, save_a,
+                _group_m(w_EKN, "ep_dispatch_gemm"), NP,
+            )  # fmt: skip
+            return
         _dispatch_gemm_kernel[(NP,)](
             src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, plan.slot_J, gsrc, buf.tables["gates"],
             buf.tables["sig"], buf.done,
@@ -938,11 +959,6 @@ def _dispatch_gemm(
         launch(ROLE_BOTH)
     buf.tick(slot)
     return y_SN, (save if save_a else None)
-
-
-# On Hopper the scattering GEMM runs as the warp-specialised Gluon kernel (`gluon_gemm`) where it takes the
-# operands (counted as fused_gemm.gluon), else as `_gemm_scatter_kernel`; MOECC_GLUON=0 keeps the Triton one.
-GLUON_SCATTER = True
 
 
 def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan: Plan, slot: int) -> Flow:

@@ -83,8 +83,8 @@ def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(way: str, monkeyp
     """The fused dispatch/combine kernels compiled for the GPU (not interpreted), 4 simulated ranks on one
     device, bf16, skewed routing with empty experts, forward and backward against float32 torch; with the
     weights (and the scattering GEMM's rows) read through pointers, through tensor descriptors (TMA), as
-    from K = 4096 on, and with the scattering GEMMs as the warp-specialised Gluon kernel (Hopper: both weight
-    layouts, nn.Linear's in the dX of GEMM 1)."""
+    from K = 4096 on, and with the four fused GEMMs as the warp-specialised Gluon kernels (Hopper: both weight
+    layouts, the gated dispatch in the dX of GEMM 2, N = 384 not a multiple of the tile)."""
     import torch.nn.functional as F
 
     from moecc.backends import gluon_wgrad
@@ -92,6 +92,7 @@ def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(way: str, monkeyp
     desc = way != "pointer"
     monkeypatch.setattr(triton_backend, "DESCRIPTOR_MIN_K", 0 if desc else 1 << 30)
     monkeypatch.setattr(triton_ep, "GLUON_SCATTER", way == "gluon")
+    monkeypatch.setattr(triton_ep, "GLUON_DISPATCH", way == "gluon")
     if way == "gluon" and (why := gluon_wgrad._common_refusal(torch.empty(1, device="cuda", dtype=torch.bfloat16))):
         pytest.skip(why)
     before = triton_ep.COUNTERS["fused_gemm.descriptor"]
@@ -161,7 +162,7 @@ def test_fused_ep_kernels_in_a_simulated_world_on_one_gpu_bf16(way: str, monkeyp
         close(bwd2[r][2], leaves[ep + r].grad, f"rank {r} dgate")
         close(bwd1[r][1], w1r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw1")
         close(bwd2[r][1], w2r.grad[r * E_l : (r + 1) * E_l], f"rank {r} dw2")
-    gluon = 2 * ep if way == "gluon" else 0  # the scattering GEMMs: forward GEMM 2 and the dX of GEMM 1
+    gluon = 4 * ep if way == "gluon" else 0  # all four fused GEMMs of every rank
     assert triton_ep.COUNTERS["fused_gemm.gluon"] - before_gluon == gluon
     assert triton_ep.COUNTERS["fused_gemm.descriptor"] - before == (4 * ep - gluon if desc else 0)
     assert not bwd1[2][1].any() and not bwd2[2][1].any(), "rank 2's experts got no tokens: zero weight gradients"

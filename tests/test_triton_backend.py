@@ -64,6 +64,29 @@ def test_gluon_wgrad_says_why_it_does_not_run_and_the_triton_kernel_runs_instead
     assert triton_backend.COUNTERS["grouped_mm_wgrad.descriptor"] == before.get("grouped_mm_wgrad.descriptor", 0) + 1
 
 
+def test_the_gluon_fused_gemms_say_why_they_do_not_run(monkeypatch) -> None:
+    """The Gluon gathering and scattering GEMMs state why they do not take a call: off a Hopper GPU, with
+    MOECC_GLUON=0, and (past those) for operands they cannot address; operands they can take get None."""
+    from moecc.backends import gluon_gemm, gluon_wgrad
+
+    bf = torch.bfloat16
+    a, w = torch.randn(256, 128, dtype=bf), torch.randn(2, 128, 256, dtype=bf)
+    for check in (gluon_gemm.supported, gluon_gemm.dispatch_supported):
+        why = check(a, w, 128)
+        assert why is not None and ("Hopper" in why or "Gluon" in why), why
+    monkeypatch.setenv("MOECC_GLUON", "0")
+    assert gluon_gemm.dispatch_supported(a, w, 128) == gluon_gemm.supported(a, w, 128) == "MOECC_GLUON=0"
+    monkeypatch.delenv("MOECC_GLUON")
+    monkeypatch.setattr(gluon_wgrad, "_common_refusal", lambda t: None)  # as on a Hopper GPU
+    assert gluon_gemm.dispatch_supported(a, w, 128) is None
+    assert gluon_gemm.dispatch_supported(a, w.transpose(1, 2).contiguous().transpose(1, 2), 128) is None
+    assert "m-tiles are 64 rows" in gluon_gemm.dispatch_supported(a, w, 64)
+    assert "dtype" in gluon_gemm.dispatch_supported(a, w.half(), 128)
+    a_odd, w_odd = torch.randn(256, 100, dtype=bf), torch.randn(2, 100, 256, dtype=bf)
+    assert "K=100 not a multiple of 64" in gluon_gemm.dispatch_supported(a_odd, w_odd, 128)
+    assert "weight strides" in gluon_gemm.dispatch_supported(a, w[:, :, :255], 128)
+
+
 def test_a_gluon_kernel_that_triton_cannot_build_is_named_with_the_way_back() -> None:
     """A Triton error while compiling or fitting a Gluon kernel (another Triton's Gluon) becomes moecc's error,
     naming the kernel, the Triton version and MOECC_GLUON=0; other errors pass through unchanged."""

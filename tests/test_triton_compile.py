@@ -132,7 +132,11 @@ def _gluon_variants() -> list[str]:
 
     if gluon_wgrad._IMPORT_ERROR is not None:
         return []
-    return [f"gluon_wgrad-{key}" for key in gluon_wgrad.CONFIGS] + ["gluon_scatter-kmajor", "gluon_scatter-nmajor"]
+    return (
+        [f"gluon_wgrad-{key}" for key in gluon_wgrad.CONFIGS]
+        + ["gluon_scatter-kmajor", "gluon_scatter-nmajor"]
+        + ["gluon_dispatch-kmajor-gated", "gluon_dispatch-nmajor-plain"]
+    )
 
 
 def _compile_gluon(name: str) -> dict[str, Any]:
@@ -171,6 +175,26 @@ def _compile_gluon(name: str) -> dict[str, Any]:
             if a not in sig and a not in consts:
                 sig[a] = "*i64" if a.endswith("_tab") or a in COUNTERS_I64 else "*i32" if a.endswith("_ptr") else "i32"
         ptx = ptx_of(fn, sig, consts, gluon_gemm.NUM_WARPS)
+    elif kind == "gluon_dispatch":
+        BM, BN, BK, stages = gluon_gemm.DISPATCH_CONFIG
+        km = key.startswith("kmajor")
+        _, lw = gluon_gemm._layouts(torch.bfloat16, BM, BN, BK, km)
+        wb = [BN, BK] if km else [BK, BN]
+        fn = gluon_gemm._dispatch_ws_kernel
+        consts = {"EP": 4, "HAS_GATES": key.endswith("gated"), "BM": BM, "BK": BK, "GROUP_M": 8, "STAGES": stages,
+                  "SAVE_A": True, "W_KMAJOR": km, "ROLE": 3, "LOADER_WARPS": gluon_gemm.DISPATCH_LOADER_WARPS,
+                  "LOADER_REGS": gluon_gemm.DISPATCH_LOADER_REGS, "num_warps": gluon_gemm.NUM_WARPS}  # fmt: skip
+        sig = {"w_desc": f"tensordesc<bf16[{wb[0]}, {wb[1]}],{lw!r}>", "gates_ptr": "*fp32"}
+        for a in ("src_ptr", "recv_ptr", "y_ptr", "save_ptr", "gsrc_ptr"):
+            sig[a] = "*bf16"
+        for a in fn.arg_names:
+            if a not in sig and a not in consts:
+                sig[a] = "*i64" if a.endswith("_tab") or a in COUNTERS_I64 else "*i32" if a.endswith("_ptr") else "i32"
+        ptx = ptx_of(fn, sig, consts, gluon_gemm.NUM_WARPS)
+        # the gathered rows in 16-byte cp.async copies, each loader thread's arrival on the stage's barrier
+        missing = [i for i in ("cp.async.cg.shared.global", "cp.async.mbarrier.arrive.noinc") if i not in ptx]
+        if missing:
+            return {"error": f"no {missing} in the PTX", "scalar_stores": 0}
     else:
         BK, BN, BS, stages = gluon_wgrad.CONFIGS[key]
         la, lb, lc = gluon_wgrad._layouts(torch.bfloat16, BK, BN, BS)
@@ -189,7 +213,9 @@ def _compile_gluon(name: str) -> dict[str, Any]:
 UNIT_STRIDES = ("sxk", "sak", "syn", "swk")
 DIVISIBLE = ("H", "N", "K", "Kd", "TK", "T", "F", "swe", "swn", "sxm", "sym", "sam")
 # the GEMM kernels, whose result tiles must leave in 16-byte vector stores (not one store per element)
-VECTOR_STORES = ("grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-", "act-", "gluon_scatter-")
+VECTOR_STORES = (
+    "grouped_mm-", "gemm_scatter-", "dispatch_gemm-", "glu-", "act-", "gluon_scatter-", "gluon_dispatch-",
+)  # fmt: skip
 
 
 def _compile_all() -> dict[str, dict[str, Any]]:
