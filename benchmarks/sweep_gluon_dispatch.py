@@ -1,0 +1,96 @@
+"""Variants of the Gluon gathering GEMM (`backends/gluon_gemm.py`, `_dispatch_ws_kernel`) side by side, on one GPU.
+
+For each MoE shape of bench_moe_layer.py it profiles the two fused ops that run the gathering GEMM (fwd1: the
+dispatch and GEMM 1; bwd2: the gated dX of GEMM 2 and its dW) through bench_fused_ops.py, once per variant, the
+variants interleaved over --rounds rounds in one process, and prints the gathering kernel's device time per
+call (median over the rounds). Variants, comma-separated:
+  default   the module's settings
+  stages3   3 ring stages (DISPATCH_CONFIG)
+  loader2   2 loader warps with 120 registers a thread
+  regs112   4 loader warps with 112 registers
+  nosave    no rows kept for dW (timing only: the result is not usable; what those stores cost)
+  triton    the Triton kernel (`triton_ep._dispatch_gemm_kernel`)
+
+    python benchmarks/sweep_gluon_dispatch.py --variants default,nosave,triton --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fused_ops as bf  # noqa: E402
+import bench_moe_layer as bench  # noqa: E402
+
+from moecc.backends import gluon_gemm, triton_ep  # noqa: E402
+
+_dispatch_gemm = gluon_gemm.dispatch_gemm
+
+
+def _nosave(*args: Any) -> None:
+    args = list(args)
+    args[13] = False  # save_a
+    _dispatch_gemm(*args)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "stages3": {"DISPATCH_CONFIG": (128, 256, 64, 3)},
+    "loader2": {"DISPATCH_LOADER_WARPS": 2, "DISPATCH_LOADER_REGS": 120},
+    "regs112": {"DISPATCH_LOADER_REGS": 112},
+    "nosave": {"dispatch_gemm": _nosave},
+    "triton": {},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="", help="suffix of the file name: dispatch_sweep_<date><tag>.json")
+    parser.add_argument("--variants", default="default,nosave,triton")
+    parser.add_argument("--shapes", default=",".join(bench.SHAPES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    names, shapes = args.variants.split(","), args.shapes.split(",")
+    for n in names:
+        if n not in VARIANTS:
+            raise SystemExit(f"unknown variant {n!r}; choose from {', '.join(VARIANTS)}")
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_gluon_dispatch.py needs a CUDA device")
+    base = {k: getattr(gluon_gemm, k) for k in ("DISPATCH_CONFIG", "DISPATCH_LOADER_WARPS", "DISPATCH_LOADER_REGS")}
+    base["dispatch_gemm"] = _dispatch_gemm
+    records = []
+    for rnd in range(args.rounds):
+        for shape in shapes:
+            for v in names:
+                for k, val in {**base, **VARIANTS[v]}.items():
+                    setattr(gluon_gemm, k, val)
+                triton_ep.GLUON_DISPATCH = v != "triton"
+                recs = bf.bench_shape(shape, bench.SHAPES[shape], args.iters, ["fused_fwd1", "fused_bwd2"], [""])
+                for r in recs:
+                    r["variant"], r["round"] = v, rnd
+                records += recs
+                torch.cuda.empty_cache()
+    for k, val in base.items():
+        setattr(gluon_gemm, k, val)
+    triton_ep.GLUON_DISPATCH = True
+    result = {**bench.run_header(torch.device("cuda"), 1), "records": records}
+    print(f"wrote {bench.write_results(args.out, 'dispatch_sweep', args.tag, result)}", flush=True)
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for r in records:
+        ms = [t for n, t in r["kernels_ms"].items() if "dispatch" in n]
+        times.setdefault((r["shape"], r["case"], r["variant"]), []).append(ms[0] if ms else float("nan"))
+    print("| shape | op | variant | gathering kernel ms (median) | rounds |\n|---|---|---|---|---|")
+    for (s, c, v), xs in sorted(times.items()):
+        print(f"| {s} | {c} | {v} | {statistics.median(xs):.3f} | {', '.join(f'{x:.3f}' for x in xs)} |")
+
+
+if __name__ == "__main__":
+    main()
