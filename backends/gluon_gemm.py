@@ -291,13 +291,13 @@ if gluon_wgrad._IMPORT_ERROR is None:
         warps, waits for a peer source's signal, and fills the ring: the tile's A rows gathered through the
         rowmap by cp.async (rows past the segment zero-filled), the expert's weight tile by TMA. With SAVE_A,
         an m-tile's first n-tile also writes its gathered (and scaled) rows out for the weight gradient: each
-        thread reads back the pieces it copied once they landed, LAG stages behind its copies, so that the
-        compute warps' main loop does not carry those stores."""
+        thread reads back the pieces it copied once they landed, LAG stages behind its copies. (Written by the
+        compute warps instead, they measured the same: the HBM writes are what costs, 10-17 % of the kernel on
+        the fine-grained shapes; results/dispatch_sweep_2026-11-30_1gpu_*.json.)"""
         n_tiles_n = gl.cdiv(N, BN)
         total = gl.load(cum_ptr + NSEG - 2) * n_tiles_n  # not the tail segment: no rows there
         target = gl.load(epoch_ptr + SLOT) + 1
-        # the saved stage trails the copies by LAG stages: waiting for the last one's cost the ring its depth
-        # (the loader fell behind the MMAs); the stage LAG back is rewritten STAGES - LAG stages later
+        # the saved stage trails the copies by LAG stages (the stage LAG back is rewritten STAGES - LAG later)
         LAG: gl.constexpr = STAGES - 2
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BK, BK // 8], [num_warps, 1], [1, 0])
         r = gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
