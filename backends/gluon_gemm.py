@@ -35,15 +35,10 @@ if gluon_wgrad._IMPORT_ERROR is None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_wgrad import _cta_barrier, _segment, _tma_load
+    from .gluon_wgrad import _cta_barrier, _drain, _mma_stage, _segment, _tma_load
 
     # Triton 3.6's name for the cp.async copy; later versions renamed it
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -138,20 +133,9 @@ if gluon_wgrad._IMPORT_ERROR is None:
             acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
             prev = -1
             for _k0 in range(0, Kd, BK):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                if W_KMAJOR:
-                    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-                else:
-                    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                if prev >= 0:
-                    mbarrier.arrive(empty.index(prev), count=1)
-                prev = slot
+                acc, prev = _mma_stage(acc, a_bufs, b_bufs, ready, empty, it, prev, STAGES, W_KMAJOR, False)
                 it += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            if prev >= 0:
-                mbarrier.arrive(empty.index(prev), count=1)
+            acc = _drain(acc, empty, prev)
             out = gl.convert_layout(acc.to(out_dtype), out_layout)
             _, hi = _segment(offs_ptr, seg)
             rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, out_layout))
@@ -395,22 +379,10 @@ if gluon_wgrad._IMPORT_ERROR is None:
                     g = gl.load(gates_ptr + mi_g, mask=ok_g, other=0.0)
             acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
             prev = -1
-            for _k0 in range(0, H, BK):
-                slot = it % STAGES
-                mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-                fence_async_shared()  # the cp.async rows (generic proxy) before the wgmma reads them
-                if W_KMAJOR:
-                    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-                else:
-                    acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                if prev >= 0:
-                    mbarrier.arrive(empty.index(prev), count=1)
-                prev = slot
+            for _k0 in range(0, H, BK):  # (the rows came by cp.async: fenced before the wgmma reads them)
+                acc, prev = _mma_stage(acc, a_bufs, b_bufs, ready, empty, it, prev, STAGES, W_KMAJOR, True)
                 it += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            if prev >= 0:
-                mbarrier.arrive(empty.index(prev), count=1)
+            acc = _drain(acc, empty, prev)
             if HAS_GATES:  # (g a) w = g (a w), in float32
                 acc = acc * g[:, None]
             out = gl.convert_layout(acc.to(y_ptr.dtype.element_ty), out_layout)

@@ -140,6 +140,38 @@ if _IMPORT_ERROR is None:
                     it += 1
 
     @gluon.jit
+    def _give_back(empty, prev):
+        """The stage before (prev, -1 for none) goes back to the loader: its MMA retired."""
+        if prev >= 0:
+            mbarrier.arrive(empty.index(prev), count=1)
+
+    @gluon.jit
+    def _drain(acc, empty, prev):
+        """The tile's last MMA retired: its accumulator is final and its stage goes back to the loader."""
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _give_back(empty, prev)
+        return acc
+
+    @gluon.jit
+    def _mma_stage(acc, a_bufs, b_bufs, ready, empty, it, prev, STAGES: gl.constexpr, B_KMAJOR: gl.constexpr,
+                   FENCE: gl.constexpr):  # fmt: skip
+        """Stage `it` of the ring, [BM, BK] x [BK, BN] (B stored [BN, BK] where B_KMAJOR): wait until the loader
+        filled it, multiply with one MMA in flight, and give the stage before (prev) back once the MMAs before
+        this one retired. FENCE: the stage holds rows generic-proxy copies wrote (cp.async), which the wgmma
+        (async proxy) may read only after a proxy fence. Returns (acc, this stage's slot)."""
+        slot = it % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        if FENCE:
+            fence_async_shared()
+        if B_KMAJOR:
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        _give_back(empty, prev)
+        return acc, slot
+
+    @gluon.jit
     def _zero_rows_past(buf, valid, ROWS: gl.constexpr, COLS: gl.constexpr, CHUNK: gl.constexpr,
                         num_warps: gl.constexpr):  # fmt: skip
         """Zero rows >= valid of the CHUNK-row slice of a [ROWS, COLS] shared-memory tile that `valid` falls in
@@ -193,13 +225,10 @@ if _IMPORT_ERROR is None:
                         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                     # the MMAs before this block's (first) one have retired: the previous stage goes back to the
                     # loader
-                    if prev >= 0:
-                        mbarrier.arrive(empty.index(prev), count=1)
+                    _give_back(empty, prev)
                     prev = slot
                     it += 1
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            if prev >= 0:
-                mbarrier.arrive(empty.index(prev), count=1)
+            acc = _drain(acc, empty, prev)
             out = (acc * scale).to(dw_desc.dtype)
             tma.store_wait(pendings=0)  # the previous tile's store has read c_smem
             c_smem.store(out)
