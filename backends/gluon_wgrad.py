@@ -67,7 +67,13 @@ def _hopper(index: int) -> bool:
 
 def _common_refusal(t: torch.Tensor) -> str | None:
     """Why no Gluon kernel can run on t's device and dtype (None: they can)."""
-    if os.environ.get("MOECC_GLUON", "1") == "0":
+    value = os.environ.get("MOECC_GLUON", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"MOECC_GLUON={value!r}: expected 1 (the warp-specialised Gluon kernels where they run, the default) or "
+            f"0 (the Triton kernels)"
+        )
+    if value == "0":
         return "MOECC_GLUON=0"
     if _IMPORT_ERROR is not None:
         return f"this Triton has no Gluon ({_IMPORT_ERROR})"

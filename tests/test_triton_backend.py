@@ -76,6 +76,9 @@ def test_the_gluon_fused_gemms_say_why_they_do_not_run(monkeypatch) -> None:
         assert why is not None and ("Hopper" in why or "Gluon" in why), why
     monkeypatch.setenv("MOECC_GLUON", "0")
     assert gluon_gemm.dispatch_supported(a, w, 128) == gluon_gemm.supported(a, w, 128) == "MOECC_GLUON=0"
+    monkeypatch.setenv("MOECC_GLUON", "off")  # not a guess: an error naming the values it takes
+    with pytest.raises(ValueError, match=r"MOECC_GLUON='off': expected 1 .* or 0"):
+        gluon_gemm.dispatch_supported(a, w, 128)
     monkeypatch.delenv("MOECC_GLUON")
     monkeypatch.setattr(gluon_wgrad, "_common_refusal", lambda t: None)  # as on a Hopper GPU
     assert gluon_gemm.dispatch_supported(a, w, 128) is None
