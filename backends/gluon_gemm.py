@@ -57,9 +57,10 @@ NUM_WARPS = 8
 MAX_K = 2048
 
 
-def supported(a_SK: torch.Tensor, w_EKN: torch.Tensor, bm: int) -> str | None:
-    """None where the Gluon scattering GEMM can take these operands, else why not."""
-    if (why := gluon_wgrad._common_refusal(a_SK)) is not None:
+def supported(a_SK: torch.Tensor, w_EKN: torch.Tensor, bm: int, device: torch.device | None = None) -> str | None:
+    """None where the Gluon scattering GEMM can take these operands, else why not (`device`: theirs, where
+    they are meta tensors standing for a call's)."""
+    if (why := gluon_wgrad._common_refusal(a_SK, device)) is not None:
         return why
     if a_SK.shape[1] > MAX_K:
         return f"K={a_SK.shape[1]} above {MAX_K}, where the Triton kernel is as fast"
@@ -503,9 +504,12 @@ DISPATCH_LOADER_WARPS = 4
 DISPATCH_LOADER_REGS = 96
 
 
-def dispatch_supported(src_TH: torch.Tensor, w_EKN: torch.Tensor, bm: int) -> str | None:
-    """None where the Gluon gathering GEMM can take these operands, else why not."""
-    if (why := gluon_wgrad._common_refusal(src_TH)) is not None:
+def dispatch_supported(
+    src_TH: torch.Tensor, w_EKN: torch.Tensor, bm: int, device: torch.device | None = None
+) -> str | None:
+    """None where the Gluon gathering GEMM can take these operands, else why not (`device` as in
+    `supported`)."""
+    if (why := gluon_wgrad._common_refusal(src_TH, device)) is not None:
         return why
     BM, _, BK, _ = DISPATCH_CONFIG
     if bm != BM:

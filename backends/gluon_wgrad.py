@@ -65,8 +65,9 @@ def _hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def _common_refusal(t: torch.Tensor) -> str | None:
-    """Why no Gluon kernel can run on t's device and dtype (None: they can)."""
+def _common_refusal(t: torch.Tensor, device: torch.device | None = None) -> str | None:
+    """Why no Gluon kernel can run on t's device (or `device`, where t is a meta tensor standing for a call's
+    operand) and dtype (None: they can)."""
     value = os.environ.get("MOECC_GLUON", "1").strip()
     if value not in ("0", "1"):
         raise ValueError(
@@ -77,16 +78,20 @@ def _common_refusal(t: torch.Tensor) -> str | None:
         return "MOECC_GLUON=0"
     if _IMPORT_ERROR is not None:
         return f"this Triton has no Gluon ({_IMPORT_ERROR})"
-    if t.device.type != "cuda" or not _hopper(torch.cuda._get_device_index(t.device, optional=True)):
+    device = t.device if device is None else device
+    if device.type != "cuda" or not _hopper(torch.cuda._get_device_index(device, optional=True)):
         return "not a Hopper GPU"
     if t.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {t.dtype}"
     return None
 
 
-def supported(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, long: bool) -> str | None:
-    """None where the Gluon dW kernel can take these operands, else why not (for the dumps and counters)."""
-    if (why := _common_refusal(x_SK)) is not None:
+def supported(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, long: bool, device: torch.device | None = None
+) -> str | None:
+    """None where the Gluon dW kernel can take these operands, else why not (for the dumps and counters).
+    `device`: the operands' device where they are meta tensors standing for a call's."""
+    if (why := _common_refusal(x_SK, device)) is not None:
         return why
     if dy_SN.dtype != x_SK.dtype:
         return f"dtype {x_SK.dtype}/{dy_SN.dtype}"

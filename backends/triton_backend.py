@@ -427,6 +427,16 @@ def grouped_mm_wgrad(
 GLUON_WGRAD = True
 
 
+def wgrad_refusal(
+    x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int, device: torch.device | None = None
+) -> str | None:
+    """Why `grouped_mm_wgrad_segments` would not run these operands in the Gluon dW kernel (None: it would).
+    `device`: theirs, where they are meta tensors standing for a call's (`triton_ep.kernel_choices`)."""
+    if not GLUON_WGRAD:
+        return "switched off (triton_backend.GLUON_WGRAD)"
+    return gluon_wgrad.supported(x_SK, dy_SN, E, _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS, device)
+
+
 def grouped_mm_wgrad_segments(
     x_SK: torch.Tensor, dy_SN: torch.Tensor, offs: torch.Tensor, nsrc: int, E: int, scale: float = 1.0
 ) -> torch.Tensor:
@@ -436,7 +446,7 @@ def grouped_mm_wgrad_segments(
     K = x_SK.shape[1]
     N = dy_SN.shape[1]
     long = _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
-    if GLUON_WGRAD and gluon_wgrad.supported(x_SK, dy_SN, E, long) is None:
+    if wgrad_refusal(x_SK, dy_SN, E, nsrc) is None:
         banded = _wgrad_banded(x_SK, dy_SN, E, nsrc)
         dw = gluon_wgrad.wgrad_segments(x_SK, dy_SN, offs, nsrc, E, scale, long, banded, _num_programs(x_SK.device))
         COUNTERS["grouped_mm_wgrad.gluon"] += 1

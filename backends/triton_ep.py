@@ -888,6 +888,58 @@ GLUON_DISPATCH = True
 GLUON_SCATTER = True
 
 
+def _dispatch_refusal(
+    src_TH: torch.Tensor, w_EKN: torch.Tensor, bm: int, device: torch.device | None = None
+) -> str | None:
+    """Why the gathering GEMM would not run as the Gluon kernel (None: it would)."""
+    if not GLUON_DISPATCH:
+        return "switched off (triton_ep.GLUON_DISPATCH)"
+    return gluon_gemm.dispatch_supported(src_TH, w_EKN, bm, device)
+
+
+def _scatter_refusal(a_SK: torch.Tensor, w_EKN: torch.Tensor, bm: int, device: torch.device | None = None):
+    """Why the scattering GEMM would not run as the Gluon kernel (None: it would)."""
+    if not GLUON_SCATTER:
+        return "switched off (triton_ep.GLUON_SCATTER)"
+    return gluon_gemm.supported(a_SK, w_EKN, bm, device)
+
+
+def kernel_choices(
+    device: torch.device, dtype: torch.dtype, T: int, K: int, ep: int, H: int, w1_EKN: torch.Tensor,
+    w2_EKN: torch.Tensor,
+) -> dict[str, str]:  # fmt: skip
+    """Which kernel each GEMM of a fused layer will run on `device` ("gluon", or "triton: why not"), for the
+    dumps. The choice is made per call from the operands themselves; this makes it from meta tensors of their
+    shapes, strides and dtype (T tokens a rank, top-K, `ep` ranks, hidden H; w1/w2: the local experts'
+    weights, real, fake or meta). What ran is counted: fused_gemm.gluon, grouped_mm_wgrad.gluon."""
+
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    def rows(n: int, width: int) -> torch.Tensor:
+        return torch.empty(n, width, dtype=dtype, device="meta")
+
+    w1, w2 = meta(w1_EKN), meta(w2_EKN)
+    E_l, N1, F = w1.shape[0], w1.shape[2], w2.shape[1]
+    S = ep * T * K  # the receive room's rows
+    bm = _gemm_config(device, dtype)[0]
+
+    def wgrad(a_SK: torch.Tensor, dy_SN: torch.Tensor, w: torch.Tensor) -> str | None:  # as `_wgrad` orders them
+        if torch_backend.transposed_weight(w):
+            a_SK, dy_SN = dy_SN, a_SK
+        return triton_backend.wgrad_refusal(a_SK, dy_SN, E_l, ep, device)
+
+    why = {
+        "dispatch + GEMM 1": _dispatch_refusal(rows(T, H), w1, bm, device),
+        "GEMM 2 + combine": _scatter_refusal(rows(S, F), w2, bm, device),
+        "dX of GEMM 2 (gated dispatch)": _dispatch_refusal(rows(T, H), w2.transpose(1, 2), bm, device),
+        "dX of GEMM 1 + combine": _scatter_refusal(rows(S, N1), w1.transpose(1, 2), bm, device),
+        "dW of GEMM 1": wgrad(rows(S, H), rows(S, N1), w1),
+        "dW of GEMM 2": wgrad(rows(S, F), rows(S, H), w2),
+    }
+    return {k: "gluon" if v is None else f"triton: {v}" for k, v in why.items()}
+
+
 def _dispatch_gemm(
     buf: EPBuffers,
     src_TH: torch.Tensor,
@@ -909,7 +961,7 @@ def _dispatch_gemm(
     nseg = plan.offs.shape[0]
     gsrc = gates_TK.contiguous() if gates_TK is not None else plan.q_J  # unused without gates
     src_TH = src_TH.contiguous()
-    gluon = GLUON_DISPATCH and gluon_gemm.dispatch_supported(src_TH, w_EKN, plan.bm) is None
+    gluon = _dispatch_refusal(src_TH, w_EKN, plan.bm) is None
     # else the weights through a descriptor where the plain grouped GEMM reads them so (the gathered rows
     # cannot be)
     wd = None if gluon else triton_backend.weight_descriptor(w_EKN, BN, BK)
@@ -970,7 +1022,7 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     assert BM == plan.bm, (BM, plan.bm)
     NP, _ = _programs(buf.device, "ep_gemm_scatter")
     nseg = plan.offs.shape[0]
-    if GLUON_SCATTER and gluon_gemm.supported(a_SK, w_EKN, plan.bm) is None:
+    if _scatter_refusal(a_SK, w_EKN, plan.bm) is None:
         tables = (plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0)
         gluon_gemm.gemm_scatter(
             a_SK, w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import operator
 import os
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -192,15 +193,58 @@ def fuse_experts(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             ctx.note(f"not fused {r.path}: {reason}")
             refused[r.path] = str(reason)
             continue
+        choices = kernel_choices(gm, m, device, ctx.mesh.ep)  # before fusing: the match's nodes are replaced
         bounded = fuse_region(gm, ctx, r, m)
         ctx.counters["fuse.fused"] += 1
         ctx.note(
             f"fused {r.path}: dispatch + expert GEMM 1, expert GEMM 2 + combine (ep={ctx.mesh.ep})"
             + ("; the activation between them over the rows received only" if bounded else "")
         )
+        ctx.plan.setdefault("fused_kernels", {})[r.path] = choices
+        ctx.note(
+            f"kernels of {r.path} on {device} (chosen per call from the tensors; counted as fused_gemm.gluon and "
+            "grouped_mm_wgrad.gluon): " + "; ".join(f"{k}: {v}" for k, v in choices.items())
+        )
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _meta_value(gm: fx.GraphModule, n: Any, depth: int = 0) -> Any:
+    """A meta tensor of node n's shape, strides and dtype: its example value where it has one, else its op run on
+    its inputs' meta tensors (the experts' weights are stacked, sliced and transposed by nodes the passes made,
+    which carry none). None where that is not possible."""
+    if not isinstance(n, fx.Node):
+        return n
+    v = cost._val(n)
+    if n.op == "get_attr" and v is None:
+        v = gm
+        for part in str(n.target).split("."):
+            v = getattr(v, part, None)
+    if isinstance(v, torch.Tensor):
+        return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+    if depth > 32 or n.op not in ("call_function", "call_method"):
+        return None
+    args = fx.node.map_arg(n.args, lambda a: _meta_value(gm, a, depth + 1))
+    kwargs = fx.node.map_arg(n.kwargs, lambda a: _meta_value(gm, a, depth + 1))
+    try:
+        if n.op == "call_method":
+            return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)  # type: ignore[operator]
+    except Exception:
+        return None  # an input without a value, or an op meta tensors do not run: said in the dumps
+
+
+def kernel_choices(gm: fx.GraphModule, m: _Match, device: torch.device, ep: int) -> dict[str, str]:
+    """Which kernel each GEMM of the fused region will run (`triton_ep.kernel_choices`), from the tokens', the
+    routing's and the local experts' weights' shapes, strides and dtypes; where one is not known, says so."""
+    x, idx, w1, w2 = (_meta_value(gm, n) for n in (m.x, m.idx, m.gm1.args[1], m.gm2.args[1]))
+    if not all(isinstance(t, torch.Tensor) for t in (x, idx, w1, w2)):
+        return {"all": "unknown at compile time (the operands' shapes could not be worked out from the graph)"}
+    from moecc.backends import triton_ep  # (not at import: the triton backend imports Triton)
+
+    T, K, H = cost._size(x.shape[0]), cost._size(idx.shape[-1]), cost._size(x.shape[-1])
+    return triton_ep.kernel_choices(device, w1.dtype, T, K, ep, H, w1, w2)
 
 
 def refuse_host_sized_exchanges(gm: fx.GraphModule, ctx: CompileContext) -> None:

@@ -80,7 +80,7 @@ def test_the_gluon_fused_gemms_say_why_they_do_not_run(monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"MOECC_GLUON='off': expected 1 .* or 0"):
         gluon_gemm.dispatch_supported(a, w, 128)
     monkeypatch.delenv("MOECC_GLUON")
-    monkeypatch.setattr(gluon_wgrad, "_common_refusal", lambda t: None)  # as on a Hopper GPU
+    monkeypatch.setattr(gluon_wgrad, "_common_refusal", lambda t, device=None: None)  # as on a Hopper GPU
     assert gluon_gemm.dispatch_supported(a, w, 128) is None
     assert gluon_gemm.dispatch_supported(a, w.transpose(1, 2).contiguous().transpose(1, 2), 128) is None
     assert "m-tiles are 64 rows" in gluon_gemm.dispatch_supported(a, w, 64)
@@ -88,6 +88,35 @@ def test_the_gluon_fused_gemms_say_why_they_do_not_run(monkeypatch) -> None:
     a_odd, w_odd = torch.randn(256, 100, dtype=bf), torch.randn(2, 100, 256, dtype=bf)
     assert "K=100 not a multiple of 64" in gluon_gemm.dispatch_supported(a_odd, w_odd, 128)
     assert "weight strides" in gluon_gemm.dispatch_supported(a, w[:, :, :255], 128)
+
+
+def test_kernel_choices_name_each_fused_gemms_kernel_and_why_not_gluon(monkeypatch) -> None:
+    """`triton_ep.kernel_choices` (the fuse pass's record in the dumps) predicts each fused GEMM's kernel from
+    meta tensors with the same functions the calls decide by: as on a Hopper GPU, the Qwen3-like layer takes the
+    Gluon kernel everywhere, the Mixtral-like one the Triton scattering GEMMs (K above gluon_gemm.MAX_K), a
+    hidden size the gathering GEMM cannot tile the Triton one, and a switched-off kernel says so."""
+    from moecc.backends import gluon_gemm, gluon_wgrad, triton_ep
+
+    monkeypatch.setattr(gluon_wgrad, "_common_refusal", lambda t, device=None: None)  # as on a Hopper GPU
+    bf, cuda = torch.bfloat16, torch.device("cuda")
+
+    def linear(E: int, n_in: int, n_out: int) -> torch.Tensor:  # nn.Linear's layout, seen as [E, in, out]
+        return torch.empty(E, n_out, n_in, dtype=bf, device="meta").transpose(1, 2)
+
+    qwen = triton_ep.kernel_choices(cuda, bf, 64, 8, 2, 2048, linear(4, 2048, 1536), linear(4, 768, 2048))
+    assert len(qwen) == 6 and set(qwen.values()) == {"gluon"}, qwen
+    mixtral = triton_ep.kernel_choices(cuda, bf, 64, 2, 2, 4096, linear(4, 4096, 28672), linear(4, 14336, 4096))
+    why_not = f"triton: K=14336 above {gluon_gemm.MAX_K}, where the Triton kernel is as fast"
+    assert mixtral["GEMM 2 + combine"] == why_not
+    assert mixtral["dX of GEMM 1 + combine"].startswith("triton: K=28672 above")
+    assert mixtral["dispatch + GEMM 1"] == mixtral["dW of GEMM 1"] == "gluon"
+    odd = triton_ep.kernel_choices(cuda, bf, 64, 8, 2, 2000, linear(4, 2000, 1536), linear(4, 768, 2000))
+    assert odd["dispatch + GEMM 1"].startswith("triton: K=2000 not a multiple of 64"), odd
+    assert odd["dW of GEMM 2"].startswith("triton: K=2000 not a multiple of"), odd
+    monkeypatch.setattr(triton_ep, "GLUON_DISPATCH", False)
+    off = triton_ep.kernel_choices(cuda, bf, 64, 8, 2, 2048, linear(4, 2048, 1536), linear(4, 768, 2048))
+    assert off["dispatch + GEMM 1"] == "triton: switched off (triton_ep.GLUON_DISPATCH)"
+    assert off["GEMM 2 + combine"] == "gluon"
 
 
 def test_a_gluon_kernel_that_triton_cannot_build_is_named_with_the_way_back() -> None:
@@ -297,6 +326,15 @@ def test_fused_ops_under_dynamic_shapes_match_eager(monkeypatch: pytest.MonkeyPa
             if b is not None:
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"length {n}")
     assert cm.session.counters().get("fuse.fused") == len(cm.regions) > 0
+    # the dumps say which kernel each of a fused region's GEMMs takes here, and why not the Gluon one
+    chosen = {p: k for c in cm.session.contexts for p, k in c.plan.get("fused_kernels", {}).items()}
+    assert set(chosen) == {r.path for r in cm.regions}, chosen
+    for kernels in chosen.values():
+        assert len(kernels) == 6 and all(v == "gluon" or v.startswith("triton: ") for v in kernels.values()), kernels
+        if torch.device(_device()).type == "cpu":
+            assert set(kernels.values()) == {"triton: not a Hopper GPU"}, kernels
+    notes = [n for c in cm.session.contexts for n in c.notes if n.startswith("kernels of ")]
+    assert len(notes) == len(chosen) and all("dW of GEMM 2: " in n for n in notes), notes
     assert len(cm.session.graphs) == 1
     assert triton_ep.COUNTERS["symmetric.allocations"] - before == 2  # 16 tokens, then 32 (at 24)
 
