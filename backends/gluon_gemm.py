@@ -38,7 +38,7 @@ if gluon_wgrad._IMPORT_ERROR is None:
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_wgrad import _cta_barrier, _drain, _mma_stage, _segment, _tma_load
+    from .gluon_wgrad import _cta_barrier, _drain, _mma_stage, _ring_barriers, _segment, _tma_load
 
     # Triton 3.6's name for the cp.async copy; later versions renamed it
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -161,11 +161,7 @@ if gluon_wgrad._IMPORT_ERROR is None:
         dtype: gl.constexpr = a_desc.dtype
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+        ready, empty = _ring_barriers(STAGES, 1)
         gl.warp_specialize(
             [
                 (_compute, (dtype, rowmap_ptr, comb_tab, cum_ptr, mtseg_ptr, offs_ptr, seg_src_ptr, seg_exp_ptr,
@@ -178,15 +174,8 @@ if gluon_wgrad._IMPORT_ERROR is None:
             [LOADER_REGS],
         )  # fmt: skip
         # every warp's stores are issued (the partitions joined); count this program, and the last one signals
-        # every rank (release at system scope, after a barrier of the whole program)
-        _cta_barrier()
-        target = gl.load(epoch_ptr + SLOT) + 1
-        old = gl.atomic_add(done_ptr + SLOT, 1, sem="acq_rel", scope="sys")
-        if old == gl.num_programs(0) - 1:
-            gl.atomic_xchg(done_ptr + SLOT, 0, sem="relaxed", scope="gpu")
-            for d in gl.static_range(EP):
-                peer = gl.load(sig_tab + d).to(gl.pointer_type(gl.int64))
-                gl.atomic_xchg(peer + SLOT * EP + me, target, sem="release", scope="sys")
+        # every rank
+        _signal_all(done_ptr, sig_tab, epoch_ptr, SLOT, me, EP, gl.num_programs(0))
 
     # ------------------------------------------------------------------------------------------------------
     # the gathering (dispatch) GEMM
@@ -262,6 +251,17 @@ if gluon_wgrad._IMPORT_ERROR is None:
         return t
 
     @gluon.jit
+    def _row_gates(rowmap_ptr, gsrc_ptr, gates_ptr, mi, ok, local):
+        """The gates of a tile's rows (rowmap positions mi) in float32: a local slot's from the gates themselves
+        (by its slot id), a peer's as it sent them (read after its signal)."""
+        if local:
+            sl = gl.load(rowmap_ptr + mi * 2 + 1, mask=ok, other=0)
+            g = gl.load(gsrc_ptr + sl, mask=ok, other=0.0).to(gl.float32)
+        else:
+            g = gl.load(gates_ptr + mi, mask=ok, other=0.0)
+        return g
+
+    @gluon.jit
     def _tile_source(seg_src_ptr, seg_q0_ptr, seg):
         return gl.load(seg_src_ptr + seg), gl.load(seg_q0_ptr + seg)
 
@@ -306,12 +306,8 @@ if gluon_wgrad._IMPORT_ERROR is None:
                 a_rows = src_ptr + rr * H
             else:
                 a_rows = recv_ptr + rr * H
-            if HAS_GATES:  # a local slot's gate from the gates themselves (by its slot id), a peer's as sent
-                if s == me:
-                    sl = gl.load(rowmap_ptr + mi * 2 + 1, mask=row_ok, other=0)
-                    g = gl.load(gsrc_ptr + sl, mask=row_ok, other=0.0).to(gl.float32)
-                else:
-                    g = gl.load(gates_ptr + mi, mask=row_ok, other=0.0)
+            if HAS_GATES:
+                g = _row_gates(rowmap_ptr, gsrc_ptr, gates_ptr, mi, row_ok, s == me)
             else:
                 g = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, layout))
             for k0 in range(0, H, BK):
@@ -366,18 +362,13 @@ if gluon_wgrad._IMPORT_ERROR is None:
             seg, lo, row0, nt, _ = _tile(cum_ptr, mtseg_ptr, offs_ptr, seg_exp_ptr, t, n_tiles_n, GROUP_M, BM)
             _, hi = _segment(offs_ptr, seg)
             s, q0 = _tile_source(seg_src_ptr, seg_q0_ptr, seg)
-            if HAS_GATES:
-                # a local slot's gate from the gates themselves (by its slot id), a peer's as it sent it (after
-                # its signal, which the loader waited for too)
+            if HAS_GATES:  # (a peer's after its signal, which the loader waited for too)
                 rows_g = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, acc_layout))
                 ok_g = rows_g < hi
-                mi_g = (s * TK + q0 + (rows_g - lo)).to(gl.int64)
-                if s == me:
-                    sl = gl.load(rowmap_ptr + mi_g * 2 + 1, mask=ok_g, other=0)
-                    g = gl.load(gsrc_ptr + sl, mask=ok_g, other=0.0).to(gl.float32)
-                else:
+                if s != me:
                     _wait_signal(sig_ptr + SLOT * EP + s, target)
-                    g = gl.load(gates_ptr + mi_g, mask=ok_g, other=0.0)
+                mi_g = (s * TK + q0 + (rows_g - lo)).to(gl.int64)
+                g = _row_gates(rowmap_ptr, gsrc_ptr, gates_ptr, mi_g, ok_g, s == me)
             acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
             prev = -1
             for _k0 in range(0, H, BK):  # (the rows came by cp.async: fenced before the wgmma reads them)
@@ -437,18 +428,10 @@ if gluon_wgrad._IMPORT_ERROR is None:
         a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], dtype)
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], a_layout)
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # a stage is ready after the weight tile's expect-arrive and every loader thread's cp.async arrive
+        ready, empty = _ring_barriers(STAGES, 1 + LOADER_WARPS * 32)
         tiles = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        tile_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        tile_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            # a stage is ready after the weight tile's expect-arrive and every loader thread's cp.async arrive
-            mbarrier.init(ready.index(i), count=1 + LOADER_WARPS * 32)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(tile_ready.index(i), count=1)
-            mbarrier.init(tile_empty.index(i), count=1)
+        tile_ready, tile_empty = _ring_barriers(2, 1)  # the tile ids' ring
         gl.warp_specialize(
             [
                 (_gather_compute, (y_ptr, rowmap_ptr, gsrc_ptr, gates_ptr, cum_ptr, mtseg_ptr, offs_ptr,

@@ -151,6 +151,17 @@ if _IMPORT_ERROR is None:
                     it += 1
 
     @gluon.jit
+    def _ring_barriers(STAGES: gl.constexpr, READY_COUNT: gl.constexpr):
+        """(ready, empty): a barrier pair for each of a ring's STAGES slots; a slot is ready after READY_COUNT
+        arrivals (1: the expect-arrive of its TMA loads), empty after the consumer's one."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=READY_COUNT)
+            mbarrier.init(empty.index(i), count=1)
+        return ready, empty
+
+    @gluon.jit
     def _give_back(empty, prev):
         """The stage before (prev, -1 for none) goes back to the loader: its MMA retired."""
         if prev >= 0:
@@ -257,11 +268,7 @@ if _IMPORT_ERROR is None:
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES, BS, BK], x_desc.layout)
         b_bufs = gl.allocate_shared_memory(dtype, [STAGES, BS, BN], dy_desc.layout)
         c_smem = gl.allocate_shared_memory(dtype, [BK, BN], dw_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+        ready, empty = _ring_barriers(STAGES, 1)
         gl.warp_specialize(
             [
                 (_compute, (dw_desc, offs_ptr, a_bufs, b_bufs, c_smem, ready, empty, K, N, E, NSRC, GROUP_N, scale,

@@ -897,7 +897,9 @@ def _dispatch_refusal(
     return gluon_gemm.dispatch_supported(src_TH, w_EKN, bm, device)
 
 
-def _scatter_refusal(a_SK: torch.Tensor, w_EKN: torch.Tensor, bm: int, device: torch.device | None = None):
+def _scatter_refusal(
+    a_SK: torch.Tensor, w_EKN: torch.Tensor, bm: int, device: torch.device | None = None
+) -> str | None:
     """Why the scattering GEMM would not run as the Gluon kernel (None: it would)."""
     if not GLUON_SCATTER:
         return "switched off (triton_ep.GLUON_SCATTER)"
