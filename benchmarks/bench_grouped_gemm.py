@@ -13,16 +13,17 @@ that both give the same result. Writes a dated JSON to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
-import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from moecc.backends import gluon_wgrad, triton_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_moe_layer  # noqa: E402  (the results file's header and its writing)
+
+from moecc.backends import gluon_wgrad, triton_backend  # noqa: E402
 from moecc.backends.triton_backend import WGRAD_LONG_ROWS
 
 SHAPES = {  # hidden, expert ffn, experts, top-k, tokens
@@ -130,23 +131,8 @@ def main() -> None:
     for shape in args.shapes:
         records += bench_shape(shape, dev, gen, args.gemms)
         torch.cuda.empty_cache()
-    # MOECC_COMMIT first: a copy of the tree may carry a .git that is not the tree's
-    commit = os.environ.get("MOECC_COMMIT", "")
-    commit = (
-        commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "hardware": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "commit": commit or "unknown",
-        "records": records,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"grouped_gemm_{result['date']}{args.tag}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    result = {**bench_moe_layer.run_header(dev, 1), "records": records}
+    print(f"wrote {bench_moe_layer.write_results(args.out, 'grouped_gemm', args.tag, result)}")
 
 
 if __name__ == "__main__":

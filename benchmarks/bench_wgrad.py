@@ -14,17 +14,15 @@ result is checked against native's.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_moe_layer  # noqa: E402  (the results file's header and its writing)
 from bench_grouped_gemm import SHAPES, time_ms  # noqa: E402  (the same shapes, the same timer)
 
 from moecc.backends import gluon_wgrad, triton_backend  # noqa: E402
@@ -144,17 +142,8 @@ def main() -> None:
     records = []
     for shape in args.shapes:
         records += bench(shape, configs, args.rounds, args.iters, dev)
-    commit = (
-        os.environ.get("MOECC_COMMIT", "")
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
-    result = {"date": datetime.date.today().isoformat(), "hardware": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "commit": commit or "unknown", "records": records}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"wgrad_gluon_{result['date']}{args.tag}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    result = {**bench_moe_layer.run_header(dev, 1), "records": records}
+    print(f"wrote {bench_moe_layer.write_results(args.out, 'wgrad_gluon', args.tag, result)}")
 
 
 if __name__ == "__main__":
