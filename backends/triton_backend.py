@@ -404,6 +404,11 @@ def _wgrad_rows(x_SK: torch.Tensor, E: int, nsrc: int) -> int:
     return x_SK.shape[0] // max(E * nsrc, 1)
 
 
+def _wgrad_long(x_SK: torch.Tensor, E: int, nsrc: int) -> bool:
+    """Whether a dW call takes the tile for experts of many rows (WGRAD_LONG_ROWS)."""
+    return _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
+
+
 def _wgrad_banded(x_SK: torch.Tensor, dy_SN: torch.Tensor, E: int, nsrc: int = 1) -> bool:
     """Whether the dW kernel sweeps bands of n-tiles over all k-tiles (`_wgrad_tile`) rather than all n-tiles
     k-tile by k-tile: where dy is the wider operand and an expert's rows of it do not fit in half the L2 cache.
@@ -434,7 +439,7 @@ def wgrad_refusal(
     `device`: theirs, where they are meta tensors standing for a call's (`triton_ep.kernel_choices`)."""
     if not GLUON_WGRAD:
         return "switched off (triton_backend.GLUON_WGRAD)"
-    return gluon_wgrad.supported(x_SK, dy_SN, E, _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS, device)
+    return gluon_wgrad.supported(x_SK, dy_SN, E, _wgrad_long(x_SK, E, nsrc), device)
 
 
 def grouped_mm_wgrad_segments(
@@ -445,7 +450,7 @@ def grouped_mm_wgrad_segments(
     over the weight gradient of its own."""
     K = x_SK.shape[1]
     N = dy_SN.shape[1]
-    long = _wgrad_rows(x_SK, E, nsrc) >= WGRAD_LONG_ROWS
+    long = _wgrad_long(x_SK, E, nsrc)
     if wgrad_refusal(x_SK, dy_SN, E, nsrc) is None:
         banded = _wgrad_banded(x_SK, dy_SN, E, nsrc)
         dw = gluon_wgrad.wgrad_segments(x_SK, dy_SN, offs, nsrc, E, scale, long, banded, _num_programs(x_SK.device))

@@ -23,8 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_moe_layer  # noqa: E402  (the results file's header and its writing)
 
-from moecc.backends import gluon_wgrad, triton_backend  # noqa: E402
-from moecc.backends.triton_backend import WGRAD_LONG_ROWS
+from moecc.backends import triton_backend  # noqa: E402
 
 SHAPES = {  # hidden, expert ffn, experts, top-k, tokens
     "mixtral": (4096, 14336, 8, 2, 8192),
@@ -88,7 +87,7 @@ def bench_shape(shape: str, dev: torch.device, gen: torch.Generator, only: list[
         best = None
         sweep: dict[str, float] = {}
         # on Hopper the dW runs in the Gluon kernel (`gluon_wgrad`), which has its own tiles: no Triton sweep
-        gluon = name.startswith("dw") and gluon_wgrad.supported(x, dy1, E, S // E >= WGRAD_LONG_ROWS) is None
+        gluon = name.startswith("dw") and triton_backend.wgrad_refusal(x, dy1, E, 1) is None
         for cfg in SWEEP[:1] if gluon else SWEEP:
             triton_backend.set_config(kernel, cfg)
             try:
