@@ -614,6 +614,10 @@ class Plan:
     def pack(self) -> torch.Tensor:
         return self.packed
 
+    def segment_tables(self) -> tuple[torch.Tensor, ...]:
+        """(offs, cum, mt_seg, seg_src, seg_exp, seg_q0): what the Gluon fused GEMMs take of the plan."""
+        return self.offs, self.cum, self.mt_seg, self.seg_src, self.seg_exp, self.seg_q0
+
     @staticmethod
     def sizes(ep: int, T: int, K: int, E_l: int, bm: int) -> list[int]:
         nseg = ep * E_l + 1
@@ -968,6 +972,7 @@ def _dispatch_gemm(
     # cannot be)
     wd = None if gluon else triton_backend.weight_descriptor(w_EKN, BN, BK)
     COUNTERS["fused_gemm.gluon" if gluon else "fused_gemm.descriptor" if wd else "fused_gemm.pointer"] += 1
+    group_m = _group_m(w_EKN, "ep_dispatch_gemm")
 
     def launch(role: int) -> None:
         if role & ROLE_GEMM:
@@ -979,22 +984,21 @@ def _dispatch_gemm(
                  buf.tables["gates"], buf.tables["sig"], buf.done),
                 (buf.local["recv"], plan.rowmap, buf.local["gates"], y_SN, save, buf.local["sig"], buf.epoch,
                  buf.claim),
-                w_EKN, (plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0),
-                me, T, TK, nseg, slot, ep, NSEND, gates_TK is not None, save_a,
-                _group_m(w_EKN, "ep_dispatch_gemm"), NP,
+                w_EKN, plan.segment_tables(), me, T, TK, nseg, slot, ep, NSEND, gates_TK is not None, save_a,
+                group_m, NP,
             )  # fmt: skip
             return
         _dispatch_gemm_kernel[(NP,)](
             src_TH, plan.pos_PT, buf.tables["recv"], plan.dest_J, plan.q_J, plan.slot_J, gsrc, buf.tables["gates"],
             buf.tables["sig"], buf.done,
             buf.local["recv"], plan.rowmap, buf.local["gates"], w_EKN, wd[0] if wd else None, y_SN, save,
-            plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0, buf.local["sig"], buf.epoch,
+            *plan.segment_tables(), buf.local["sig"], buf.epoch,
             buf.claim,
             me, T, H, TK, N, nseg, slot,
             w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
             EP=ep, NSEND=NSEND, NP=NP, BT=16 if buf.device.type != "cuda" else 32,
             BH=16 if buf.device.type != "cuda" else 256, HAS_GATES=gates_TK is not None,
-            BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN, "ep_dispatch_gemm"), ROLE=role, SAVE_A=save_a,
+            BM=BM, BN=BN, BK=BK, GROUP_M=group_m, ROLE=role, SAVE_A=save_a,
             WIDE=_wide(buf.local["recv"], y_SN, save), PRECISION=triton_backend._precision(src_TH.dtype),
             UPCAST=triton_backend._upcast(buf.device, src_TH.dtype), DESC_W=wd is not None,
             W_KMAJOR=bool(wd and wd[1]), num_warps=warps, num_stages=stages,
@@ -1024,29 +1028,27 @@ def _gemm_scatter(buf: EPBuffers, a_SK: torch.Tensor, w_EKN: torch.Tensor, plan:
     assert BM == plan.bm, (BM, plan.bm)
     NP, _ = _programs(buf.device, "ep_gemm_scatter")
     nseg = plan.offs.shape[0]
+    group_m = _group_m(w_EKN, "ep_gemm_scatter")
     if _scatter_refusal(a_SK, w_EKN, plan.bm) is None:
-        tables = (plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0)
         gluon_gemm.gemm_scatter(
             a_SK, w_EKN, plan.rowmap, buf.tables["comb"], buf.tables["sig"], buf.done, buf.epoch,
-            tables, me, T * K, nseg, slot, ep, _group_m(w_EKN, "ep_gemm_scatter"), NP,
+            plan.segment_tables(), me, T * K, nseg, slot, ep, group_m, NP,
         )  # fmt: skip
         COUNTERS["fused_gemm.gluon"] += 1
-        yield
-        _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)  # and the tick
-        return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
-    descs = triton_backend._grouped_mm_descriptors(a_SK, w_EKN, BM, BN, BK)
-    COUNTERS["fused_gemm.descriptor" if descs else "fused_gemm.pointer"] += 1
-    _gemm_scatter_kernel[(NP,)](
-        a_SK, w_EKN, *(descs[:2] if descs else (None, None)), plan.rowmap, buf.tables["comb"], buf.tables["sig"],
-        buf.done, buf.epoch,
-        plan.offs, plan.cum, plan.mt_seg, plan.seg_src, plan.seg_exp, plan.seg_q0,
-        me, T * K, a_SK.shape[1], N, nseg, slot,
-        a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
-        EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, GROUP_M=_group_m(w_EKN, "ep_gemm_scatter"),
-        WIDE=_wide(a_SK, buf.local["comb"]),
-        PRECISION=triton_backend._precision(a_SK.dtype), UPCAST=triton_backend._upcast(buf.device, a_SK.dtype),
-        DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    else:
+        descs = triton_backend._grouped_mm_descriptors(a_SK, w_EKN, BM, BN, BK)
+        COUNTERS["fused_gemm.descriptor" if descs else "fused_gemm.pointer"] += 1
+        _gemm_scatter_kernel[(NP,)](
+            a_SK, w_EKN, *(descs[:2] if descs else (None, None)), plan.rowmap, buf.tables["comb"], buf.tables["sig"],
+            buf.done, buf.epoch,
+            *plan.segment_tables(),
+            me, T * K, a_SK.shape[1], N, nseg, slot,
+            a_SK.stride(0), a_SK.stride(1), w_EKN.stride(0), w_EKN.stride(1), w_EKN.stride(2),
+            EP=ep, NP=NP, BM=BM, BN=BN, BK=BK, GROUP_M=group_m,
+            WIDE=_wide(a_SK, buf.local["comb"]),
+            PRECISION=triton_backend._precision(a_SK.dtype), UPCAST=triton_backend._upcast(buf.device, a_SK.dtype),
+            DESC=descs is not None, W_KMAJOR=bool(descs and descs[2]), num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     yield
     _wait_all_kernel[(1,)](buf.local["sig"], buf.epoch, slot, EP=ep)  # and the tick
     return buf.local["comb"].view(-1)[: T * K * N].view(T, K, N)
