@@ -152,7 +152,13 @@ def _compile_gluon(name: str) -> dict[str, Any]:
     from moecc.backends import gluon_gemm, gluon_wgrad
 
     def ptx_of(fn, sig: dict[str, str], consts: dict[str, Any], num_warps: int) -> str:
-        sig = {**{a: sig.get(a, "constexpr") for a in fn.arg_names}}
+        """The PTX of fn; arguments neither in sig nor in consts are typed by name (tables and counters int64,
+        other pointers int32, the rest i32)."""
+
+        def by_name(a: str) -> str:
+            return "*i64" if a.endswith("_tab") or a in COUNTERS_I64 else "*i32" if a.endswith("_ptr") else "i32"
+
+        sig = {a: sig.get(a, "constexpr" if a in consts else by_name(a)) for a in fn.arg_names}
         attrs = {
             (i,): [["tt.divisibility", 16]]
             for i, a in enumerate(fn.arg_names)
@@ -171,9 +177,6 @@ def _compile_gluon(name: str) -> dict[str, Any]:
         consts = {"EP": 4, "GROUP_M": 8, "STAGES": stages, "W_KMAJOR": km, "LOADER_REGS": gluon_wgrad.LOADER_REGS,
                   "num_warps": gluon_gemm.NUM_WARPS}  # fmt: skip
         sig = {"a_desc": f"tensordesc<bf16[{BM}, {BK}],{la!r}>", "w_desc": f"tensordesc<bf16[{wb[0]}, {wb[1]}],{lw!r}>"}
-        for a in fn.arg_names:
-            if a not in sig and a not in consts:
-                sig[a] = "*i64" if a.endswith("_tab") or a in COUNTERS_I64 else "*i32" if a.endswith("_ptr") else "i32"
         ptx = ptx_of(fn, sig, consts, gluon_gemm.NUM_WARPS)
     elif kind == "gluon_dispatch":
         BM, BN, BK, stages = gluon_gemm.DISPATCH_CONFIG
@@ -187,9 +190,6 @@ def _compile_gluon(name: str) -> dict[str, Any]:
         sig = {"w_desc": f"tensordesc<bf16[{wb[0]}, {wb[1]}],{lw!r}>", "gates_ptr": "*fp32"}
         for a in ("src_ptr", "recv_ptr", "y_ptr", "save_ptr", "gsrc_ptr"):
             sig[a] = "*bf16"
-        for a in fn.arg_names:
-            if a not in sig and a not in consts:
-                sig[a] = "*i64" if a.endswith("_tab") or a in COUNTERS_I64 else "*i32" if a.endswith("_ptr") else "i32"
         ptx = ptx_of(fn, sig, consts, gluon_gemm.NUM_WARPS)
         # the gathered rows in 16-byte cp.async copies, each loader thread's arrival on the stage's barrier
         missing = [i for i in ("cp.async.cg.shared.global", "cp.async.mbarrier.arrive.noinc") if i not in ptx]
